@@ -1,0 +1,280 @@
+"""Unstructured weight masks that stay enforced through training with any optimizer.
+
+A :class:`Mask` maps parameter names to boolean tensors (True = weight kept), as in open_lth. The
+masking code is shared by every pruning criterion (SynFlow's ``score -> mask`` split): a criterion only
+produces scores, :func:`mask_from_scores` turns scores into a mask at a requested rate.
+
+Enforcement (:func:`apply_mask`) keeps pruned weights *exactly* zero without re-allocating weights every
+step (``torch.nn.utils.prune`` recomputes ``weight = orig * mask`` at each forward):
+
+* the weight is multiplied by the mask once, in place, when the mask is applied;
+* a gradient hook zeroes the gradient at pruned entries, so no optimizer sees a signal there;
+* an optimizer step post-hook (registered once, for every optimizer) multiplies the masked parameters
+  of that optimizer by their mask again after each ``step()``, because optimizer state built before
+  pruning (Adam's moments, momentum buffers) would otherwise revive pruned weights.
+
+The mask is also registered as a buffer ``<param>_mask`` on the owning module, so it is saved and loaded
+with the model's ``state_dict``. :func:`make_permanent` removes hooks and buffers and leaves the (already
+zero) weights as plain parameters: the forward is unchanged.
+"""
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakIdKeyDictionary
+
+PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class Mask(dict):
+    """Parameter name -> boolean tensor (True = kept)."""
+
+    @classmethod
+    def ones_like(cls, model: nn.Module, names: Iterable[str] | None = None) -> "Mask":
+        params = dict(model.named_parameters())
+        names = prunable_names(model) if names is None else list(names)
+        return cls({n: torch.ones_like(params[n], dtype=torch.bool) for n in names})
+
+    @property
+    def total(self) -> int:
+        return sum(m.numel() for m in self.values())
+
+    @property
+    def kept(self) -> int:
+        return int(sum(int(m.sum()) for m in self.values()))
+
+    @property
+    def density(self) -> float:
+        return self.kept / max(self.total, 1)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.density
+
+    def layer_density(self) -> dict[str, float]:
+        return {n: float(m.float().mean()) for n, m in self.items()}
+
+    def cpu(self) -> "Mask":
+        return Mask({n: m.detach().cpu() for n, m in self.items()})
+
+    def to(self, device) -> "Mask":
+        return Mask({n: m.to(device) for n, m in self.items()})
+
+    def __and__(self, other: "Mask") -> "Mask":
+        return Mask({n: self[n] & other[n] for n in self})
+
+    def save(self, path: str | Path) -> None:
+        from .runs import atomic_torch_save
+        atomic_torch_save({n: m.cpu() for n, m in self.items()}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Mask":
+        return cls(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def prunable_names(model: nn.Module, include_bias: bool = False) -> list[str]:
+    """Names of the weights of conv and linear layers (biases too if asked), in module order.
+
+    Gate modules, batch norms and embeddings are never pruned by masks.
+    """
+    names = []
+    for mname, module in model.named_modules():
+        if isinstance(module, PRUNABLE_TYPES):
+            for pname, p in module.named_parameters(recurse=False):
+                if p is None or (pname == "bias" and not include_bias) or pname not in ("weight", "bias"):
+                    continue
+                names.append(f"{mname}.{pname}" if mname else pname)
+    return names
+
+
+# --- enforcement --------------------------------------------------------------------------------
+
+# Parameter -> mask for every parameter under an applied mask. Weak keys: a model that is garbage
+# collected leaves nothing behind.
+# Keyed by identity (tensors compare elementwise, so a plain WeakKeyDictionary would not work).
+_ACTIVE = WeakIdKeyDictionary()
+_HOOKS = WeakIdKeyDictionary()
+_POST_HOOK = None
+
+
+def _reapply_after_step(optimizer, args, kwargs) -> None:
+    if not _ACTIVE:
+        return
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                m = _ACTIVE.get(p)
+                if m is not None:
+                    p.mul_(m)
+
+
+def _ensure_post_hook() -> None:
+    global _POST_HOOK
+    if _POST_HOOK is None:
+        _POST_HOOK = register_optimizer_step_post_hook(_reapply_after_step)
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    mname, _, pname = name.rpartition(".")
+    return (model.get_submodule(mname) if mname else model), pname
+
+
+def apply_mask(model: nn.Module, mask: Mask) -> nn.Module:
+    """Zero the pruned weights in place and keep them zero from now on (see module docstring).
+
+    Applying a new mask replaces the previous one (pass ``old & new`` to prune further).
+    Parameter identity is unchanged, so existing optimizers keep working.
+    """
+    _ensure_post_hook()
+    params = dict(model.named_parameters())
+    unknown = sorted(set(mask) - set(params))
+    if unknown:
+        raise KeyError(f"mask names parameters the model does not have: {unknown}")
+    for name, m in mask.items():
+        p = params[name]
+        if m.shape != p.shape:
+            raise ValueError(f"mask for {name} has shape {tuple(m.shape)}, parameter has {tuple(p.shape)}")
+        module, pname = _owner(model, name)
+        buf = m.to(device=p.device, dtype=torch.bool)
+        bname = f"{pname}_mask"
+        if bname in module._buffers:
+            module._buffers[bname] = buf
+        else:
+            module.register_buffer(bname, buf)
+        fmask = buf.to(p.dtype)
+        with torch.no_grad():
+            p.mul_(fmask)
+        _ACTIVE[p] = fmask
+        old = _HOOKS.pop(p, None)
+        if old is not None:
+            old.remove()
+        _HOOKS[p] = p.register_hook(_grad_hook(p))
+    return model
+
+
+def _grad_hook(p: nn.Parameter):
+    ref = weakref.ref(p)
+
+    def hook(grad):
+        m = _ACTIVE.get(ref())
+        return grad if m is None else grad * m
+    return hook
+
+
+def current_mask(model: nn.Module) -> Mask:
+    """The mask applied to ``model`` (read from its ``*_mask`` buffers); empty if none."""
+    out = Mask()
+    for mname, module in model.named_modules():
+        for bname, buf in module._buffers.items():
+            if bname.endswith("_mask") and buf is not None and buf.dtype == torch.bool:
+                pname = bname[: -len("_mask")]
+                out[f"{mname}.{pname}" if mname else pname] = buf
+    return out
+
+
+def restore_mask(model: nn.Module) -> nn.Module:
+    """Re-enable enforcement from the ``*_mask`` buffers, e.g. after ``load_state_dict`` or a deepcopy."""
+    return apply_mask(model, current_mask(model))
+
+
+def prepare_for_load(model: nn.Module, state_dict: dict) -> nn.Module:
+    """Create empty mask buffers that ``state_dict`` has, so ``load_state_dict`` can fill them."""
+    for key, val in state_dict.items():
+        if key.endswith("_mask") and val.dtype == torch.bool:
+            mname, _, bname = key.rpartition(".")
+            module = model.get_submodule(mname) if mname else model
+            if bname not in module._buffers:
+                module.register_buffer(bname, torch.ones_like(val))
+    return model
+
+
+def load_masked_state(model: nn.Module, state_dict: dict) -> nn.Module:
+    """``load_state_dict`` for a model saved with a mask: buffers created, enforcement restored."""
+    prepare_for_load(model, state_dict)
+    model.load_state_dict(state_dict)
+    if current_mask(model):
+        restore_mask(model)
+    return model
+
+
+def make_permanent(model: nn.Module) -> nn.Module:
+    """Remove mask hooks and buffers; pruned weights stay zero, so the forward is unchanged."""
+    for name, p in model.named_parameters():
+        _ACTIVE.pop(p, None)
+        h = _HOOKS.pop(p, None)
+        if h is not None:
+            h.remove()
+    for module in model.modules():
+        for bname in [b for b, v in module._buffers.items() if b.endswith("_mask") and v is not None
+                      and v.dtype == torch.bool]:
+            del module._buffers[bname]
+    return model
+
+
+# --- scores to masks -------------------------------------------------------------------------------
+
+def mask_from_scores(scores: dict[str, torch.Tensor], rates: float | dict[str, float], *,
+                     scope: str = "layer", current: Mask | None = None) -> Mask:
+    """Prune the lowest-scoring fraction of the *surviving* weights.
+
+    ``rates`` is the fraction of surviving weights to remove this round: one float for all layers, or a
+    dict per parameter name (missing names are not pruned). ``scope="layer"`` prunes each layer by its
+    rate; ``scope="global"`` ranks all layers together and removes ``rates`` (a float) of all survivors.
+    Already pruned weights stay pruned (their scores are ignored). Ties are broken by position, so the
+    number removed is exact: ``round(rate * survivors)`` per layer (or globally).
+    """
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    current = current if current is not None else Mask({n: torch.ones_like(s, dtype=torch.bool)
+                                                         for n, s in scores.items()})
+    out = Mask({n: m.clone() for n, m in current.items()})
+    if scope == "global":
+        if not isinstance(rates, (int, float)):
+            raise ValueError("global pruning takes one rate (a float)")
+        names = list(scores)
+        alive = torch.cat([current[n].flatten() for n in names])
+        flat = torch.cat([scores[n].detach().flatten().float().cpu() for n in names])
+        _prune_flat(flat, alive.cpu(), rates)
+        # _prune_flat cleared entries of `alive`; split it back into layers
+        offset = 0
+        for n in names:
+            k = current[n].numel()
+            out[n] = alive[offset:offset + k].view_as(current[n]).to(current[n].device)
+            offset += k
+        return out
+    for n, s in scores.items():
+        rate = rates if isinstance(rates, (int, float)) else rates.get(n, 0.0)
+        if rate <= 0:
+            continue
+        alive = current[n].flatten().cpu().clone()
+        _prune_flat(s.detach().flatten().float().cpu(), alive, rate)
+        out[n] = alive.view_as(current[n]).to(current[n].device)
+    return out
+
+
+def _prune_flat(scores: torch.Tensor, alive: torch.Tensor, rate: float) -> None:
+    """Set ``alive`` False at the ``round(rate * alive.sum())`` lowest scores among alive entries."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"pruning rate must be in [0, 1], got {rate}")
+    idx = torch.nonzero(alive).flatten()
+    k = int(round(rate * len(idx)))
+    if k == 0:
+        return
+    # stable sort: equal scores are removed in index order, so results are deterministic
+    order = torch.sort(scores[idx], stable=True).indices
+    alive[idx[order[:k]]] = False
+
+
+def remaining_fraction_per_layer(rates: dict[str, float], sizes: dict[str, int], rounds: int) -> float:
+    """Closed form of the fraction of weights left after ``rounds`` rounds of per-layer pruning.
+
+    Each layer keeps ``(1 - rate)^n`` of its weights (up to rounding), e.g. LeNet-300-100 with 20 % of
+    hidden and 10 % of output weights per round: ``(0.8^n * 265200 + 0.9^n * 1000) / 266200``.
+    """
+    total = sum(sizes.values())
+    return sum(sizes[n] * (1 - rates.get(n, 0.0)) ** rounds for n in sizes) / total

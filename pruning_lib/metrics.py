@@ -1,0 +1,75 @@
+"""Parameters and FLOPs, nominal and effective, per layer and in total (ShrinkBench's report).
+
+FLOPs come from torch's own ``FlopCounterMode`` (one multiply-add = 2 FLOPs; convolutions and matrix
+products, which is where the cost of these networks lies). *Nominal* counts describe the dense
+architecture; *effective* counts discount weights removed by a :class:`~pruning_lib.masks.Mask`: a layer
+whose weight keeps a fraction d of its entries keeps d of its parameters and of its FLOPs. Structured
+pruning (gates) is measured after compaction (:func:`pruning_lib.compact.compact`), where nominal and
+effective coincide because the layers really are smaller.
+"""
+from __future__ import annotations
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .masks import PRUNABLE_TYPES, Mask, current_mask
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+@torch.no_grad()
+def layer_flops(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """FLOPs of one example through each conv/linear layer, keyed by module path."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *input_shape, device=device))
+    model.train(was_training)
+    prefix = type(model).__name__ + "."
+    counts = {}
+    for key, ops in counter.get_flop_counts().items():
+        if key.startswith(prefix):
+            counts[key[len(prefix):]] = int(sum(ops.values()))
+    return {name: counts.get(name, 0) for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
+
+
+def layer_table(model: nn.Module, input_shape: tuple[int, ...], mask: Mask | None = None) -> pd.DataFrame:
+    """One row per conv/linear layer: nominal and effective parameters and FLOPs, weight density.
+
+    ``mask`` defaults to the mask applied to the model, if any.
+    """
+    mask = mask if mask is not None else current_mask(model)
+    flops = layer_flops(model, input_shape)
+    rows = []
+    for name, module in model.named_modules():
+        if not isinstance(module, PRUNABLE_TYPES):
+            continue
+        w = module.weight
+        wname = f"{name}.weight"
+        density = float(mask[wname].float().mean()) if wname in mask else 1.0
+        bias = module.bias.numel() if module.bias is not None else 0
+        bname = f"{name}.bias"
+        bias_eff = int(mask[bname].sum()) if bname in mask else bias
+        rows.append({
+            "layer": name, "type": type(module).__name__, "shape": tuple(w.shape),
+            "params": w.numel() + bias, "effective_params": int(round(w.numel() * density)) + bias_eff,
+            "flops": flops[name], "effective_flops": int(round(flops[name] * density)), "density": density,
+        })
+    return pd.DataFrame(rows)
+
+
+def summary(model: nn.Module, input_shape: tuple[int, ...], mask: Mask | None = None) -> dict[str, float]:
+    """Totals over the whole model: nominal/effective parameters (all parameters, including batch norm)
+    and FLOPs, compression ratio and theoretical speed-up (nominal / effective FLOPs)."""
+    table = layer_table(model, input_shape, mask)
+    other = count_parameters(model) - int(table["params"].sum())  # batch norm, gates, ...
+    params, eff = int(table["params"].sum()) + other, int(table["effective_params"].sum()) + other
+    flops, eff_flops = int(table["flops"].sum()), int(table["effective_flops"].sum())
+    return {"params": params, "effective_params": eff, "compression": params / max(eff, 1),
+            "flops": flops, "effective_flops": eff_flops, "speedup": flops / max(eff_flops, 1),
+            "density": eff / max(params, 1)}

@@ -1,0 +1,32 @@
+"""One plotting style for every figure of the book (seaborn, colour-blind palette)."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import seaborn as sns
+
+PALETTE = "colorblind"
+
+
+def use_style() -> None:
+    """Apply the book's style; call once at the top of a chapter."""
+    sns.set_theme(context="notebook", style="whitegrid", palette=PALETTE,
+                  rc={"figure.figsize": (7.0, 4.2), "figure.dpi": 100, "savefig.dpi": 150,
+                      "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 9,
+                      "axes.spines.top": False, "axes.spines.right": False})
+
+
+def figure(ncols: int = 1, nrows: int = 1, width: float = 7.0, height: float = 4.2, **kw):
+    """A new figure sized for the book's text column (``width`` is the whole figure's width)."""
+    return plt.subplots(nrows, ncols, figsize=(width, height), constrained_layout=True, **kw)
+
+
+def percent_axis(ax, axis: str = "x", log: bool = False) -> None:
+    """Label an axis of fractions in [0, 1] as percentages (optionally on a log scale)."""
+    from matplotlib.ticker import FuncFormatter
+
+    fmt = FuncFormatter(lambda v, _: f"{100 * v:.3g} %")
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    if log:
+        (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    target.set_major_formatter(fmt)
+    target.set_minor_formatter(FuncFormatter(lambda v, _: ""))

@@ -1,0 +1,163 @@
+"""Mask invariants (the torch.nn.utils.prune checklist)."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from pruning_lib.masks import (Mask, apply_mask, current_mask, load_masked_state, make_permanent,
+                               mask_from_scores, prunable_names, remaining_fraction_per_layer)
+
+
+def random_mask(model, density=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    return Mask({n: torch.rand(params[n].shape, generator=g) < density for n in prunable_names(model)})
+
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Conv1d(1, 1, 1) if False else nn.Linear(16, 4))
+
+
+def test_prunable_names_are_conv_and_linear_weights():
+    m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 3))
+    assert prunable_names(m) == ["0.weight", "3.weight"]
+    assert prunable_names(m, include_bias=True) == ["0.weight", "0.bias", "3.weight", "3.bias"]
+
+
+def test_weight_equals_original_times_mask():
+    m = net()
+    orig = {n: p.detach().clone() for n, p in m.named_parameters()}
+    mask = random_mask(m)
+    apply_mask(m, mask)
+    for n, keep in mask.items():
+        assert torch.equal(dict(m.named_parameters())[n], orig[n] * keep)
+
+
+def test_gradient_zero_at_masked_entries():
+    m = net()
+    mask = random_mask(m)
+    apply_mask(m, mask)
+    m(torch.randn(5, 8)).pow(2).sum().backward()
+    for n, keep in mask.items():
+        g = dict(m.named_parameters())[n].grad
+        assert torch.all(g[~keep] == 0)
+        assert torch.any(g[keep] != 0)
+
+
+@pytest.mark.parametrize("opt", ["adam", "adamw", "sgd_momentum"])
+def test_masked_entries_stay_zero_after_steps_with_stale_optimizer_state(opt):
+    m = net()
+    make = {"adam": lambda p: torch.optim.Adam(p, 1e-2),
+            "adamw": lambda p: torch.optim.AdamW(p, 1e-2, weight_decay=0.1),
+            "sgd_momentum": lambda p: torch.optim.SGD(p, 1e-2, momentum=0.9)}[opt]
+    o = make(m.parameters())
+    x = torch.randn(16, 8)
+    # Build up moments first, so that the optimizer would revive pruned weights if nothing stopped it.
+    for _ in range(5):
+        o.zero_grad(); m(x).pow(2).sum().backward(); o.step()
+    mask = random_mask(m)
+    apply_mask(m, mask)
+    for _ in range(5):
+        o.zero_grad(); m(x).pow(2).sum().backward(); o.step()
+        for n, keep in mask.items():
+            assert torch.all(dict(m.named_parameters())[n][~keep] == 0)
+
+
+def test_parameter_identity_is_unchanged_so_optimizer_keeps_working():
+    m = net()
+    before = [id(p) for p in m.parameters()]
+    o = torch.optim.Adam(m.parameters(), 1e-2)
+    apply_mask(m, random_mask(m))
+    assert [id(p) for p in m.parameters()] == before
+    w = m[0].weight.detach().clone()
+    o.zero_grad(); m(torch.randn(4, 8)).sum().backward(); o.step()
+    assert not torch.equal(w, m[0].weight)  # the optimizer still updates the live parameter
+
+
+def test_make_permanent_leaves_forward_unchanged_and_removes_buffers():
+    m = net()
+    apply_mask(m, random_mask(m))
+    x = torch.randn(3, 8)
+    y = m(x)
+    make_permanent(m)
+    assert torch.equal(m(x), y)
+    assert not any(k.endswith("_mask") for k in m.state_dict())
+    m(x).sum().backward()  # no hook left: gradient flows to pruned entries again
+    assert torch.any(m[0].weight.grad[m[0].weight == 0] != 0)
+
+
+def test_state_dict_round_trip_restores_mask_and_enforcement():
+    m = net()
+    mask = random_mask(m)
+    apply_mask(m, mask)
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    m2 = net()
+    load_masked_state(m2, torch.load(buf, weights_only=True))
+    loaded = current_mask(m2)
+    assert set(loaded) == set(mask) and all(torch.equal(loaded[n], mask[n]) for n in mask)
+    x = torch.randn(3, 8)
+    assert torch.equal(m(x), m2(x))
+    o = torch.optim.Adam(m2.parameters(), 1e-1)
+    for _ in range(3):
+        o.zero_grad(); m2(x).sum().backward(); o.step()
+    for n, keep in mask.items():
+        assert torch.all(dict(m2.named_parameters())[n][~keep] == 0)
+
+
+def test_mask_save_load(tmp_path):
+    m = net()
+    mask = random_mask(m)
+    mask.save(tmp_path / "mask.pt")
+    back = Mask.load(tmp_path / "mask.pt")
+    assert all(torch.equal(back[n], mask[n]) for n in mask)
+    assert back.density == pytest.approx(mask.density)
+
+
+def test_deepcopy_keeps_buffers_and_weights():
+    m = net()
+    apply_mask(m, random_mask(m))
+    c = copy.deepcopy(m)
+    assert set(current_mask(c)) == set(current_mask(m))
+
+
+def test_density_and_layer_density():
+    mask = Mask({"a": torch.tensor([True, False, True, False]), "b": torch.tensor([True, True])})
+    assert mask.density == pytest.approx(4 / 6)
+    assert mask.sparsity == pytest.approx(2 / 6)
+    assert mask.layer_density() == {"a": 0.5, "b": 1.0}
+
+
+def test_mask_from_scores_removes_exact_fraction_of_survivors_per_layer():
+    g = torch.Generator().manual_seed(0)
+    scores = {"a": torch.rand(100, generator=g), "b": torch.rand(50, generator=g)}
+    m1 = mask_from_scores(scores, {"a": 0.2, "b": 0.1})
+    assert int(m1["a"].sum()) == 80 and int(m1["b"].sum()) == 45
+    # the lowest scores went
+    assert scores["a"][~m1["a"]].max() <= scores["a"][m1["a"]].min()
+    m2 = mask_from_scores(scores, {"a": 0.2, "b": 0.1}, current=m1)
+    assert int(m2["a"].sum()) == 64 and int(m2["b"].sum()) == 45 - round(0.1 * 45)
+    assert torch.all(m2["a"] <= m1["a"])  # pruned weights stay pruned
+
+
+def test_global_scope_ranks_all_layers_together():
+    scores = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([0.5, 10.0])}
+    m = mask_from_scores(scores, 0.4, scope="global")
+    assert m["a"].tolist() == [False, True, True] and m["b"].tolist() == [False, True]
+
+
+def test_invalid_rate_is_an_error():
+    with pytest.raises(ValueError, match="rate"):
+        mask_from_scores({"a": torch.rand(4)}, 1.5)
+
+
+def test_remaining_fraction_closed_form_lenet300_100():
+    sizes = {"fc1": 784 * 300, "fc2": 300 * 100, "fc3": 100 * 10}
+    rates = {"fc1": 0.2, "fc2": 0.2, "fc3": 0.1}
+    # papers.md: Pm = 51.3, 21.1, 7.0, 3.6, 1.85 % at n = 3, 7, 12, 15, 18
+    for n, pm in [(3, 51.3), (7, 21.1), (12, 7.0), (15, 3.6), (18, 1.85)]:
+        assert 100 * remaining_fraction_per_layer(rates, sizes, n) == pytest.approx(pm, abs=0.06)

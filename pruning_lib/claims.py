@@ -2,8 +2,8 @@
 
 A :class:`Claim` states what a paper says, where, how we measure it, and the :class:`Rule` that turns
 our measurement into a verdict. :func:`ledger` evaluates a chapter's claims against its measurements,
-returns the table and saves it to ``<results_dir>/claims/<chapter>.csv``, where the book's verdicts page
-gathers every chapter's table into one.
+returns the table and saves it to ``<results_dir>/claims/<profile>/<chapter>.csv``, where the book's
+verdicts page gathers every chapter's table of that profile into one.
 
 Verdicts: ``held``, ``did not hold``, ``inconclusive`` (the seed spread does not separate the outcomes)
 and ``not measured`` (the profile that ran does not measure it). Measurements given as several values
@@ -191,7 +191,8 @@ def ledger(chapter: str, rows: Sequence[tuple[Claim, Any]], profile: str,
     """Evaluate ``(claim, measurement)`` pairs into the chapter's claims table and save it.
 
     A measurement of ``None`` means "not measured in this profile". The table is written (atomically) to
-    ``<results_dir>/claims/<chapter>.csv`` unless ``results_dir`` is None.
+    ``<results_dir>/claims/<profile>/<chapter>.csv`` (see :func:`claims_dir`) unless ``results_dir`` is
+    None, so a `smoke` run never overwrites the verdicts of a `cpu` or `paper` run.
     """
     records = []
     for claim, measurement in rows:
@@ -201,13 +202,18 @@ def ledger(chapter: str, rows: Sequence[tuple[Claim, Any]], profile: str,
                         "ours": ours, "verdict": verdict, "profile": profile})
     table = pd.DataFrame(records, columns=COLUMNS)
     if results_dir is not None:
-        atomic_write_frame(table, Path(results_dir) / "claims" / f"{chapter}.csv")
+        atomic_write_frame(table, claims_dir(results_dir, profile) / f"{chapter}.csv")
     return table
 
 
-def gather(results_dir: str | Path = "results") -> pd.DataFrame:
-    """Every chapter's claims table, concatenated (empty frame with the ledger's columns if none)."""
-    files = sorted((Path(results_dir) / "claims").glob("*.csv"))
+def claims_dir(results_dir: str | Path, profile: str) -> Path:
+    """Where :func:`ledger` saves the claims tables of runs of ``profile``: one folder per profile."""
+    return Path(results_dir) / "claims" / profile
+
+
+def gather(results_dir: str | Path = "results", profile: str = "cpu") -> pd.DataFrame:
+    """Every chapter's claims table of ``profile``, concatenated (the ledger's columns if none)."""
+    files = sorted(claims_dir(results_dir, profile).glob("*.csv"))
     if not files:
         return pd.DataFrame(columns=COLUMNS)
     return pd.concat([pd.read_csv(f) for f in files], ignore_index=True)

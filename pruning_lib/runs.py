@@ -294,3 +294,16 @@ def cached_frame(root: str | Path, kind: str, spec: dict[str, Any],
                  compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
     """The one-liner form: ``Store(root, kind, spec).frame("result", compute)``."""
     return Store(root, kind, spec).frame("result", compute)
+
+
+def progress_bar(iterable=None, *, progress: bool = True, **kwargs):
+    """A plain-text ``tqdm`` bar (readable in executed notebooks), shown when ``progress`` is true.
+
+    ``disable`` is passed only to switch a bar off: passing ``disable=False`` would override the
+    ``TQDM_DISABLE=1`` environment variable that CI and ``make test`` use to keep bars out of outputs.
+    """
+    from tqdm import tqdm
+
+    if not progress:
+        kwargs["disable"] = True
+    return tqdm(iterable, **kwargs)

@@ -36,7 +36,7 @@ from torch import nn
 
 from . import data as data_mod
 from .data import DataSplits, Split
-from .runs import atomic_torch_save
+from .runs import atomic_torch_save, progress_bar
 
 
 def default_device() -> torch.device:
@@ -201,8 +201,7 @@ def fit(model: nn.Module, data: DataSplits, *,
             row.update(cb.log(state))
         state.history.append(row)
 
-    from tqdm import tqdm  # plain tqdm: text in executed notebooks; TQDM_DISABLE=1 silences it
-    bar = tqdm(total=total, initial=state.step, desc=desc, disable=not progress or rank != 0,
+    bar = progress_bar(total=total, initial=state.step, desc=desc, progress=progress and rank == 0,
                leave=False, mininterval=2.0, dynamic_ncols=True)
     elapsed = state.history[-1]["seconds"] if state.history else 0.0
     t0 = time.perf_counter()

@@ -1,4 +1,3 @@
-import pytest
 
 from pruning_lib.claims import (HELD, INCONCLUSIVE, NOT_HELD, NOT_MEASURED, AtLeast, AtMost, Claim, Exceeds,
                                 Fraction, Within, gather, ledger)
@@ -36,5 +35,8 @@ def test_ledger_saves_and_gather_collects(tmp_path):
     t = ledger("demo", [(c, [0.01, 0.02]), (c, None)], profile="smoke", results_dir=tmp_path)
     assert t["verdict"].tolist() == [HELD, NOT_MEASURED]
     ledger("other", [(c, 0.5)], profile="smoke", results_dir=tmp_path)
-    g = gather(tmp_path)
+    ledger("demo", [(c, 0.5)], profile="cpu", results_dir=tmp_path)  # another profile: kept apart
+    g = gather(tmp_path, profile="smoke")
     assert sorted(g["chapter"].unique()) == ["demo", "other"] and len(g) == 3
+    assert gather(tmp_path, profile="cpu")["verdict"].tolist() == [NOT_HELD]
+    assert gather(tmp_path, profile="paper").empty

@@ -4,7 +4,7 @@ from typing import Optional
 import pandas as pd
 import pytest
 
-from pruning_lib.runs import ConfigError, RunConfig, Store, atomic_write_text, digest, param
+from pruning_lib.runs import ConfigError, RunConfig, Store, digest, param
 from dataclasses import dataclass
 
 

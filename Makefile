@@ -1,0 +1,93 @@
+# Pruning, Reproduced: build the book and test it.
+#
+#   make book                    run every chapter (PROFILE=cpu), then build _build/html/index.html
+#   make book PROFILE=smoke CHAPTERS=02_lottery_tickets PARAMS="-p seeds 3"
+#   make test                    unit tests, every chapter in smoke, nbval, strict book build
+#                                (all in _build/smoke: the book's own chapters are left alone)
+#
+# Both create .venv (python3.11 -m venv) when it is missing and install the package with its pinned
+# dependencies (pip install -e ".[test]"); the install is redone only when pyproject.toml changes.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.pruning-installed
+
+PROFILE ?= cpu
+CHAPTERS ?=
+PARAMS ?=
+
+# `make test` runs the smoke profile in a stage of its own, so it never overwrites the book's chapters
+# (book/chapters/) or its HTML (_build/html); its book is built into $(SMOKE)/_build/html.
+SMOKE := _build/smoke
+# notebooks present in notebooks/ (chapters and 99_verdicts), as executed by the smoke run (for nbval)
+SOURCES := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+EXECUTED := $(patsubst notebooks/%,$(SMOKE)/book/chapters/%,$(SOURCES))
+
+# Headless plots; one BLAS/OpenMP thread per core (2 on the project's machines); quiet Jupyter.
+NPROC := $(shell nproc 2>/dev/null || echo 2)
+export MPLBACKEND := Agg
+export OMP_NUM_THREADS ?= $(NPROC)
+export MKL_NUM_THREADS ?= $(NPROC)
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+export JUPYTER_PLATFORM_DIRS := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+# the steps of `make test` and `make book` run in order, even under -j
+.NOTPARALLEL:
+
+.PHONY: help book run html test unit smoke smoke-html nbval clean venv
+
+help:
+	@echo "make book   [PROFILE=smoke|cpu|paper] [CHAPTERS=02,03] [PARAMS='-p name value ...']"
+	@echo "            run the chapters into book/chapters/, then build _build/html/index.html"
+	@echo "make test   unit tests, every chapter with PROFILE=smoke, nbval, strict book build"
+	@echo "make clean  remove _build/ and the executed notebooks (results/ is kept: rm -rf results)"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -e ".[test]"
+	touch $@
+
+venv: $(STAMP)
+
+# ---- the book ------------------------------------------------------------------------------------
+book: run html
+	@echo "The book: _build/html/index.html"
+
+run: $(STAMP)
+	$(PY) -m pruning_lib.book run --profile $(PROFILE) $(if $(CHAPTERS),--chapters $(CHAPTERS)) $(PARAMS)
+
+html: $(STAMP)
+	$(PY) -m pruning_lib.book build
+
+# ---- the tests -----------------------------------------------------------------------------------
+test: unit smoke nbval smoke-html
+
+unit: $(STAMP)
+	$(PY) -m pytest tests
+
+smoke: $(STAMP)
+	rm -rf $(SMOKE)
+	TQDM_DISABLE=1 $(PY) -m pruning_lib.book run --profile smoke --stage $(SMOKE)
+
+smoke-html: $(STAMP)
+	$(PY) -m pruning_lib.book build --stage $(SMOKE)
+	@echo "The smoke book: $(SMOKE)/_build/html/index.html"
+
+# nbval re-executes the executed notebooks (finished runs come from the results/ cache) and compares
+# the outputs of cells marked `# NBVAL_CHECK_OUTPUT`; kernels start in the repository root.
+nbval: $(STAMP)
+	TQDM_DISABLE=1 $(PY) -m pytest -p pruning_lib.book --nbval-lax \
+	    --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-kernel-name python3 \
+	    --nbval-cell-timeout 1800 $(EXECUTED)
+
+clean:
+	rm -rf _build book/_generated
+	rm -f book/chapters/*.ipynb

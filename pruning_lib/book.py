@@ -1,0 +1,471 @@
+"""Run the book's chapter notebooks and build the HTML book.
+
+Usage (from the repository root, with the project's environment)::
+
+    python -m pruning_lib.book run [--profile smoke|cpu|paper] [--chapters 02,lottery_tickets]
+                                   [-p NAME VALUE ...] [--stage DIR] [--dry-run]
+    python -m pruning_lib.book build [--no-strict] [--stage DIR]
+    python -m pruning_lib.book list
+
+``run`` executes the source notebooks ``notebooks/NN_name.ipynb`` with Papermill into
+``book/chapters/NN_name.ipynb`` (kernel ``python3``, working directory = the repository root), passing
+``profile`` and every ``-p`` parameter, then runs ``notebooks/99_verdicts.ipynb`` last. Before running
+anything it checks the profile and that every ``-p`` name is a parameter declared by every selected
+chapter (its cell tagged ``parameters``); a mistake stops the run with a message that names it. A
+chapter that fails does not stop the others (its executed notebook, with the traceback, is still
+written); the command then exits with status 1 and names the failed chapters.
+
+``-p`` values are read as Papermill's own ``-p`` reads them (``True``/``False``/``None``, ints, floats,
+else a string), and a value starting with ``[``, ``{`` or ``(`` is read as YAML (``-p seeds "[0, 1]"``).
+``results_dir`` given with ``-p`` is passed to the verdicts notebook too.
+
+``--stage DIR`` keeps a run apart from the book: ``run --stage DIR`` writes the executed notebooks to
+``DIR/book/chapters/`` and ``build --stage DIR`` copies the book's pages beside them and builds
+``DIR/_build/html``. ``make test`` does this with ``_build/smoke``, so testing never overwrites the
+chapters of a ``cpu`` or ``paper`` build (and each profile's claims go to ``results/claims/<profile>/``).
+
+``build`` builds ``_build/html`` with ``jupyter-book build . --all -W -n --keep-going`` (warnings are
+errors). The committed ``_toc.yml`` lists every chapter; when some chapters have no executed notebook in
+``book/chapters/`` (a chapter not written yet, or a run of a few chapters on a fresh clone), the build
+uses a copy of the table of contents without them, written to ``book/_generated/_toc.yml``, and says
+which it left out. A source notebook that ``_toc.yml`` does not list is an error.
+
+This module is also a pytest plugin (``pytest -p pruning_lib.book --nbval-lax ...``): it makes nbval
+start its kernels in the directory pytest was started from (the repository root), as Papermill does,
+instead of the notebook's own folder, so relative paths such as ``results_dir = "results"`` and ``data/``
+mean the same thing in both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+PROFILES = ("smoke", "cpu", "paper")  # the same as pruning_lib.runs.PROFILES (a test checks it)
+DEFAULT_PROFILE = "cpu"
+KERNEL = "python3"
+NOTEBOOKS = "notebooks"
+CHAPTERS_OUT = Path("book") / "chapters"
+GENERATED = Path("book") / "_generated"
+VERDICTS = "99_verdicts"
+# parameters passed on to the verdicts notebook when it declares them
+VERDICTS_PASSTHROUGH = ("profile", "results_dir")
+
+
+class BookError(Exception):
+    """A mistake in what was asked for (unknown chapter, profile or parameter); nothing was run."""
+
+
+@dataclass
+class Job:
+    """One notebook to execute: source, destination and the parameters Papermill injects."""
+
+    name: str
+    source: Path
+    output: Path
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# discovery and validation
+
+
+def chapter_notebooks(root: str | Path = ".") -> list[Path]:
+    """The chapter notebooks ``notebooks/NN_name.ipynb`` present, in order (the verdicts one excluded)."""
+    folder = Path(root) / NOTEBOOKS
+    found = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb") if p.stem != VERDICTS)
+    return found
+
+
+def verdicts_notebook(root: str | Path = ".") -> Path:
+    return Path(root) / NOTEBOOKS / f"{VERDICTS}.ipynb"
+
+
+def _matches(token: str, path: Path) -> bool:
+    stem = path.stem
+    number, _, name = stem.partition("_")
+    token = token.strip().removesuffix(".ipynb")
+    token = Path(token).name
+    return token in (stem, number, name) or (token.isdigit() and number.isdigit()
+                                             and int(token) == int(number))
+
+
+def select_chapters(available: Sequence[Path], spec: str | Iterable[str] | None) -> list[Path]:
+    """The chapters named by ``spec`` ("02,lottery_tickets" or a list; None or "" = all), in book
+    order. A token may be the full name (``02_lottery_tickets``), its number (``02``, ``2``) or its
+    name (``lottery_tickets``). The verdicts notebook always runs, so naming it selects nothing."""
+    if spec is None:
+        return list(available)
+    tokens = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec)]
+    tokens = [t for t in tokens if t]
+    if not tokens:
+        return list(available)
+    chosen: set[Path] = set()
+    unknown = []
+    for token in tokens:
+        hits = [p for p in available if _matches(token, p)]
+        if hits:
+            chosen.update(hits)
+        elif not _matches(token, Path(f"{VERDICTS}.ipynb")):
+            unknown.append(token)
+    if unknown:
+        names = ", ".join(p.stem for p in available) or "(none: notebooks/ has no NN_name.ipynb)"
+        raise BookError(f"unknown chapter(s): {', '.join(unknown)}. Chapters present: {names}")
+    return [p for p in available if p in chosen]
+
+
+def parse_value(text: str) -> Any:
+    """A ``-p`` value, read as Papermill's CLI reads ``-p`` values; ``[..]``/``{..}``/``(..)`` as YAML."""
+    if text.lstrip()[:1] in "[{(" and text.strip():
+        import yaml
+
+        s = text.strip()
+        if s.startswith("(") and s.endswith(")"):
+            s = "[" + s[1:-1] + "]"
+        try:
+            return yaml.safe_load(s)
+        except yaml.YAMLError as exc:
+            raise BookError(f"cannot read {text!r} as a list or mapping: {exc}") from None
+    if text == "True":
+        return True
+    if text == "False":
+        return False
+    if text == "None":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def declared_parameters(notebook: str | Path) -> dict[str, dict]:
+    """The parameters a notebook declares in its cell tagged ``parameters`` (Papermill's view)."""
+    import papermill
+
+    try:
+        return dict(papermill.inspect_notebook(str(notebook)))
+    except ValueError as exc:  # e.g. "No kernel name found in notebook"
+        raise BookError(f"cannot read the parameters of {notebook}: {exc} (save it with the "
+                        f"Python 3 kernel, kernelspec name {KERNEL!r})") from None
+
+
+def plan(root: str | Path = ".", profile: str = DEFAULT_PROFILE, chapters: str | None = None,
+         params: Sequence[tuple[str, Any]] | dict[str, Any] = (), include_verdicts: bool = True,
+         out_dir: str | Path | None = None) -> list[Job]:
+    """Check a request and return the notebooks to execute, or raise :class:`BookError` (having run
+    nothing) naming what is wrong."""
+    root = Path(root)
+    if profile not in PROFILES:
+        raise BookError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
+    items = list(params.items()) if isinstance(params, dict) else list(params)
+    extra: dict[str, Any] = {}
+    for name, value in items:
+        if name == "profile":
+            raise BookError("give the profile with --profile (make: PROFILE=...), not -p profile")
+        if not name.isidentifier():
+            raise BookError(f"parameter name {name!r} is not a Python identifier")
+        extra[name] = value
+    if not (root / NOTEBOOKS).is_dir():
+        raise BookError(f"no {NOTEBOOKS}/ folder in {root.resolve()}: run from the repository root")
+    selected = select_chapters(chapter_notebooks(root), chapters)
+    out = Path(out_dir) if out_dir is not None else root / CHAPTERS_OUT
+    jobs = []
+    for nb in selected:
+        declared = declared_parameters(nb)
+        if "profile" not in declared:
+            raise BookError(f"{nb.relative_to(root)} declares no `profile` parameter: it needs a "
+                            f"code cell tagged `parameters` whose first line is `profile = \"cpu\"`")
+        unknown = [n for n in extra if n not in declared]
+        if unknown:
+            raise BookError(
+                f"unknown parameter {', '.join(map(repr, unknown))} for {nb.stem}; "
+                f"its parameters are: {', '.join(declared)}"
+                + ("" if chapters else " (use --chapters / CHAPTERS= to pass a parameter that only "
+                                       "some chapters have)"))
+        jobs.append(Job(nb.stem, nb, out / nb.name, {"profile": profile, **extra}))
+    verdicts = verdicts_notebook(root)
+    if include_verdicts and verdicts.exists():
+        declared = declared_parameters(verdicts)
+        given = {"profile": profile, **extra}
+        jobs.append(Job(verdicts.stem, verdicts, out / verdicts.name,
+                        {k: given[k] for k in VERDICTS_PASSTHROUGH if k in given and k in declared}))
+    if not jobs:
+        raise BookError(f"nothing to run: no notebooks in {(root / NOTEBOOKS).resolve()}")
+    return jobs
+
+
+# --------------------------------------------------------------------------------------------------
+# running
+
+
+def execute(jobs: Sequence[Job], root: str | Path = ".") -> dict[str, Any]:
+    """Execute ``jobs`` in order with Papermill (cwd = ``root``). Returns ``{"failed": [...],
+    "seconds": {name: s}}``; a failed notebook is still written, with its error, and the rest run."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+    from tqdm import tqdm
+
+    root = Path(root).resolve()
+    failed: list[str] = []
+    seconds: dict[str, float] = {}
+    bar = tqdm(jobs, desc="notebooks", unit="nb", file=sys.stderr, dynamic_ncols=True)
+    for job in bar:
+        bar.set_postfix_str(job.name)
+        job.output.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        try:
+            papermill.execute_notebook(str(job.source), str(job.output), parameters=job.parameters,
+                                       kernel_name=KERNEL, cwd=str(root), progress_bar=False,
+                                       log_output=False)
+            status = "ok"
+        except PapermillExecutionError as exc:
+            failed.append(job.name)
+            status = f"FAILED ({exc.ename}: {exc.evalue})"
+        seconds[job.name] = round(time.perf_counter() - start, 1)
+        shown = ", ".join(f"{k}={v!r}" for k, v in job.parameters.items())
+        tqdm.write(f"[{seconds[job.name]:7.1f} s] {job.name} ({shown}): {status}", file=sys.stderr)
+    bar.close()
+    return {"failed": failed, "seconds": seconds}
+
+
+# --------------------------------------------------------------------------------------------------
+# building
+
+
+def _toc_files(entries) -> Iterable[tuple[dict, str]]:
+    for entry in entries or ():
+        if isinstance(entry, dict):
+            if "file" in entry:
+                yield entry, entry["file"]
+            for key in ("chapters", "sections", "parts"):
+                yield from _toc_files(entry.get(key))
+
+
+def _exists(root: Path, docname: str) -> bool:
+    base = root / docname
+    if base.suffix in (".md", ".ipynb", ".rst") and base.exists():
+        return True
+    return any(base.with_name(base.name + ext).exists() for ext in (".md", ".ipynb", ".rst"))
+
+
+def _prune(entries, root: Path, dropped: list[str]):
+    kept = []
+    for entry in entries or ():
+        if isinstance(entry, dict) and "file" in entry and not _exists(root, entry["file"]):
+            dropped.append(entry["file"])
+            continue
+        if isinstance(entry, dict):
+            entry = dict(entry)
+            for key in ("chapters", "sections"):
+                if key in entry:
+                    entry[key] = _prune(entry[key], root, dropped)
+                    if not entry[key]:
+                        del entry[key]
+            if "parts" in entry:
+                entry["parts"] = [p for p in (_prune_part(p, root, dropped) for p in entry["parts"])
+                                  if p.get("chapters")]
+        kept.append(entry)
+    return kept
+
+
+def _prune_part(part: dict, root: Path, dropped: list[str]) -> dict:
+    part = dict(part)
+    part["chapters"] = _prune(part.get("chapters"), root, dropped)
+    return part
+
+
+def _unlisted(root: Path) -> list[str]:
+    """Source notebooks in ``notebooks/`` that ``_toc.yml`` does not list."""
+    import yaml
+
+    toc = yaml.safe_load((root / "_toc.yml").read_text())
+    listed = {Path(f).name.removesuffix(".ipynb").removesuffix(".md") for _, f in _toc_files([toc])}
+    return [p.name for p in chapter_notebooks(root) + [verdicts_notebook(root)]
+            if p.exists() and p.stem not in listed]
+
+
+def toc_for_build(root: str | Path = ".") -> tuple[Path, list[str]]:
+    """The table of contents to build with: ``_toc.yml`` itself when every file it lists exists,
+    else a copy without the missing chapters in ``book/_generated/_toc.yml``. Returns (path, left out).
+    Raises :class:`BookError` when the root page is missing, when the verdicts page has not been
+    executed, or when a source chapter notebook is not listed in ``_toc.yml``."""
+    import yaml
+
+    root = Path(root)
+    toc_path = root / "_toc.yml"
+    toc = yaml.safe_load(toc_path.read_text())
+    files = [f for _, f in _toc_files([toc])]
+    unlisted = _unlisted(root)
+    if unlisted:
+        raise BookError("not listed in _toc.yml (add `- file: book/chapters/NAME` for each): "
+                        + ", ".join(unlisted))
+    if not _exists(root, toc["root"]):
+        raise BookError(f"the book's root page {toc['root']} is missing")
+    verdicts_doc = (CHAPTERS_OUT / VERDICTS).as_posix()
+    if any(f.removesuffix(".ipynb") == verdicts_doc for f in files):
+        if not _exists(root, verdicts_doc):
+            raise BookError(f"{verdicts_doc}.ipynb has not been executed: run "
+                            f"`python -m pruning_lib.book run` (or `make book`) first")
+    dropped: list[str] = []
+    pruned = dict(toc)
+    for key in ("chapters", "parts", "sections"):
+        if key in pruned:
+            if key == "parts":
+                pruned[key] = [p for p in (_prune_part(p, root, dropped) for p in pruned[key])
+                               if p.get("chapters")]
+            else:
+                pruned[key] = _prune(pruned[key], root, dropped)
+    if not dropped:
+        return toc_path, []
+    out = root / GENERATED / "_toc.yml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("# Generated by pruning_lib.book from _toc.yml, without chapters not executed yet:\n"
+                   + "".join(f"#   {d}\n" for d in dropped)
+                   + yaml.safe_dump(pruned, sort_keys=False))
+    return out, dropped
+
+
+def stage_sources(root: str | Path, stage: str | Path) -> Path:
+    """Copy the book's own pages (``_config.yml``, ``_toc.yml``, ``book/*.md``) into ``stage``, whose
+    ``book/chapters/`` holds notebooks executed elsewhere (``run --stage``), so that a build of
+    ``stage`` leaves the main book and its executed chapters untouched. Returns ``stage``."""
+    root, stage = Path(root), Path(stage)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy2(root / name, stage / name)
+    for page in (root / "book").glob("*.md"):
+        (stage / "book").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(page, stage / "book" / page.name)
+    return stage
+
+
+def build(root: str | Path = ".", strict: bool = True, stage: str | Path | None = None) -> int:
+    """Build the HTML book into ``<root>/_build/html``, or, with ``stage``, the notebooks executed into
+    ``<stage>/book/chapters`` into ``<stage>/_build/html``. Returns jupyter-book's exit status."""
+    root = Path(root)
+    if stage is not None:
+        if not (Path(stage) / CHAPTERS_OUT).is_dir():
+            raise BookError(f"{Path(stage) / CHAPTERS_OUT} does not exist: run "
+                            f"`python -m pruning_lib.book run --stage {stage}` first")
+        unlisted = _unlisted(root)
+        if unlisted:
+            raise BookError("not listed in _toc.yml (add `- file: book/chapters/NAME` for each): "
+                            + ", ".join(unlisted))
+        root = stage_sources(root, stage)
+    toc, dropped = toc_for_build(root)
+    if dropped:
+        print(f"note: building without chapters that have not been executed: {', '.join(dropped)}",
+              file=sys.stderr)
+    exe = Path(sys.executable).with_name("jupyter-book")
+    cmd = [str(exe) if exe.exists() else (shutil.which("jupyter-book") or "jupyter-book"),
+           "build", str(root), "--all"]
+    if strict:
+        cmd += ["-W", "-n", "--keep-going"]
+    if toc != root / "_toc.yml":
+        cmd += ["--toc", str(toc)]
+    print("$ " + " ".join(cmd), file=sys.stderr)
+    status = subprocess.call(cmd)
+    index = root / "_build" / "html" / "index.html"
+    if status == 0 and not index.exists():
+        print(f"error: the build reported success but {index} is missing", file=sys.stderr)
+        return 1
+    return status
+
+
+# --------------------------------------------------------------------------------------------------
+# pytest plugin: nbval kernels start in the invocation directory (the repository root)
+
+
+def pytest_configure(config):  # pragma: no cover - exercised by `make test`
+    try:
+        import nbval.plugin as nbval_plugin
+    except ImportError:
+        return
+    base = nbval_plugin.RunningKernel
+    if getattr(base, "_pruning_root", None):
+        return
+    root = str(config.invocation_params.dir)
+
+    class RootKernel(base):
+        _pruning_root = root
+
+        def __init__(self, kernel_name, cwd=None, startup_timeout=60):
+            super().__init__(kernel_name, cwd=root, startup_timeout=startup_timeout)
+
+    nbval_plugin.RunningKernel = RootKernel
+
+
+# --------------------------------------------------------------------------------------------------
+# command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m pruning_lib.book", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute chapter notebooks into book/chapters/, verdicts last")
+    run.add_argument("--profile", default=DEFAULT_PROFILE,
+                     help=f"one of {', '.join(PROFILES)} (default: {DEFAULT_PROFILE})")
+    run.add_argument("--chapters", default=None,
+                     help="comma-separated chapters (02_lottery_tickets, 02 or lottery_tickets); "
+                          "default: all present")
+    run.add_argument("-p", "--parameter", nargs=2, action="append", default=[],
+                     metavar=("NAME", "VALUE"), help="a notebook parameter (repeatable)")
+    run.add_argument("--no-verdicts", action="store_true", help="do not run the verdicts notebook")
+    run.add_argument("--stage", default=None, metavar="DIR",
+                     help="write the executed notebooks to DIR/book/chapters/ instead of book/chapters/ "
+                          "(make test uses _build/smoke, so it never overwrites the book's chapters)")
+    run.add_argument("--dry-run", action="store_true", help="check and print the plan; run nothing")
+    run.add_argument("--root", default=".", help=argparse.SUPPRESS)
+    b = sub.add_parser("build", help="build the HTML book into _build/html (warnings are errors)")
+    b.add_argument("--no-strict", action="store_true", help="do not turn warnings into errors")
+    b.add_argument("--stage", default=None, metavar="DIR",
+                   help="build the notebooks of `run --stage DIR` into DIR/_build/html")
+    b.add_argument("--root", default=".", help=argparse.SUPPRESS)
+    ls = sub.add_parser("list", help="list the chapters and the parameters each declares")
+    ls.add_argument("--root", default=".", help=argparse.SUPPRESS)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            for nb in chapter_notebooks(args.root) + [verdicts_notebook(args.root)]:
+                if nb.exists():
+                    params = declared_parameters(nb)
+                    print(f"{nb.stem}: " + ", ".join(
+                        f"{k}={v.get('default')}" for k, v in params.items()))
+            return 0
+        if args.command == "build":
+            return build(args.root, strict=not args.no_strict, stage=args.stage)
+        params = [(name, parse_value(value)) for name, value in args.parameter]
+        jobs = plan(args.root, args.profile, args.chapters, params,
+                    include_verdicts=not args.no_verdicts,
+                    out_dir=None if args.stage is None else Path(args.stage) / CHAPTERS_OUT)
+    except BookError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for job in jobs:
+            print(f"{job.source} -> {job.output} {json.dumps(job.parameters)}")
+        return 0
+    result = execute(jobs, args.root)
+    total = sum(result["seconds"].values())
+    print(f"ran {len(jobs)} notebook(s) in {total:.0f} s (profile {args.profile})", file=sys.stderr)
+    if result["failed"]:
+        where = jobs[0].output.parent
+        print("error: failed: " + ", ".join(result["failed"]) + f" (see the executed notebooks in "
+              f"{where}/ for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

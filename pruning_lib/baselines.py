@@ -1,0 +1,156 @@
+"""Chapter 1, dense baselines: the reference models later chapters compare against.
+
+:func:`train_dense` trains one registered model on one dataset with one seed and caches the trained
+weights and the learning curve, so other chapters (the LNPT teacher, the lottery-ticket dense round) can
+reuse the very same dense network instead of training it again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import claims, metrics, plotting
+from .data import load_dataset
+from .models import build_model
+from .runs import RunConfig, Store, param, progress_bar
+from .train import default_device, fit
+
+CHAPTER = "01_dense_baselines"
+
+# Published dense test errors on full MNIST (60k training digits), for comparison only.
+PUBLISHED_ERROR = {
+    "lenet300_100": (0.017, "Lee et al. 2019 (SNIP), Table 1; full MNIST"),
+    "lenet5_caffe": (0.009, "Lee et al. 2019 (SNIP), Table 1; full MNIST"),
+}
+MODEL_CHOICES = ("lenet300_100", "lenet5_caffe", "conv2", "conv4", "conv6", "small_vgg", "vgg16_bn",
+                 "resnet20", "resnet56", "resnet50")
+DATASET_CHOICES = ("mnist5k", "digits", "mnist", "cifar10", "cifar100", "tiny-imagenet", "imagenet",
+                   "synthetic-mnist")
+
+
+@dataclass(frozen=True)
+class Config(RunConfig):
+    models: tuple[str, ...] = param(("lenet300_100", "lenet5_caffe"), choices=MODEL_CHOICES)
+    dataset: str = param("mnist5k", choices=DATASET_CHOICES)
+    seeds: tuple[int, ...] = param((0, 1, 2), low=0)
+    epochs: float = param(20, low=0.01, high=1000)
+    batch_size: int = param(60, low=1, high=4096)
+    lr: float = param(1.2e-3, low=0, high=10)
+    evals_per_epoch: int = param(2, low=1, high=100)
+    data_root: str = param("data")
+    results_dir: str = param("results")
+
+    PROFILES = {
+        "smoke": {"seeds": (0,), "epochs": 0.3, "evals_per_epoch": 2},
+        "cpu": {"seeds": (0, 1, 2), "epochs": 20},
+        # LTH schedule for LeNets: Adam 1.2e-3, batch 60, 50k iterations = 60 epochs of 50k digits.
+        "paper": {"dataset": "mnist", "seeds": (0, 1, 2, 3, 4), "epochs": 60},
+    }
+    NOT_HASHED = RunConfig.NOT_HASHED + ("data_root",)
+
+
+def train_dense(model_name: str, dataset: str, seed: int, *, epochs: float, batch_size: int = 60,
+                lr: float = 1.2e-3, evals_per_epoch: int = 2, results_dir: str = "results",
+                data_root: str = "data", progress: bool = True, data=None):
+    """Train (or load) one dense model with Adam; returns ``(model, history)``.
+
+    Cached under ``results/dense/<hash>/`` by everything that determines the result, so a rerun, or
+    another chapter asking for the same network, loads it.
+    """
+    spec = dict(model=model_name, dataset=dataset, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
+                evals_per_epoch=evals_per_epoch, optimizer="adam")
+    store = Store(results_dir, "dense", spec)
+    data = data if data is not None else load_dataset(dataset, root=data_root)
+    torch.manual_seed(seed)
+    model = build_model(model_name, **data.model_kwargs())
+    if store.exists("model.pt") and store.exists("history.csv"):
+        model.load_state_dict(torch.load(store.path("model.pt"), map_location="cpu", weights_only=True))
+        return model.to(default_device()), store.frame("history")
+    steps = -(-len(data.train) // batch_size)
+    history = fit(model, data, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                  eval_every=max(1, steps // evals_per_epoch), checkpoint=store.path("checkpoint.pt"),
+                  progress=progress, desc=f"{model_name} seed {seed}")
+    store.save_torch("model", model.state_dict())
+    store.save_frame("history", history)
+    store.path("checkpoint.pt").unlink(missing_ok=True)
+    return model, history
+
+
+def run_experiment(cfg: Config, progress: bool = True) -> dict[str, pd.DataFrame]:
+    """Train every (model, seed) of ``cfg``; returns ``curves`` (all histories), ``final`` (one row per
+    run) and ``size`` (parameters and FLOPs per model)."""
+    data = load_dataset(cfg.dataset, root=cfg.data_root)
+    curves, final, size = [], [], []
+    units = [(m, s) for m in cfg.models for s in cfg.seeds]
+    for model_name, seed in progress_bar(units, progress=progress, desc="dense baselines"):
+        model, h = train_dense(model_name, cfg.dataset, seed, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                               lr=cfg.lr, evals_per_epoch=cfg.evals_per_epoch, results_dir=cfg.results_dir,
+                               data_root=cfg.data_root, progress=False, data=data)
+        curves.append(h.assign(model=model_name, seed=seed))
+        best = h.loc[h["val_loss"].idxmin()]
+        final.append({"model": model_name, "seed": seed, "test_error": 1 - h["test_accuracy"].iloc[-1],
+                      "early_stop_step": int(best["step"]), "early_stop_test_error": 1 - best["test_accuracy"],
+                      "steps": int(h["step"].iloc[-1]), "seconds": float(h["seconds"].iloc[-1])})
+        if seed == cfg.seeds[0]:
+            s = metrics.summary(model, data.input_shape)
+            size.append({"model": model_name, "params": s["params"], "flops": s["flops"]})
+    return {"curves": pd.concat(curves, ignore_index=True), "final": pd.DataFrame(final),
+            "size": pd.DataFrame(size)}
+
+
+def comparison_table(cfg: Config, results: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Our test error (mean ± s.d. over seeds) beside the published dense error, labelled."""
+    rows = []
+    for model_name, g in results["final"].groupby("model", sort=False):
+        err = g["test_error"].to_numpy()
+        pub = PUBLISHED_ERROR.get(model_name)
+        size = results["size"].set_index("model").loc[model_name]
+        rows.append({
+            "model": model_name,
+            f"our test error ({cfg.dataset}, {len(err)} seeds)":
+                f"{100 * err.mean():.2f} % ± {100 * err.std(ddof=1) if len(err) > 1 else 0:.2f}",
+            "published error": f"{100 * pub[0]:.1f} %" if pub else "—",
+            "published source": pub[1] if pub else "—",
+            "parameters": int(size["params"]), "FLOPs / example": int(size["flops"]),
+        })
+    return pd.DataFrame(rows)
+
+
+def claims_table(cfg: Config, results: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Published dense errors as claims. They are judged only on the dataset they were published on
+    (full MNIST); on MNIST-5k they are shown in the comparison table but marked not measured."""
+    rows = []
+    final = results["final"]
+    for model_name, (err, source) in PUBLISHED_ERROR.items():
+        if model_name not in cfg.models:
+            continue
+        ours = final.loc[final["model"] == model_name, "test_error"].to_numpy()
+        claim = claims.Claim(
+            statement=f"dense {model_name} reaches about {100 * err:.1f} % test error on MNIST",
+            source=source, measure="final test error, mean over seeds (full MNIST only)",
+            rule=claims.AtMost(limit=err + 0.003, fmt="{:.4f}"), paper=f"{100 * err:.1f} % (full MNIST)")
+        rows.append((claim, ours if cfg.dataset == "mnist" else None))
+    return claims.ledger(CHAPTER, rows, cfg.profile, cfg.results_dir)
+
+
+def plot_learning_curves(curves: pd.DataFrame, metric: str = "test_accuracy"):
+    """Mean and spread (s.d. over seeds) of ``metric`` against training step, one panel per model."""
+    import seaborn as sns
+
+    models = list(dict.fromkeys(curves["model"]))
+    fig, axes = plotting.figure(ncols=len(models), width=4.2 * len(models), height=3.6, squeeze=False)
+    for ax, m in zip(axes[0], models):
+        d = curves[curves["model"] == m].melt(id_vars=["step", "seed"],
+                                               value_vars=["val_accuracy", "test_accuracy"],
+                                               var_name="split", value_name="accuracy")
+        d["split"] = d["split"].str.replace("_accuracy", "")
+        sns.lineplot(data=d[d["step"] > 0], x="step", y="accuracy", hue="split", errorbar="sd", ax=ax)
+        ax.set_title(m)
+        ax.set_xlabel("optimizer step")
+        lo = float(np.nanpercentile(d.loc[d["step"] > 0, "accuracy"], 5))
+        ax.set_ylim(max(0.0, lo - 0.02), 1.0)
+    axes[0][0].set_ylabel("accuracy (mean ± s.d. over seeds)")
+    return fig

@@ -1,0 +1,42 @@
+import pytest
+
+from pruning_lib import baselines
+from pruning_lib.data import DatasetNotFoundError, load_dataset
+from pruning_lib.runs import ConfigError
+
+
+def test_train_dense_caches_and_reloads_the_same_model(tmp_path):
+    data = load_dataset("synthetic-mnist", n=200)
+    m1, h1 = baselines.train_dense("lenet300_100", "synthetic-mnist", 0, epochs=1, results_dir=tmp_path,
+                                   progress=False, data=data)
+    m2, h2 = baselines.train_dense("lenet300_100", "synthetic-mnist", 0, epochs=1, results_dir=tmp_path,
+                                   progress=False, data=data)
+    assert h1["test_accuracy"].tolist() == pytest.approx(h2["test_accuracy"].tolist())
+    for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert (a == b).all(), k
+    assert not list(tmp_path.rglob("checkpoint.pt"))  # the resume checkpoint is dropped once done
+
+
+def test_experiment_and_tables_on_a_stand_in(tmp_path):
+    cfg = baselines.Config.from_profile("smoke", dataset="synthetic-mnist", models=["lenet300_100"],
+                                        results_dir=str(tmp_path))
+    res = baselines.run_experiment(cfg, progress=False)
+    assert set(res) == {"curves", "final", "size"} and len(res["final"]) == 1
+    assert res["size"]["params"].iloc[0] == 784 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10
+    table = baselines.claims_table(cfg, res)
+    assert table["verdict"].tolist() == ["not measured"]  # published numbers are judged on full MNIST only
+    assert (tmp_path / "claims" / "smoke" / f"{baselines.CHAPTER}.csv").exists()
+
+
+def test_config_errors_name_the_parameter():
+    with pytest.raises(ConfigError, match="models"):
+        baselines.Config.from_profile("cpu", models=["lenet7"])
+    with pytest.raises(ConfigError, match="epochs"):
+        baselines.Config.from_profile("cpu", epochs=-1)
+
+
+def test_paper_profile_needs_full_mnist(tmp_path):
+    cfg = baselines.Config.from_profile("paper", data_root=str(tmp_path))
+    assert cfg.dataset == "mnist"
+    with pytest.raises(DatasetNotFoundError, match="MNIST"):
+        baselines.run_experiment(cfg, progress=False)

@@ -1,0 +1,117 @@
+"""Pruning criteria: scores match their definitions and share one masking path (Lévai & Zombori 2020)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pruning_lib import criteria as C
+from pruning_lib import masks
+from pruning_lib.train import cross_entropy
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+@pytest.fixture
+def batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 12, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(3)]
+
+
+def _autograd_grads(net, batch):
+    """Gradients computed independently: plain backward, no library code."""
+    net.zero_grad()
+    x, y = batch
+    F.cross_entropy(net(x), y).backward()
+    out = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    return out
+
+
+def test_snip_score_equals_w_times_autograd_gradient(net, batches):
+    scores = C.gradient_scores(net, cross_entropy, batches[:1])
+    ref = _autograd_grads(net, batches[0])
+    params = dict(net.named_parameters())
+    assert set(scores) == {"1.weight", "3.weight"}  # weights only, biases are never pruned
+    for n, s in scores.items():
+        torch.testing.assert_close(s, (params[n].detach() * ref[n]).abs())
+
+
+def test_gradient_is_averaged_over_batches_and_grad_fields_untouched(net, batches):
+    g = C.loss_gradients(net, cross_entropy, batches)
+    refs = [_autograd_grads(net, b) for b in batches]
+    for n in g:
+        torch.testing.assert_close(g[n], sum(r[n] for r in refs) / len(refs))
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_masked_weights_have_zero_gradient_and_score(net, batches):
+    mask = masks.Mask.ones_like(net)
+    mask["1.weight"][:4] = False
+    masks.apply_mask(net, mask)
+    s = C.gradient_scores(net, cross_entropy, batches)
+    assert (s["1.weight"][:4] == 0).all() and (s["1.weight"][4:] > 0).any()
+
+
+def test_registry_has_each_criterion_and_its_data_dependent_variant():
+    for base in ("random", "magnitude", "magnitude_increase", "movement", "snip"):
+        assert base in C.CRITERIA and base + "_grad" in C.CRITERIA
+    with pytest.raises(KeyError, match="unknown criterion"):
+        C.get_criterion("nope")
+
+
+def test_scores_follow_their_definitions(net, batches):
+    initial = {n: p.detach().clone() for n, p in net.named_parameters()}
+    with torch.no_grad():  # "train": move the weights
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ctx = C.ScoreContext(net, initial=initial, loss_fn=cross_entropy, batches=lambda: batches,
+                         grad_batches=2, grad_point="final")
+    wf = {n: p.detach() for n, p in net.named_parameters()}
+    g_final = C.loss_gradients(net, cross_entropy, batches[:2])
+    for n in ctx.names:
+        torch.testing.assert_close(C.score("magnitude", ctx)[n], wf[n].abs())
+        torch.testing.assert_close(C.score("magnitude_increase", ctx)[n], wf[n].abs() - initial[n].abs())
+        torch.testing.assert_close(C.score("movement", ctx)[n], (wf[n] - initial[n]).abs())
+        torch.testing.assert_close(C.score("movement_grad", ctx)[n],
+                                   (wf[n] - initial[n]).abs() * g_final[n].abs())
+
+
+def test_gradient_at_init_uses_rewound_weights_and_restores_model(net, batches):
+    initial = {n: torch.randn_like(p) for n, p in net.named_parameters()}
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    ctx = C.ScoreContext(net, initial=initial, loss_fn=cross_entropy, batches=lambda: batches, grad_batches=1)
+    snip = C.score("snip", ctx)
+    for n, p in net.named_parameters():
+        assert torch.equal(p.detach(), before[n])  # the trained weights are back
+    ref = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+    ref.load_state_dict(initial)
+    g = _autograd_grads(ref, batches[0])
+    for n in ctx.names:
+        torch.testing.assert_close(snip[n], (initial[n] * g[n]).abs())
+        torch.testing.assert_close(C.score("magnitude_grad", ctx)[n], before[n].abs() * g[n].abs())
+
+
+@pytest.mark.parametrize("name", sorted(C.CRITERIA))
+def test_prune_removes_the_requested_fraction_of_survivors_per_layer(net, batches, name):
+    ctx = C.ScoreContext(net, initial={n: p.detach().clone() for n, p in net.named_parameters()},
+                         loss_fn=cross_entropy, batches=lambda: batches,
+                         generator=torch.Generator().manual_seed(0))
+    current = masks.Mask.ones_like(net)
+    current["1.weight"][0] = False  # 12 already pruned, stay pruned
+    m = C.prune(name, ctx, {"1.weight": 0.5, "3.weight": 0.25}, current=current)
+    assert int(m["1.weight"].sum()) == round(0.5 * 84)
+    assert int(m["3.weight"].sum()) == 24 - round(0.25 * 24)
+    assert not m["1.weight"][0].any()
+
+
+def test_snip_one_shot_reaches_the_density_globally(net, batches):
+    m = C.snip_one_shot(net, cross_entropy, batches[:1], 0.1)
+    assert m.kept == round(0.1 * m.total)
+    s = C.gradient_scores(net, cross_entropy, batches[:1])
+    flat = torch.cat([s[n].flatten() for n in m])
+    kept = torch.cat([m[n].flatten() for n in m])
+    assert flat[kept].min() >= flat[~kept].max()  # the highest-scoring weights survive

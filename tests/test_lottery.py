@@ -1,0 +1,142 @@
+"""Iterative pruning with rewinding (Frankle & Carbin 2019) as used by the lottery-ticket chapter."""
+import pytest
+import torch
+
+from pruning_lib import lottery as L
+from pruning_lib import masks
+from pruning_lib.data import DatasetNotFoundError, load_dataset
+from pruning_lib.models import build_model
+from pruning_lib.runs import ConfigError
+
+SETUP = "lenet300_100/synthetic-mnist"  # generated stand-in: tests only
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(setups=(SETUP,), width=0.1, iterations=12, eval_every=4, rounds=2, seeds=(0,),
+                criteria=("magnitude", "magnitude_grad"), reinit_criteria=("magnitude",),
+                snip_densities=(0.1,), results_dir=str(tmp_path), threads=None, workers=1)
+    base.update(kw)
+    return L.Config.from_profile("smoke", **base)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("synthetic-mnist", n=300)
+
+
+def _capture_train(monkeypatch):
+    """Record the weights and mask each training run starts from."""
+    starts = []
+    orig = L.Unit.train
+
+    def train(self, model, seed, iterations, callbacks=()):
+        starts.append(({n: p.detach().clone() for n, p in model.named_parameters()},
+                       masks.current_mask(model).cpu()))
+        return orig(self, model, seed, iterations, callbacks)
+    monkeypatch.setattr(L.Unit, "train", train)
+    return starts
+
+
+def test_rewinding_restores_the_exact_initial_values_of_surviving_weights(tmp_path, data, monkeypatch):
+    starts = _capture_train(monkeypatch)
+    cfg = _cfg(tmp_path)
+    unit = L.Unit(cfg, SETUP, data)
+    records = L.imp_chain(unit, 0, "magnitude", 2)
+    init = L.train_dense(unit, 0)["init"]
+    assert len(starts) == 3  # dense + 2 rounds
+    for (weights, mask), rec in zip(starts[1:], records[1:]):
+        assert all(torch.equal(mask[n], rec["mask"][n]) for n in mask)
+        for n, w in weights.items():
+            expected = init[n] * mask[n] if n in mask else init[n]
+            assert torch.equal(w, expected), n  # bit-exact: survivors at w_0, pruned at 0
+    # and the trained weights differ from the initial ones (the rounds did train)
+    final = L._unpack(L.Store(str(tmp_path), "lottery/round", L.chain_spec(unit, 0, "magnitude", 2))
+                      .torch("final"), records[2]["mask"], init)
+    assert not torch.equal(final["classifier.weight"], init["classifier.weight"] * records[2]["mask"]
+                           ["classifier.weight"])
+
+
+def test_late_rewinding_restores_the_weights_of_iteration_k(tmp_path, data, monkeypatch):
+    starts = _capture_train(monkeypatch)
+    unit = L.Unit(_cfg(tmp_path, rewind_iteration=3), SETUP, data)
+    L.imp_chain(unit, 0, "magnitude", 1)
+    dense = L.train_dense(unit, 0)
+    assert not torch.equal(dense["rewind"]["head.0.weight"], dense["init"]["head.0.weight"])
+    weights, mask = starts[1]
+    expected = dense["rewind"]["head.0.weight"] * mask["head.0.weight"]
+    assert torch.equal(weights["head.0.weight"], expected)
+
+
+def test_each_round_removes_the_requested_fraction_per_layer(tmp_path, data):
+    cfg = _cfg(tmp_path, rate_hidden=0.2, rate_output=0.1, rounds=3, iterations=4)
+    unit = L.Unit(cfg, SETUP, data)
+    records = L.imp_chain(unit, 0, "magnitude", 3)
+    rates = {"head.0.weight": 0.2, "head.3.weight": 0.2, "classifier.weight": 0.1}
+    for prev, rec in zip(records[:-1], records[1:]):
+        for n, rate in rates.items():
+            before, after = int(prev["mask"][n].sum()), int(rec["mask"][n].sum())
+            assert before - after == round(rate * before), n
+            assert not (rec["mask"][n] & ~prev["mask"][n]).any()  # pruned weights stay pruned
+
+
+def test_remaining_fraction_matches_the_closed_form():
+    model = build_model("lenet300_100")
+    rates = L.layer_rates(model, 0.2, 0.1)
+    assert rates == {"head.0.weight": 0.2, "head.3.weight": 0.2, "classifier.weight": 0.1}
+    expected = {3: 0.513, 7: 0.211, 12: 0.070, 15: 0.036, 18: 0.0185}  # Frankle & Carbin 2019, Fig. 3
+    for n, v in expected.items():
+        assert L.expected_remaining(model, rates, n) == pytest.approx(v, abs=6e-4)
+    # the masks the procedure produces follow it, up to rounding of each layer's count
+    scores = {n: torch.rand_like(p) for n, p in model.named_parameters() if n in rates}
+    mask = masks.Mask.ones_like(model)
+    for n in range(1, 19):
+        mask = masks.mask_from_scores(scores, rates, current=mask)
+        assert mask.density == pytest.approx(L.expected_remaining(model, rates, n), abs=2e-4)
+    # one cpu-profile round = two rounds of the 20 %/10 % schedule
+    cpu = L.layer_rates(model, 0.36, 0.19)
+    assert L.expected_remaining(model, cpu, 9) == pytest.approx(L.expected_remaining(model, rates, 18))
+
+
+def test_a_stopped_run_resumes_at_the_next_round(tmp_path, data, monkeypatch):
+    unit = L.Unit(_cfg(tmp_path), SETUP, data)
+    first = L.imp_chain(unit, 0, "magnitude_grad", 1)
+    starts = _capture_train(monkeypatch)
+    again = L.imp_chain(unit, 0, "magnitude_grad", 2)
+    assert len(starts) == 1  # dense and round 1 loaded, only round 2 trained
+    assert torch.equal(again[1]["mask"]["head.0.weight"], first[1]["mask"]["head.0.weight"])
+    # identical to an uninterrupted run
+    fresh = L.imp_chain(L.Unit(_cfg(tmp_path / "b"), SETUP, data), 0, "magnitude_grad", 2)
+    assert all(torch.equal(fresh[2]["mask"][n], again[2]["mask"][n]) for n in fresh[2]["mask"])
+
+
+def test_run_experiment_frames_controls_and_claims(tmp_path):
+    cfg = _cfg(tmp_path, criteria=("random", "magnitude", "magnitude_grad"))
+    res = L.run_experiment(cfg, progress=False)
+    r = res.rounds
+    assert set(r.control) == {"ticket", "reinit"}
+    assert len(r) == (3 + 1) * (cfg.rounds + 1)
+    assert set(res.layers.layer) == {"head.0.weight", "head.3.weight", "classifier.weight"}
+    # the re-init control trains the ticket's mask from a different initialisation
+    t = r[(r.criterion == "magnitude") & (r["round"] == 1)].set_index("control")
+    assert t.loc["ticket", "remaining"] == t.loc["reinit", "remaining"]
+    assert res.snip.remaining.iloc[0] == pytest.approx(0.1, abs=1e-3)
+    table = L.claims_table(cfg, res)
+    assert (tmp_path / "claims" / cfg.profile / f"{L.CHAPTER}.csv").exists()
+    assert table.verdict.isin(["held", "did not hold", "inconclusive", "not measured"]).all()
+    for fig in (L.plot_accuracy(res), L.plot_early_stop(res), L.plot_layer_density(res, at=(0.6, 0.4))):
+        assert fig.axes
+
+
+def test_profiles_build_and_paper_fails_clearly_without_data(tmp_path):
+    for p in ("smoke", "cpu", "paper"):
+        L.Config.from_profile(p)
+    cpu = L.Config.from_profile("cpu")
+    assert len(cpu.seeds) >= 3 and set(L.ALL_CRITERIA) <= set(cpu.criteria)
+    model = build_model("lenet300_100")
+    s = cpu.setting(cpu.setups[0])
+    assert L.expected_remaining(model, L.layer_rates(model, s["rate_hidden"], s["rate_output"]),
+                                cpu.rounds) <= 0.02
+    with pytest.raises(ConfigError):
+        L.Config.from_profile("cpu", criteria=("magnitude",), reinit_criteria=("movement",))
+    with pytest.raises(DatasetNotFoundError):
+        L.run_experiment(L.Config.from_profile("paper", results_dir=str(tmp_path)), progress=False)

@@ -1,0 +1,508 @@
+"""Chapter 03: Dep-L0 against L0-HC (Li & Ji 2021, arXiv 2107.00070; Louizos et al. 2018).
+
+Every unit of the experiment trains one network with hard-concrete gates on the output channels of every
+prunable layer (:mod:`pruning_lib.hard_concrete`), the gates' ``log_alpha`` either free per channel (L0-HC) or
+produced by Dep-L0's gate generator chained forward or backward through the layers, under one sparsity
+penalty times ``lambda``.  Weights and gates have separate optimizers (SGD and Adam, as in the official
+Dep-L0 code); an optional fine-tune phase trains the weights with the gates fixed at their test-time values.
+The gated network is then compacted (:func:`pruning_lib.hard_concrete.compact_gated`) and its accuracy,
+parameters and FLOPs are measured on the physically smaller network.
+
+Both methods use the same penalty in a comparison, as in the official repository (whose own L0-HC baseline
+uses Dep-L0's expected-parameter-count penalty); ``penalty="l0"`` switches both to Louizos' expected L0.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import claims, metrics
+from .data import load_dataset
+from .hard_concrete import (ClampLogAlpha, CostModel, GateMonitor, attach_dep_l0_gates, attach_l0_gates,
+                            compact_gated, gate_parameters, gate_probabilities, keep_and_scale, set_fixed)
+from .models import build_model
+from .runs import RunConfig, Store, param, progress_bar
+from .train import evaluate, fit
+
+CHAPTER = "03_dep_l0"
+METHODS = ("l0_hc", "dep_l0_forward", "dep_l0_backward")
+METHOD_LABELS = {"l0_hc": "L0-HC", "dep_l0_forward": "Dep-L0 (forward)", "dep_l0_backward": "Dep-L0 (backward)",
+                 "dense": "dense (no gates)"}
+EXPERIMENTS = ("lenet5_caffe/mnist5k", "small_vgg/mnist5k", "vgg16_bn/cifar10", "resnet56/cifar10",
+               "vgg16_bn/cifar100", "resnet56/cifar100", "resnet50/imagenet", "small_vgg/synthetic-mnist",
+               "lenet5_caffe/synthetic-mnist")
+
+# Per-model training settings; a Config field left at None takes these.  The paper's come from the official
+# code (papers.md section 2); the MNIST ones are ours, chosen so that a few epochs on 3,500 digits prune.
+MODEL_SETTINGS: dict[str, dict[str, Any]] = {
+    "lenet5_caffe": dict(lr=0.05, weight_decay=5e-4, batch_size=128, base_lambda=1e-6),
+    "small_vgg": dict(lr=0.05, weight_decay=5e-4, batch_size=128, base_lambda=2e-5),
+    "vgg16_bn": dict(lr=0.05, weight_decay=5e-4, batch_size=128, base_lambda=1e-6),
+    "resnet56": dict(lr=0.1, weight_decay=5e-4, batch_size=128, base_lambda=1e-6),
+    "resnet50": dict(lr=0.1, weight_decay=1e-4, batch_size=256, base_lambda=5e-9),
+}
+
+
+@dataclass(frozen=True)
+class Config(RunConfig):
+    """Settings of chapter 03.  ``lambda`` of a run is ``MODEL_SETTINGS[model]["base_lambda"] * scale`` for each
+    scale in ``lambda_scales`` (the paper's lambdas differ by model: 1e-6 for CIFAR nets, 5e-9 for ResNet-50)."""
+
+    experiments: tuple[str, ...] = param(("lenet5_caffe/mnist5k", "small_vgg/mnist5k"), choices=EXPERIMENTS,
+                                         help="model/dataset pairs")
+    methods: tuple[str, ...] = param(METHODS, choices=METHODS,
+                                     help="l0_hc and Dep-L0 with the dependency direction forward/backward")
+    lambda_scales: tuple[float, ...] = param((0.25, 1.0, 4.0), low=0.0, help="multiples of the base lambda")
+    penalty: str = param("params", choices=("params", "l0"),
+                         help="params: Dep-L0's expected parameter count; l0: Louizos' expected L0")
+    epochs: float = param(10.0, low=0.01, help="training epochs with learnable gates")
+    finetune_epochs: float = param(0.0, low=0.0, help="epochs of weight training with fixed gates after")
+    seeds: tuple[int, ...] = param((0, 1), help="training seeds (one unit per seed)")
+    lr: float | None = param(None, low=0.0, help="SGD learning rate of the weights (None: per model)")
+    weight_decay: float | None = param(None, low=0.0, help="SGD weight decay (None: per model)")
+    batch_size: int | None = param(None, low=1, help="batch size (None: per model)")
+    gate_lr: float = param(1e-3, low=0.0, help="Adam learning rate of the gates / generator")
+    init_log_alpha: float = param(3.0, help="initial log_alpha of L0-HC and bias mean of the generator")
+    dense_baseline: bool = param(True, help="also train each model without gates, for reference")
+    eval_per_epoch: int = param(1, low=1, high=20, help="evaluations (and gate logs) per epoch")
+    data_root: str = param("data", help="where the large datasets live")
+    results_dir: str = param("results", help="results cache")
+
+    NOT_HASHED = ("profile", "results_dir", "data_root")
+
+    PROFILES = {
+        "smoke": dict(experiments=("lenet5_caffe/mnist5k",), lambda_scales=(1.0, 8.0), epochs=0.3,
+                      finetune_epochs=0.1, seeds=(0,), gate_lr=0.1, dense_baseline=False),
+        "cpu": dict(experiments=("lenet5_caffe/mnist5k", "small_vgg/mnist5k"), lambda_scales=(0.5, 2.0, 8.0),
+                    epochs=3.0, finetune_epochs=0.0, seeds=(0, 1), gate_lr=0.1, eval_per_epoch=1),
+        "paper": dict(experiments=("vgg16_bn/cifar10", "resnet56/cifar10", "vgg16_bn/cifar100",
+                                   "resnet56/cifar100", "resnet50/imagenet"),
+                      lambda_scales=(0.5, 1.0, 2.0), epochs=300.0, finetune_epochs=0.0, seeds=(0,),
+                      gate_lr=1e-3),
+    }
+
+    def check(self) -> None:
+        from .runs import ConfigError
+        if not self.methods:
+            raise ConfigError("parameter 'methods': give at least one method")
+        if not self.seeds:
+            raise ConfigError("parameter 'seeds': give at least one seed")
+
+    def settings(self, model: str) -> dict[str, Any]:
+        """The training settings of ``model`` under this config (per-model values unless overridden)."""
+        s = dict(MODEL_SETTINGS[model])
+        for k in ("lr", "weight_decay", "batch_size"):
+            if getattr(self, k) is not None:
+                s[k] = getattr(self, k)
+        epochs, finetune = self.epochs, self.finetune_epochs
+        if self.profile == "paper" and model == "resnet50":  # 90 + 10 fine-tune epochs in the paper
+            epochs, finetune = min(epochs, 90.0), max(finetune, 10.0)
+        s.update(epochs=epochs, finetune_epochs=finetune)
+        return s
+
+
+def _gate_frame(model: torch.nn.Module) -> pd.DataFrame:
+    probs = gate_probabilities(model)
+    _, scale = keep_and_scale(model)
+    rows = []
+    for layer, (name, p) in enumerate(probs.items()):
+        for c, (pc, zc) in enumerate(zip(p.detach().cpu().tolist(), scale[name].cpu().tolist())):
+            rows.append({"layer_index": layer, "group": name, "channel": c, "prob_nonzero": pc, "test_gate": zc})
+    return pd.DataFrame(rows)
+
+
+def train_unit(model_name: str, dataset: str, method: str, lam: float, seed: int, cfg: Config,
+               data=None, progress: bool = False) -> dict[str, Any]:
+    """Train and compact one gated network; returns ``{"result": dict, "history": frame, "gates": frame,
+    "architecture": frame, "trace": frame}`` (the last three empty for the dense baseline).  ``trace`` holds
+    the gate statistics of :class:`~pruning_lib.hard_concrete.GateMonitor` about 20 times an epoch."""
+    s = cfg.settings(model_name)
+    data = data if data is not None else load_dataset(dataset, root=cfg.data_root)
+    torch.manual_seed(seed)
+    model = build_model(model_name, **data.model_kwargs())
+    shape = tuple(data.input_shape)
+    dense = metrics.summary(model, shape)
+    cost = CostModel(model, shape)
+    n_train = len(data.train)
+    if method == "l0_hc":
+        attach_l0_gates(model, cfg.init_log_alpha)
+    elif method.startswith("dep_l0"):
+        attach_dep_l0_gates(model, method.split("_")[-1], cfg.init_log_alpha)
+    elif method != "dense":
+        raise ValueError(f"unknown method {method!r}")
+    gates = gate_parameters(model)
+    gate_ids = {id(p) for p in gates}
+    weights = [p for p in model.parameters() if id(p) not in gate_ids]
+    steps_per_epoch = math.ceil(n_train / s["batch_size"])
+    total = max(1, math.ceil(s["epochs"] * steps_per_epoch))
+    w_opt = torch.optim.SGD(weights, lr=s["lr"], momentum=0.9, weight_decay=s["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(w_opt, lambda e: 0.5 * (1 + math.cos(math.pi * min(e / max(s["epochs"], 1), 1))))
+    optimizers = [w_opt]
+    penalties, callbacks, monitor = {}, [], None
+    if gates:
+        optimizers.append(torch.optim.Adam(gates, lr=cfg.gate_lr))
+        if cfg.penalty == "params":
+            penalties["penalty"] = lambda m: lam * cost.expected_params(m)
+        else:
+            penalties["penalty"] = lambda m: lam * cost.louizos_l0(m, n_train)
+        monitor = GateMonitor(cost, every=max(2, steps_per_epoch // 20))  # about 20 points an epoch
+        callbacks = [ClampLogAlpha(), monitor]
+    eval_every = max(1, steps_per_epoch // cfg.eval_per_epoch)
+    t0 = time.perf_counter()
+    hist = fit(model, data, optimizer=optimizers, iterations=total, batch_size=s["batch_size"], scheduler=sched,
+               penalties=penalties, callbacks=callbacks, eval_every=eval_every, seed=seed, progress=progress,
+               desc=f"{method} λ={lam:g} seed={seed}")
+    hist["phase"] = "train"
+    hist["epochs_done"] = hist["step"] / steps_per_epoch
+    trace = pd.DataFrame()
+    if monitor is not None:  # gate statistics every few steps, from step 0 (the first evaluation row)
+        first = hist.iloc[[0]][[c for c in hist.columns if c.startswith(("expected_", "channels_"))]]
+        trace = pd.concat([first.assign(step=0), pd.DataFrame(monitor.trace)], ignore_index=True)
+        trace["epochs_done"] = trace["step"] / steps_per_epoch
+    ft_steps = math.ceil(s["finetune_epochs"] * steps_per_epoch)
+    if ft_steps > 0:
+        if gates:
+            set_fixed(model, True)
+        ft_opt = torch.optim.SGD(weights, lr=s["lr"] * 0.1, momentum=0.9, weight_decay=s["weight_decay"])
+        ft = fit(model, data, optimizer=ft_opt, iterations=ft_steps, batch_size=s["batch_size"],
+                 callbacks=[GateMonitor(cost)] if gates else [], eval_every=eval_every, seed=seed + 1000,
+                 progress=progress, desc="fine-tune")
+        ft["phase"], ft["step"] = "finetune", ft["step"] + total
+        ft["epochs_done"] = ft["step"] / steps_per_epoch
+        ft["seconds"] += hist["seconds"].iloc[-1]
+        hist = pd.concat([hist, ft.iloc[1:]], ignore_index=True)
+    seconds = time.perf_counter() - t0
+    model.eval()
+    gated_acc = evaluate(model, data.test)["accuracy"]
+    small = compact_gated(model) if gates else model
+    small_acc = evaluate(small, data.test)["accuracy"]
+    after = metrics.summary(small.cpu(), shape)
+    result = dict(model=model_name, dataset=dataset, method=method, lam=lam, seed=seed,
+                  test_accuracy=small_acc, gated_test_accuracy=gated_acc,
+                  best_test_accuracy=float(hist["test_accuracy"].max()),
+                  final_val_accuracy=float(hist["val_accuracy"].iloc[-1]),
+                  params=after["params"], flops=after["flops"], dense_params=dense["params"],
+                  dense_flops=dense["flops"], params_kept=after["params"] / dense["params"],
+                  flops_kept=after["flops"] / dense["flops"], seconds=seconds)
+    arch = pd.DataFrame()
+    gate_df = pd.DataFrame()
+    if gates:
+        keep, _ = keep_and_scale(model)
+        arch = pd.DataFrame([{"layer_index": i, "group": k, "channels": int(v.numel()), "kept": int(v.sum())}
+                             for i, (k, v) in enumerate(keep.items())])
+        result["architecture"] = "-".join(str(int(v.sum())) for v in keep.values())
+        gate_df = _gate_frame(model)
+    return {"result": result, "history": hist, "gates": gate_df, "architecture": arch, "trace": trace}
+
+
+def units(cfg: Config) -> list[tuple[str, str, str, float, int]]:
+    """(model, dataset, method, lambda, seed) of every run of the experiment (the dense baseline, lambda 0,
+    runs for the first seed only)."""
+    out = []
+    for exp in cfg.experiments:
+        model, dataset = exp.split("/")
+        base = MODEL_SETTINGS[model]["base_lambda"]
+        for seed in cfg.seeds:
+            if cfg.dense_baseline and seed == cfg.seeds[0]:  # one reference run per model
+                out.append((model, dataset, "dense", 0.0, seed))
+            for scale in cfg.lambda_scales:
+                for method in cfg.methods:
+                    out.append((model, dataset, method, base * scale, seed))
+    return out
+
+
+def run_experiment(cfg: Config, progress: bool = True) -> dict[str, pd.DataFrame]:
+    """Run (or load from the results cache) every unit; returns frames ``results``, ``history``, ``gates``,
+    ``architecture``, ``trace`` with columns model, dataset, method, lam, seed identifying the unit."""
+    hashed = {k: v for k, v in cfg.to_dict(hashed_only=True).items()
+              if k not in ("experiments", "methods", "lambda_scales", "seeds", "dense_baseline", "eval_per_epoch")}
+    frames: dict[str, list[pd.DataFrame]] = {"results": [], "history": [], "gates": [], "architecture": [],
+                                             "trace": []}
+    cache: dict[str, Any] = {}
+    for model, dataset, method, lam, seed in progress_bar(units(cfg), desc="Dep-L0 units", progress=progress):
+        spec = dict(hashed, model=model, dataset=dataset, method=method, lam=lam, seed=seed,
+                    eval_per_epoch=cfg.eval_per_epoch, settings=cfg.settings(model))
+        if method == "dense":  # gate settings do not change a dense run
+            spec = {k: v for k, v in spec.items() if k not in ("gate_lr", "init_log_alpha", "penalty")}
+        store = Store(cfg.results_dir, CHAPTER, spec)
+        if not store.exists("result.json"):  # frames first, result last: a finished result means all is there
+            if dataset not in cache:
+                cache.clear()
+                cache[dataset] = load_dataset(dataset, root=cfg.data_root)
+            out = train_unit(model, dataset, method, lam, seed, cfg, data=cache[dataset])
+            for name in ("history", "gates", "architecture", "trace"):
+                store.save_frame(name, out[name])
+            store.json("result", lambda: out["result"])
+        result = store.json("result")
+        ident = dict(model=model, dataset=dataset, method=method, lam=lam, seed=seed)
+        frames["results"].append(pd.DataFrame([result]))
+        for name in ("history", "gates", "architecture", "trace"):
+            try:
+                df = store.frame(name)
+            except pd.errors.EmptyDataError:  # the dense baseline has no gates
+                df = pd.DataFrame()
+            frames[name].append(df.assign(**ident) if len(df) else df)
+    return {k: pd.concat(v, ignore_index=True) if v else pd.DataFrame() for k, v in frames.items()}
+
+
+# --- summaries ------------------------------------------------------------------------------------------
+
+def _label(method: str) -> str:
+    return METHOD_LABELS.get(method, method)
+
+
+def summary_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean (and seed spread) of test accuracy and FLOPs / parameters removed after compaction, by model,
+    method and lambda."""
+    r = results.assign(flops_removed=1 - results["flops_kept"], params_removed=1 - results["params_kept"])
+    g = r.groupby(["model", "dataset", "method", "lam"], sort=False)
+    out = g.agg(seeds=("seed", "nunique"), test_accuracy=("test_accuracy", "mean"),
+                accuracy_sd=("test_accuracy", "std"), best_test_accuracy=("best_test_accuracy", "mean"),
+                flops_removed=("flops_removed", "mean"), params_removed=("params_removed", "mean"),
+                architectures=("architecture", lambda s: ", ".join(str(a) for a in s if isinstance(a, str))))
+    return out.reset_index()
+
+
+def _interp(x: np.ndarray, y: np.ndarray, at: float) -> float:
+    order = np.argsort(x)
+    x, y = x[order], y[order]
+    if at < x[0] or at > x[-1]:
+        return float("nan")
+    return float(np.interp(at, x, y))
+
+
+def matched_accuracy(results: pd.DataFrame, method: str, baseline: str = "l0_hc") -> pd.DataFrame:
+    """Accuracy of ``method`` and ``baseline`` at comparable FLOPs: for each model and seed, every point of one
+    method whose FLOPs kept lies inside the other's range (over lambda) is paired with the other's accuracy
+    linearly interpolated at that FLOPs fraction.  Returns one row per pair."""
+    rows = []
+    for (model, seed), r in results.groupby(["model", "seed"]):
+        a, b = r[r.method == method], r[r.method == baseline]
+        if len(a) < 1 or len(b) < 1:
+            continue
+        ax, ay = a["flops_kept"].to_numpy(), a["test_accuracy"].to_numpy()
+        bx, by = b["flops_kept"].to_numpy(), b["test_accuracy"].to_numpy()
+        for x, y in zip(bx, by):
+            rows.append(dict(model=model, seed=seed, flops_kept=x, anchor=baseline, method_acc=_interp(ax, ay, x),
+                             baseline_acc=y))
+        for x, y in zip(ax, ay):
+            rows.append(dict(model=model, seed=seed, flops_kept=x, anchor=method, method_acc=y,
+                             baseline_acc=_interp(bx, by, x)))
+    df = pd.DataFrame(rows, columns=["model", "seed", "flops_kept", "anchor", "method_acc", "baseline_acc"])
+    return df.dropna().reset_index(drop=True)
+
+
+def architecture_disagreement(architecture: pd.DataFrame) -> pd.DataFrame:
+    """How much the kept architecture varies across seeds: for each model, method and lambda, the mean over
+    layers of the standard deviation across seeds of the fraction of channels kept (0 = identical)."""
+    a = architecture.assign(frac=architecture["kept"] / architecture["channels"])
+    per_layer = a.groupby(["model", "method", "lam", "group"])["frac"].agg(["std", "count"]).reset_index()
+    per_layer = per_layer[per_layer["count"] > 1]
+    return per_layer.groupby(["model", "method", "lam"])["std"].mean().rename("disagreement").reset_index()
+
+
+# --- figures --------------------------------------------------------------------------------------------
+
+def _experiments(results: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(results["model"] + "/" + results["dataset"]))
+
+
+def _palette(methods):
+    import seaborn as sns
+    colours = sns.color_palette("colorblind", 4)
+    return {m: colours[i] for i, m in enumerate(["l0_hc", "dep_l0_forward", "dep_l0_backward", "dense"]) if m in methods}
+
+
+def plot_tradeoff(results: pd.DataFrame):
+    """Test accuracy (after compaction) against FLOPs kept and against parameters kept, one row per model;
+    dots are seeds, lines join the seed means over the lambda sweep; the dashed line is the dense network."""
+    from .plotting import figure, percent_axis
+    exps = _experiments(results)
+    fig, axes = figure(2, len(exps), width=9.0, height=3.2 * len(exps), squeeze=False)
+    pal = _palette(results["method"].unique())
+    for row, exp in enumerate(exps):
+        model, dataset = exp.split("/")
+        r = results[(results.model == model) & (results.dataset == dataset)]
+        dense = r[r.method == "dense"]
+        for col, what in enumerate(["flops_kept", "params_kept"]):
+            ax = axes[row, col]
+            for method, rm in r[r.method != "dense"].groupby("method", sort=False):
+                ax.scatter(rm[what], rm["test_accuracy"], color=pal[method], s=18, alpha=0.6)
+                mean = rm.groupby("lam")[[what, "test_accuracy"]].mean().sort_values(what)
+                ax.plot(mean[what], mean["test_accuracy"], "-o", color=pal[method], ms=4, label=_label(method))
+            if len(dense):
+                ax.axhline(dense["test_accuracy"].mean(), ls="--", color="0.4", lw=1, label="dense (no gates)")
+            percent_axis(ax, "x")
+            ax.set_xlim(0, 1.05)
+            ax.set_xlabel("FLOPs kept" if what == "flops_kept" else "parameters kept")
+            ax.set_ylabel("test accuracy")
+            ax.set_title(f"{model} on {dataset}", fontsize=10)
+        axes[row, 0].legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def plot_architecture(architecture: pd.DataFrame, lam_rank: int = 1):
+    """Fraction of channels kept per layer (the architecture each method finds) at the ``lam_rank``-th
+    smallest lambda of each model; one line per seed."""
+    from .plotting import figure, percent_axis
+    exps = list(dict.fromkeys(architecture["model"] + "/" + architecture["dataset"]))
+    fig, axes = figure(len(exps), 1, width=4.6 * len(exps), height=3.4, squeeze=False)
+    pal = _palette(architecture["method"].unique())
+    for i, exp in enumerate(exps):
+        model, dataset = exp.split("/")
+        a = architecture[(architecture.model == model) & (architecture.dataset == dataset)]
+        lams = sorted(a["lam"].unique())
+        lam = lams[min(lam_rank, len(lams) - 1)]
+        a = a[a.lam == lam]
+        ax = axes[0, i]
+        styles = ["-", "--", ":", "-."]
+        for (method, seed), am in a.groupby(["method", "seed"], sort=False):
+            am = am.sort_values("layer_index")
+            si = sorted(a["seed"].unique()).index(seed)
+            ax.plot(am["layer_index"], am["kept"] / am["channels"], styles[si % 4], marker="o", ms=3,
+                    color=pal[method], label=f"{_label(method)}, seed {seed}")
+        groups = a.drop_duplicates("layer_index").sort_values("layer_index")
+        ax.set_xticks(groups["layer_index"], [f"{g}\n({c})" for g, c in zip(groups["group"], groups["channels"])],
+                      fontsize=7, rotation=0)
+        ax.set_ylim(0, 1.05)
+        percent_axis(ax, "y")
+        ax.set_ylabel("channels kept")
+        ax.set_title(f"{model}, λ = {lam:.2g}", fontsize=10)
+    axes[0, -1].legend(fontsize=7, loc="lower left")
+    return fig
+
+
+def plot_training(trace: pd.DataFrame, seed: int | None = None):
+    """Expected FLOPs kept (top) and expected L0 (fraction of gates non-zero in expectation, bottom) over
+    training (``trace`` of :func:`run_experiment`), for every method and lambda (dotted, dashed, solid: increasing) of
+    one seed."""
+    from .plotting import figure, percent_axis
+    h = trace
+    seed = h["seed"].min() if seed is None else seed
+    h = h[h.seed == seed]
+    exps = list(dict.fromkeys(h["model"] + "/" + h["dataset"]))
+    fig, axes = figure(len(exps), 2, width=4.6 * len(exps), height=6.0, squeeze=False, sharex="col")
+    pal = _palette(h["method"].unique())
+    for i, exp in enumerate(exps):
+        model, dataset = exp.split("/")
+        he = h[(h.model == model) & (h.dataset == dataset)]
+        lams = sorted(he["lam"].unique())
+        for (method, lam), hm in he.groupby(["method", "lam"], sort=False):
+            style = [":", "--", "-", "-."][min(lams.index(lam), 3) if len(lams) < 4 else lams.index(lam) % 4]
+            x = hm["epochs_done"]
+            for r, col in enumerate(["expected_flops_kept", "expected_l0_kept"]):
+                axes[r, i].plot(x, hm[col], style, color=pal[method], lw=1.5,
+                                label=f"{_label(method)}, λ={lam:.2g}")
+        axes[0, i].set_title(f"{model} (seed {seed})", fontsize=10)
+        axes[0, i].set_ylabel("expected FLOPs kept")
+        axes[1, i].set_ylabel("expected L0 (gates)")
+        axes[1, i].set_xlabel("epoch")
+        for r in range(2):
+            axes[r, i].set_ylim(0, 1.05)
+            percent_axis(axes[r, i], "y")
+    axes[0, -1].legend(fontsize=6, ncol=1, loc="lower left")
+    return fig
+
+
+def plot_gate_histograms(gates: pd.DataFrame, lam_rank: int = 1, seed: int | None = None):
+    """Histograms of ``P(z != 0)`` of every channel at the end of training, per model and method."""
+    from .plotting import figure
+    seed = gates["seed"].min() if seed is None else seed
+    g = gates[gates.seed == seed]
+    exps = list(dict.fromkeys(g["model"] + "/" + g["dataset"]))
+    methods = [m for m in METHODS if m in set(g["method"])]
+    fig, axes = figure(len(methods), len(exps), width=3.0 * len(methods), height=2.6 * len(exps),
+                       squeeze=False, sharex=True)
+    pal = _palette(methods)
+    bins = np.linspace(0, 1, 21)
+    for i, exp in enumerate(exps):
+        model, dataset = exp.split("/")
+        ge = g[(g.model == model) & (g.dataset == dataset)]
+        lams = sorted(ge["lam"].unique())
+        lam = lams[min(lam_rank, len(lams) - 1)]
+        for j, method in enumerate(methods):
+            ax = axes[i, j]
+            gm = ge[(ge.method == method) & (ge.lam == lam)]
+            ax.hist(gm["prob_nonzero"], bins=bins, color=pal[method])
+            ax.set_yscale("log")
+            ax.set_ylim(0.8, max(len(gm), 1) * 1.5)  # same scale in every panel: counts of all channels
+            ax.set_title(f"{model}: {_label(method)}", fontsize=9)
+            ax.set_xlabel("P(z ≠ 0)")
+        axes[i, 0].set_ylabel(f"channels (λ = {lam:.2g})")
+    return fig
+
+
+# --- claims ---------------------------------------------------------------------------------------------
+
+PAPER = "tables not retrieved (abstract: 'outperforms by a clear margin')"
+
+
+def claims_table(cfg: Config, out: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The chapter's claims with verdicts computed from the run (:func:`pruning_lib.claims.ledger`)."""
+    results = out["results"]
+    gated = results[results.method != "dense"]
+    rows = []
+    hc = gated[gated.method == "l0_hc"].set_index(["model", "lam", "seed"])
+    pct = "{:.1%}"
+    for method in ("dep_l0_forward", "dep_l0_backward"):
+        label = _label(method)
+        dep = gated[gated.method == method].set_index(["model", "lam", "seed"])
+        both = hc.index.intersection(dep.index)
+        meas = None
+        if len(both):
+            meas = (1 - dep.loc[both, "flops_kept"].to_numpy(), 1 - hc.loc[both, "flops_kept"].to_numpy())
+        rows.append((claims.Claim(
+            f"At the same λ and penalty, {label} removes more FLOPs than L0-HC (L0-HC prunes too little)",
+            "Li & Ji 2021, abstract and Sec. 1", "FLOPs removed after compaction, paired by model, λ and seed",
+            claims.Exceeds(fmt=pct, a_name=label, b_name="L0-HC"), PAPER), meas))
+        m = matched_accuracy(gated, method)
+        meas = None if m.empty else (m["method_acc"].to_numpy(), m["baseline_acc"].to_numpy())
+        rows.append((claims.Claim(
+            f"{label} is more accurate than L0-HC at comparable FLOPs",
+            "Li & Ji 2021, abstract", "test accuracy, the other method interpolated at the same FLOPs kept",
+            claims.Exceeds(fmt="{:.2%}", a_name=label, b_name="L0-HC"), PAPER), meas))
+    dis = architecture_disagreement(out["architecture"]) if len(out["architecture"]) else pd.DataFrame()
+    meas = None
+    if len(dis):
+        d = dis.pivot_table(index=["model", "lam"], columns="method", values="disagreement")
+        if {"l0_hc", "dep_l0_forward"} <= set(d.columns):
+            d = d.dropna(subset=["l0_hc", "dep_l0_forward"])
+            meas = (d["l0_hc"].to_numpy(), d["dep_l0_forward"].to_numpy()) if len(d) else None
+    rows.append((claims.Claim(
+        "L0-HC prunes inconsistently: its kept architecture varies across seeds more than Dep-L0's",
+        "Li & Ji 2021, Sec. 1 (after Gale et al. 2019)",
+        "mean over layers of the across-seed s.d. of the fraction of channels kept, paired by model and λ",
+        claims.Exceeds(fmt="{:.3f}", a_name="L0-HC", b_name="Dep-L0 (fwd)"), PAPER), meas))
+    big = gated[gated.model == "resnet50"]
+    meas = None
+    if len(big):
+        d = big[big.method == "dep_l0_forward"].set_index(["lam", "seed"])
+        h = big[big.method == "l0_hc"].set_index(["lam", "seed"])
+        both = d.index.intersection(h.index)
+        if len(both):
+            meas = (1 - d.loc[both, "flops_kept"].to_numpy(), 1 - h.loc[both, "flops_kept"].to_numpy())
+    rows.append((claims.Claim(
+        "On ResNet-50 / ImageNet, L0-HC fails to prune where Dep-L0 does",
+        "Li & Ji 2021, abstract and Sec. 5", "FLOPs removed, Dep-L0 (fwd) vs L0-HC, same λ",
+        claims.Exceeds(fmt=pct, a_name="Dep-L0 (fwd)", b_name="L0-HC"), PAPER), meas))
+    return claims.ledger(CHAPTER, rows, cfg.profile, cfg.results_dir)
+
+
+def settling_epochs(trace: pd.DataFrame, tol: float = 0.02) -> pd.DataFrame:
+    """When each run stops pruning: the first epoch after which the expected FLOPs kept stay within ``tol`` of
+    their final value, with the start and final values; one row per model, method, lambda and seed."""
+    rows = []
+    for key, t in trace.groupby(["model", "method", "lam", "seed"]):
+        t = t.sort_values("step")
+        f = t["expected_flops_kept"].to_numpy()
+        far = np.flatnonzero(np.abs(f - f[-1]) > tol)
+        settle = t["epochs_done"].to_numpy()[far[-1] + 1] if len(far) else 0.0
+        rows.append(dict(zip(["model", "method", "lam", "seed"], key), settled_epoch=float(settle),
+                         start=float(f[0]), final=float(f[-1])))
+    return pd.DataFrame(rows)

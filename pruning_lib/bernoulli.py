@@ -1,0 +1,666 @@
+"""Bernoulli unit/filter gates that converge to a deterministic network (Guenter & Sideris 2022,
+arXiv 2205.04650, "Robust learning of parsimonious deep neural networks").  Chapter 04 explains and
+measures these pieces; the experiment code lives in :mod:`pruning_lib.bernoulli_chapter`.
+
+The model (paper, abstract and Sec. 2-3, as reconstructed in ``papers.md`` Sec. 3):
+
+* every unit / filter ``j`` of a hidden layer is multiplied by ``xi_j ~ Bernoulli(theta_j)``, drawn
+  independently for every example (like adaptive dropout); ``theta_j`` is the variational posterior's
+  parameter and is kept in ``[0, 1]`` by projection;
+* the weights have a Gaussian (scale-mixture) prior: the incoming weights ``w_j`` of unit ``j`` cost
+  ``lambda / 2 ||w_j||^2`` only while the unit is on (the "slab"); weights no gate controls (the
+  classifier) always cost ``lambda / 2 ||w||^2``;
+* with the prior's inclusion probability optimised out under the paper's hyper-prior, what is left of
+  the prior on ``xi`` is a price ``c_j`` per active unit; we take ``c_j = kappa * d_j`` with ``d_j`` the
+  unit's incoming parameter count (its weight row and bias): ``kappa`` nats per parameter.
+
+So the cost to minimise (:func:`bernoulli_cost`) is *multilinear* in ``theta``::
+
+    C(W, theta) = E_{xi ~ Bern(theta)} [ sum_n loss_n(W o xi) ]                  (data term)
+                  + sum_j theta_j * lambda / 2 * ||w_j||^2 + lambda / 2 * ||w_rest||^2   (weight prior)
+                  + sum_j theta_j * c_j                                          (hyper-prior's share)
+
+A multilinear function's minimum over the box ``[0, 1]^n`` is attained at a vertex, and projected
+gradient steps push every ``theta_j`` whose partial derivative keeps its sign onto 0 or 1: the network
+becomes deterministic.  A unit whose ``theta_j`` reaches 0 can never be drawn again and is removed from
+the network for good (:func:`shrink_`), together with the optimizer's state of its weights.
+
+Gradient estimator (:class:`FlipEstimator`).  The paper's own estimator could not be read (only the
+abstract was reachable from this project), so we use an unbiased one that exploits the multilinearity:
+``dC_data / dtheta_j = E[ loss | xi_j = 1 ] - E[ loss | xi_j = 0 ]`` exactly.  For a sampled ``xi`` and a
+sampled example, we evaluate the loss with ``xi_j`` as drawn and with ``xi_j`` flipped, all other gates
+kept; the signed difference is an unbiased single-sample estimate of that partial derivative (a "local
+expectation gradient", Titsias & Lazaro-Gredilla 2015).  Flipping unit ``j`` changes the input of the
+next Linear / Conv layer by one rank-one term, so the flipped pre-activations of *all* units of a layer
+come from one einsum (Linear) or one grouped convolution (Conv), and only the layers after that are
+re-run, for ``flip_examples`` examples of the batch.  Unlike REINFORCE it has no ``1 / theta(1 - theta)``
+factor, so it stays well-behaved as ``theta`` approaches 0 or 1, and unlike straight-through or
+concrete relaxations it is unbiased.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+import warnings
+from typing import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .compact import compact
+from .gates import GateSlot, get_gates, scale_channels, set_gates
+from .train import Callback
+
+__all__ = [
+    "BernoulliGate", "attach_bernoulli_gates", "bernoulli_gates", "gate_thetas", "project_",
+    "unit_rows", "weight_prior", "theta_prior_gradient", "bernoulli_cost", "FlipEstimator",
+    "shrink_", "BernoulliPruning", "EpochTimer", "keep_and_scale", "undecided_fraction",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Gates
+# --------------------------------------------------------------------------------------------------
+
+class BernoulliGate(nn.Module):
+    """Multiplies channel ``j`` by ``xi_j ~ Bernoulli(theta_j)`` (train) or by ``theta_j`` (eval).
+
+    Training draws one ``xi`` per example (shape ``[N, C]``); with ``theta_j`` in ``{0, 1}`` the draw is
+    deterministic, so a converged network computes the same function in train and eval mode.  While
+    ``record`` is on, the gate keeps its last input (before gating) and draw for :class:`FlipEstimator`.
+    ``theta`` is an ``nn.Parameter``; its gradient is written by the estimator, not by autograd.
+    """
+
+    def __init__(self, channels: int, init: float = 0.5):
+        super().__init__()
+        if not 0.0 <= init <= 1.0:
+            raise ValueError(f"theta init must lie in [0, 1], got {init}")
+        self.theta = nn.Parameter(torch.full((int(channels),), float(init)))
+        self.record = False
+        self.saved_input: torch.Tensor | None = None
+        self.saved_xi: torch.Tensor | None = None
+
+    def sample(self, n: int) -> torch.Tensor:
+        theta = self.theta.detach().clamp(0.0, 1.0)
+        return torch.bernoulli(theta.expand(n, -1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return scale_channels(x, self.theta.detach().clamp(0.0, 1.0))
+        xi = self.sample(x.shape[0])
+        if self.record:
+            self.saved_input, self.saved_xi = x.detach(), xi
+        return scale_channels(x, xi)
+
+    def clear(self) -> None:
+        self.saved_input = self.saved_xi = None
+
+    def __getstate__(self):  # never pickle / deepcopy the saved activations
+        state = self.__dict__.copy()
+        state["saved_input"] = state["saved_xi"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        return f"channels={self.theta.numel()}"
+
+
+def attach_bernoulli_gates(model: nn.Module, init: float = 0.5,
+                           groups: Iterable[str] | None = None) -> dict[str, BernoulliGate]:
+    """Put a :class:`BernoulliGate` into the slot of every channel group (or of ``groups``)."""
+    names = list(groups) if groups is not None else [g.name for g in model.channel_groups()]
+    device = next(model.parameters()).device
+    gates = {}
+    for g in model.channel_groups():
+        if g.name in names:
+            slot = model.get_submodule(g.slot)
+            gates[g.name] = BernoulliGate(slot.channels, init).to(device)
+    set_gates(model, gates)
+    return gates
+
+
+def bernoulli_gates(model: nn.Module) -> dict[str, BernoulliGate]:
+    """The model's Bernoulli gates by group name, in network order."""
+    return {k: g for k, g in get_gates(model).items() if isinstance(g, BernoulliGate)}
+
+
+def gate_thetas(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: g.theta.detach().clone() for k, g in bernoulli_gates(model).items()}
+
+
+@torch.no_grad()
+def project_(model: nn.Module) -> None:
+    """Euclidean projection of every ``theta`` onto ``[0, 1]`` (a clamp, for a box)."""
+    for g in bernoulli_gates(model).values():
+        g.theta.clamp_(0.0, 1.0)
+
+
+def undecided_fraction(thetas: Mapping[str, torch.Tensor] | Sequence[torch.Tensor], lo: float = 0.01,
+                       hi: float = 0.99) -> float:
+    """Share of the ``theta`` values strictly between ``lo`` and ``hi``."""
+    values = list(thetas.values()) if isinstance(thetas, Mapping) else list(thetas)
+    t = torch.cat([v.reshape(-1) for v in values])
+    return float(((t > lo) & (t < hi)).float().mean()) if t.numel() else 0.0
+
+
+def keep_and_scale(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``keep`` (``theta > 0``) and ``scale`` (``theta``, the eval-mode gate) for :func:`compact`."""
+    thetas = gate_thetas(model)
+    return {k: t > 0 for k, t in thetas.items()}, {k: t.clamp(0, 1) for k, t in thetas.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# The cost
+# --------------------------------------------------------------------------------------------------
+
+def unit_rows(model: nn.Module, group: str) -> list[tuple[nn.Parameter, int]]:
+    """The parameters holding unit ``j``'s incoming weights: (param, dim of the unit index).
+
+    A unit owns row ``j`` of its producer's weight and bias (and of its BatchNorm's affine): these are
+    the weights its gate switches on and off.
+    """
+    g = next(c for c in model.channel_groups() if c.name == group)
+    producer = model.get_submodule(g.producer)
+    rows = [(producer.weight, 0)]
+    if producer.bias is not None:
+        rows.append((producer.bias, 0))
+    if g.norm is not None:
+        norm = model.get_submodule(g.norm)
+        if getattr(norm, "affine", False):
+            rows += [(norm.weight, 0), (norm.bias, 0)]
+    return rows
+
+
+def _unit_sq_norms_and_sizes(model: nn.Module, group: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(||w_j||^2 [C] (differentiable in w), d_j [C])`` of every unit of ``group``."""
+    sq, size = 0.0, 0
+    for p, dim in unit_rows(model, group):
+        q = p.movedim(dim, 0).reshape(p.shape[dim], -1)
+        sq = sq + (q ** 2).sum(1)
+        size += q.shape[1]
+    return sq, torch.full_like(sq.detach(), float(size))
+
+
+def _gated_param_ids(model: nn.Module) -> set[int]:
+    return {id(p) for name in bernoulli_gates(model) for p, _ in unit_rows(model, name)}
+
+
+def weight_prior(model: nn.Module, weight_precision: float) -> torch.Tensor:
+    """``sum_j theta_j lambda/2 ||w_j||^2 + lambda/2 ||w_rest||^2`` with ``theta`` held fixed: the
+    weight prior's term of the cost, as a penalty on the weights (``theta`` gets its own gradient)."""
+    gates = bernoulli_gates(model)
+    gated = _gated_param_ids(model)
+    total = 0.0
+    for name, gate in gates.items():
+        sq, _ = _unit_sq_norms_and_sizes(model, name)
+        total = total + (gate.theta.detach().clamp(0, 1) * sq).sum()
+    gate_ids = {id(g.theta) for g in gates.values()}
+    for p in model.parameters():
+        if id(p) not in gated and id(p) not in gate_ids:
+            total = total + (p ** 2).sum()
+    return 0.5 * weight_precision * total
+
+
+@torch.no_grad()
+def theta_prior_gradient(model: nn.Module, weight_precision: float, unit_cost: float
+                         ) -> dict[str, torch.Tensor]:
+    """``dC_prior / dtheta_j = lambda/2 ||w_j||^2 + kappa d_j`` for every gate (the cost is linear in
+    ``theta_j`` apart from the data term)."""
+    out = {}
+    for name in bernoulli_gates(model):
+        sq, d = _unit_sq_norms_and_sizes(model, name)
+        out[name] = 0.5 * weight_precision * sq + unit_cost * d
+    return out
+
+
+def bernoulli_cost(model: nn.Module, x: torch.Tensor, y: torch.Tensor, weight_precision: float,
+                   unit_cost: float, max_units: int = 16) -> dict[str, torch.Tensor]:
+    """The cost ``C(W, theta)`` on the examples ``(x, y)``, exactly, by enumerating every gate pattern.
+
+    Returns ``data`` (``E_xi[sum_n loss_n]``), ``weight_prior``, ``hyper_prior`` (``sum_j theta_j c_j``)
+    and ``total``; all are differentiable in ``theta`` and ``W`` (so autograd gives the exact gradient
+    that :class:`FlipEstimator` estimates).  Only for tiny networks (at most ``max_units`` gated units).
+    """
+    gates = bernoulli_gates(model)
+    sizes = [g.theta.numel() for g in gates.values()]
+    n_units = sum(sizes)
+    if n_units > max_units:
+        raise ValueError(f"{n_units} gated units: enumerating 2^{n_units} patterns is too many")
+    theta = torch.cat([g.theta for g in gates.values()])
+    data = 0.0
+    was_training = model.training
+    model.eval()  # eval mode multiplies by the gate's theta: we overwrite theta with each pattern below
+    saved = {k: g.theta for k, g in gates.items()}
+    try:
+        for pattern in itertools.product((0.0, 1.0), repeat=n_units):
+            xi = torch.tensor(pattern, dtype=theta.dtype, device=theta.device)
+            prob = torch.prod(torch.where(xi > 0, theta, 1 - theta))
+            start = 0
+            for (k, g), c in zip(gates.items(), sizes):
+                del g.theta
+                g.theta = xi[start:start + c]  # a plain tensor: the forward reads it as the gate value
+                start += c
+            loss = F.cross_entropy(model(x), y, reduction="sum")
+            data = data + prob * loss
+    finally:
+        for k, g in gates.items():
+            del g.theta
+            g.theta = saved[k]
+        model.train(was_training)
+    hyper = 0.0
+    gated = _gated_param_ids(model)
+    gate_ids = {id(g.theta) for g in gates.values()}
+    total_sq = 0.0
+    for name, g in gates.items():
+        sq, d = _unit_sq_norms_and_sizes(model, name)
+        total_sq = total_sq + (g.theta * sq).sum()
+        hyper = hyper + (g.theta * unit_cost * d).sum()
+    for p in model.parameters():
+        if id(p) not in gated and id(p) not in gate_ids:
+            total_sq = total_sq + (p ** 2).sum()
+    wp = 0.5 * weight_precision * total_sq
+    return {"data": data, "weight_prior": wp, "hyper_prior": hyper, "total": data + wp + hyper}
+
+
+# --------------------------------------------------------------------------------------------------
+# The gradient estimator
+# --------------------------------------------------------------------------------------------------
+
+def _ops(model: nn.Module) -> list[nn.Module]:
+    """The forward pass of a :class:`~pruning_lib.models.SequentialNet` as a flat list of modules."""
+    for attr in ("features", "pool", "head", "classifier"):
+        if not hasattr(model, attr):
+            raise NotImplementedError(
+                f"{type(model).__name__}: the flip estimator needs a plain feed-forward SequentialNet "
+                "(features -> pool -> flatten -> head -> classifier)")
+    return [*model.features, model.pool, nn.Flatten(1), *model.head, model.classifier]
+
+
+def _is_affine_layer(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Linear, nn.Conv2d))
+
+
+class FlipEstimator:
+    """Unbiased estimate of ``dE[mean_n loss_n] / dtheta_j`` for every gate (see module docstring).
+
+    Call :meth:`begin` before the training forward (gates record their inputs and draws, BatchNorm
+    layers their batch statistics), then :meth:`gradients` with the labels.  ``flip_examples`` examples
+    of the batch (drawn without replacement) are used per step; ``chunk`` bounds the number of
+    elements of the flipped activations processed at once.
+    """
+
+    def __init__(self, flip_examples: int = 16, chunk: int = 2 ** 23,
+                 generator: torch.Generator | None = None):
+        self.flip_examples = int(flip_examples)
+        self.chunk = int(chunk)
+        self.generator = generator
+        self._bn_stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._hooks: list = []
+
+    # -- recording ---------------------------------------------------------------------------------
+    def begin(self, model: nn.Module) -> None:
+        self.end()
+        for g in bernoulli_gates(model).values():
+            g.record = True
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                self._hooks.append(m.register_forward_pre_hook(self._bn_hook))
+
+    def _bn_hook(self, module, args):
+        if module.training:
+            x = args[0].detach()
+            dims = [0] + list(range(2, x.dim()))
+            self._bn_stats[id(module)] = (x.mean(dims), x.var(dims, unbiased=False))
+
+    def end(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # -- replay ------------------------------------------------------------------------------------
+    def _apply(self, m: nn.Module, x: torch.Tensor, xi_rows: dict[int, torch.Tensor]) -> torch.Tensor:
+        if isinstance(m, GateSlot):
+            if m.gate is None:
+                return x
+            if isinstance(m.gate, BernoulliGate):
+                xi = xi_rows[id(m.gate)]
+                if isinstance(xi, tuple):  # (draws [k, C] of k examples, copies c per example)
+                    xi, c = xi
+                    k = xi.shape[0]
+                    shape = (k, 1, xi.shape[1]) + (1,) * (x.dim() - 2)
+                    return (x.view(k, c, *x.shape[1:]) * xi.view(shape)).view(x.shape)
+                return scale_channels(x, xi)
+            return m.gate(x)
+        if isinstance(m, _BatchNorm) and id(m) in self._bn_stats:
+            mean, var = self._bn_stats[id(m)]
+            return F.batch_norm(x, mean, var, m.weight, m.bias, False, 0.0, m.eps)
+        return m(x)
+
+    def _run(self, ops, start, x, xi_rows):
+        for m in ops[start:]:
+            x = self._apply(m, x, xi_rows)
+        return x
+
+    @torch.no_grad()
+    def gradients(self, model: nn.Module, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{group: estimate [C]}`` of the data term's gradient (per-example mean loss)."""
+        ops = _ops(model)
+        gates = bernoulli_gates(model)
+        slot_index = {id(m.gate): i for i, m in enumerate(ops) if isinstance(m, GateSlot) and m.gate is not None}
+        n = len(y)
+        m_ex = min(self.flip_examples, n)
+        sub = torch.randperm(n, generator=self.generator)[:m_ex].to(y.device) if m_ex < n else \
+            torch.arange(n, device=y.device)
+        ys = y[sub]
+        xis = {id(g): g.saved_xi[sub] for g in gates.values() if g.saved_xi is not None}
+        out = {}
+        for name, gate in gates.items():
+            if gate.saved_input is None:
+                raise RuntimeError("FlipEstimator.gradients needs a recorded training forward (call begin)")
+            p = slot_index[id(gate)]
+            q = next(i for i in range(p + 1, len(ops)) if _is_affine_layer(ops[i]))
+            consumer = ops[q]
+            x = gate.saved_input[sub]
+            xi = xis[id(gate)]
+            c = xi.shape[1]
+            # Per-channel ops between the slot and its consumer (ReLU, max-pool, pool, flatten).
+            v_full = self._run(ops[:q], p + 1, x, xis)
+            v_base = self._run(ops[:q], p + 1, scale_channels(x, xi), xis)
+            out_base = consumer(v_base)
+            rest = q + 1
+            downstream = {id(m.gate) for m in ops[rest:] if isinstance(m, GateSlot) and m.gate is not None}
+            loss_base = F.cross_entropy(self._run(ops, rest, out_base, xis), ys, reduction="none")
+            per_ex = out_base[0].numel() * c
+            step = max(1, self.chunk // max(per_ex, 1))
+            grads = []
+            for s in range(0, m_ex, step):
+                e = slice(s, min(s + step, m_ex))
+                k = e.stop - e.start
+                if isinstance(consumer, nn.Linear):
+                    spatial = consumer.in_features // c
+                    v = v_full[e].reshape(k, c, spatial) * (1.0 - 2.0 * xi[e]).unsqueeze(2)  # signed
+                    if spatial == 1:  # an outer product per unit, fused with the addition
+                        flipped = torch.addcmul(out_base[e].unsqueeze(1), v, consumer.weight.t().unsqueeze(0))
+                    else:  # one small matrix product per channel: [c, k, s] @ [c, s, o]
+                        w = consumer.weight.view(consumer.out_features, c, spatial).permute(1, 2, 0)
+                        flipped = torch.bmm(v.transpose(0, 1), w).transpose(0, 1) + out_base[e].unsqueeze(1)
+                    flipped = flipped.reshape(k * c, *out_base.shape[1:])
+                else:
+                    if consumer.groups != 1:
+                        raise NotImplementedError("grouped convolutions")
+                    o, _, kh, kw = consumer.weight.shape
+                    wg = consumer.weight.transpose(0, 1).reshape(c * o, 1, kh, kw)
+                    contrib = F.conv2d(v_full[e], wg, None, consumer.stride, consumer.padding,
+                                       consumer.dilation, groups=c)
+                    contrib = contrib.view(k, c, o, *contrib.shape[2:])
+                    sign = (1.0 - 2.0 * xi[e]).view(k, c, *([1] * (contrib.dim() - 2)))
+                    flipped = (out_base[e].unsqueeze(1) + sign * contrib).reshape(k * c, *out_base.shape[1:])
+                rows = {key: (v[e], c) for key, v in xis.items() if key in downstream}
+                logits = self._run(ops, rest, flipped, rows)
+                loss_flip = F.cross_entropy(logits, ys[e].repeat_interleave(c), reduction="none").view(k, c)
+                grads.append(((1.0 - 2.0 * xi[e]) * (loss_flip - loss_base[e].unsqueeze(1))).sum(0))
+            out[name] = torch.stack(grads).sum(0) / m_ex
+        return out
+
+    def clear(self, model: nn.Module) -> None:
+        for g in bernoulli_gates(model).values():
+            g.clear()
+        self._bn_stats.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# Removing units during training
+# --------------------------------------------------------------------------------------------------
+
+def _param_slices(model: nn.Module, keep: Mapping[str, torch.Tensor]) -> dict[str, list]:
+    """``{param name: [(dim, index)]}``: how :func:`compact` slices each parameter (for optimizer state)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g.name: g for g in model.channel_groups()}
+    out: dict[str, list] = {}
+
+    def add(p, dim, idx):
+        if p is not None:
+            out.setdefault(names[id(p)], []).append((dim, idx))
+
+    for name, k in keep.items():
+        g = groups[name]
+        k = k.bool()
+        if not k.any():  # compact keeps the first channel (with a folded gate of 0)
+            k = torch.zeros_like(k)
+            k[0] = True
+        idx = k.nonzero().reshape(-1)
+        producer = model.get_submodule(g.producer)
+        add(producer.weight, 0, idx)
+        add(producer.bias, 0, idx)
+        if g.norm is not None:
+            norm = model.get_submodule(g.norm)
+            if norm.affine:
+                add(norm.weight, 0, idx)
+                add(norm.bias, 0, idx)
+        for path in g.consumers:
+            mod = model.get_submodule(path)
+            if isinstance(mod, _BatchNorm):
+                if mod.affine:
+                    add(mod.weight, 0, idx)
+                    add(mod.bias, 0, idx)
+            elif isinstance(mod, nn.Linear):
+                cols = (idx[:, None] * g.spatial + torch.arange(g.spatial, device=idx.device)).reshape(-1)
+                add(mod.weight, 1, cols)
+            else:
+                add(mod.weight, 1, idx)
+    return out
+
+
+@torch.no_grad()
+def shrink_(model: nn.Module, keep: Mapping[str, torch.Tensor],
+            optimizers: Sequence[torch.optim.Optimizer] = ()) -> dict[str, torch.Tensor]:
+    """Physically remove the units with ``keep == False`` from ``model`` *in place*.
+
+    The layers are rebuilt smaller by :func:`pruning_lib.compact.compact` and swapped into ``model``
+    (so the object the training loop holds stays valid); the Bernoulli gates are put back with their
+    surviving ``theta``; every optimizer's parameter references and per-parameter state (Adam's moments,
+    SGD's momentum) are sliced the same way, so training continues exactly where it was.  Returns the
+    kept indices per group.
+    """
+    keep = {k: v.detach().bool().cpu() for k, v in keep.items()}
+    if not keep:
+        return {}
+    gates = bernoulli_gates(model)
+    old_names = {id(p): n for n, p in model.named_parameters()}
+    old_shapes = {n: p.shape for n, p in model.named_parameters()}
+    slices = _param_slices(model, keep)
+    slot_paths = {g.name: g.slot for g in model.channel_groups()}
+    kept_idx = {}
+    new_theta = {}
+    for name, gate in gates.items():
+        if name in keep:
+            k = keep[name]
+            if not k.any():
+                k = torch.zeros_like(k)
+                k[0] = True
+                gate.theta.data.zero_()
+            idx = k.nonzero().reshape(-1).to(gate.theta.device)
+            kept_idx[name] = idx
+            slices[f"{slot_paths[name]}.gate.theta"] = [(0, idx)]
+            new_theta[name] = gate.theta.detach().index_select(0, idx).clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        new = compact(model, {k: v.to(next(model.parameters()).device) for k, v in keep.items()})
+    model._modules = new._modules
+    for name, gate in gates.items():
+        if name in new_theta:
+            gate.theta = nn.Parameter(new_theta[name])
+        gate.clear()
+    set_gates(model, gates)
+    new_params = dict(model.named_parameters())
+    for opt in optimizers:
+        for group in opt.param_groups:
+            fresh = []
+            for p in group["params"]:
+                name = old_names.get(id(p))
+                q = new_params[name] if name is not None else p
+                if q is not p:
+                    st = opt.state.pop(p, None)
+                    if st:
+                        new_st = {}
+                        for key, v in st.items():
+                            if torch.is_tensor(v) and v.shape == old_shapes[name]:
+                                for dim, idx in slices.get(name, []):
+                                    v = v.index_select(dim, idx.to(v.device))
+                                new_st[key] = v
+                            else:
+                                new_st[key] = v
+                        opt.state[q] = new_st
+                fresh.append(q)
+            group["params"] = fresh
+    return kept_idx
+
+
+# --------------------------------------------------------------------------------------------------
+# Training: the callback that plugs all of it into pruning_lib.train.fit
+# --------------------------------------------------------------------------------------------------
+
+class EpochTimer(Callback):
+    """Wall time of the training work of every epoch (forward, backward, estimator, optimizer steps,
+    removal), excluding evaluation: timing starts in :meth:`loss_fn` and stops in :meth:`after_step`.
+    Use ``loss_fn=timer.loss_fn`` in :func:`~pruning_lib.train.fit` and put the timer *last* in the
+    callbacks."""
+
+    def __init__(self):
+        self.epoch_seconds: list[float] = []
+        self._acc = 0.0
+        self._t0: float | None = None
+
+    def start(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+
+    def loss_fn(self, model, x, y):
+        self.start()
+        return F.cross_entropy(model(x), y)
+
+    def after_step(self, state) -> None:
+        if self._t0 is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self._acc += time.perf_counter() - self._t0
+            self._t0 = None
+
+    def after_epoch(self, state) -> None:
+        self.epoch_seconds.append(self._acc)
+        self._acc = 0.0
+
+
+class BernoulliPruning(Callback):
+    """Learns the gates' ``theta`` by projected SGD on the cost and removes units at 0 during training.
+
+    Use with :func:`~pruning_lib.train.fit` as::
+
+        bp = BernoulliPruning(model, dataset_size=len(data.train), ...)
+        fit(model, data, optimizer=bp.optimizers(lr), loss_fn=bp.loss_fn, penalties=bp.penalties(),
+            callbacks=[bp, bp.timer], ...)
+
+    Each step: the forward draws ``xi`` and records what the estimator needs; after backward the
+    callback writes ``theta.grad = (estimate of dE[loss]/dtheta) + dC_prior/dtheta / N`` (the cost per
+    training example); the theta optimizer (SGD, ``theta_lr``) steps; then ``theta`` is projected onto
+    ``[0, 1]`` and, every ``shrink_every`` steps, units at 0 are removed (:func:`shrink_`).
+    ``record_every`` steps the full ``theta`` of every layer (indexed by the *original* unit number,
+    removed units at 0) is appended to :attr:`trajectory`.
+    """
+
+    def __init__(self, model: nn.Module, dataset_size: int, *, weight_precision: float = 1.0,
+                 unit_cost: float = 0.0, theta_lr: float = 0.1, theta_momentum: float = 0.0,
+                 flip_examples: int = 16,
+                 shrink_every: int = 1, record_every: int = 5, seed: int = 0, lo: float = 0.01,
+                 hi: float = 0.99):
+        self.model = model
+        self.n = float(dataset_size)
+        self.weight_precision = float(weight_precision)
+        self.unit_cost = float(unit_cost)
+        self.theta_lr = float(theta_lr)
+        self.theta_momentum = float(theta_momentum)
+        self.shrink_every = int(shrink_every)
+        self.record_every = int(record_every)
+        self.lo, self.hi = lo, hi
+        self.estimator = FlipEstimator(flip_examples, generator=torch.Generator().manual_seed(seed + 1))
+        self.timer = EpochTimer()
+        self._y: torch.Tensor | None = None
+        self._opts: list[torch.optim.Optimizer] = []
+        gates = bernoulli_gates(model)
+        if not gates:
+            raise ValueError("the model has no Bernoulli gates: call attach_bernoulli_gates first")
+        self.initial_width = {k: g.theta.numel() for k, g in gates.items()}
+        self.orig_index = {k: torch.arange(g.theta.numel()) for k, g in gates.items()}
+        self.trajectory: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self.removed_at: list[dict] = []  # (step, group, units removed)
+
+    # -- wiring ------------------------------------------------------------------------------------
+    def optimizers(self, lr: float = 1e-3) -> list[torch.optim.Optimizer]:
+        """Adam on the weights, SGD (with ``theta_momentum``; projected afterwards) on the ``theta``."""
+        theta_ids = {id(g.theta) for g in bernoulli_gates(self.model).values()}
+        weights = [p for p in self.model.parameters() if id(p) not in theta_ids]
+        thetas = [g.theta for g in bernoulli_gates(self.model).values()]
+        self._opts = [torch.optim.Adam(weights, lr=lr), torch.optim.SGD(thetas, lr=self.theta_lr,
+                                                                          momentum=self.theta_momentum)]
+        return self._opts
+
+    def penalties(self) -> dict:
+        """The weight prior per training example, as a penalty on the weights."""
+        return {"weight_prior": lambda m: weight_prior(m, self.weight_precision) / self.n}
+
+    def loss_fn(self, model, x, y):
+        self.timer.start()
+        self.estimator.begin(self.model)
+        self._y = y
+        return F.cross_entropy(model(x), y)
+
+    # -- hooks -------------------------------------------------------------------------------------
+    def after_backward(self, state) -> None:
+        model = self.model
+        data = self.estimator.gradients(model, self._y)
+        prior = theta_prior_gradient(model, self.weight_precision, self.unit_cost)
+        for name, g in bernoulli_gates(model).items():
+            g.theta.grad = data[name] + prior[name] / self.n
+        self.estimator.clear(model)
+        self.estimator.end()
+
+    def after_step(self, state) -> None:
+        project_(self.model)
+        if self.shrink_every and state.step % self.shrink_every == 0:
+            self.remove_dead(state.optimizers, state.step)
+        if self.record_every and (state.step % self.record_every == 0 or state.step == 1):
+            self.trajectory.append((state.step, self.full_thetas()))
+        self.timer.after_step(state)
+
+    def after_epoch(self, state) -> None:
+        self.timer.after_epoch(state)
+
+    def remove_dead(self, optimizers, step: int = 0) -> None:
+        keep = {k: v for k, v in ((k, g.theta.detach() > 0) for k, g in bernoulli_gates(self.model).items())
+                if not bool(v.all()) and int(v.sum()) >= 1}
+        if not keep:
+            return
+        kept = shrink_(self.model, keep, optimizers)
+        for name, idx in kept.items():
+            before = self.orig_index[name]
+            self.orig_index[name] = before[idx.cpu()]
+            self.removed_at.append({"step": step, "group": name, "removed": len(before) - len(idx)})
+
+    def full_thetas(self) -> dict[str, torch.Tensor]:
+        """``theta`` of every layer at its original size (removed units read 0)."""
+        out = {}
+        for name, g in bernoulli_gates(self.model).items():
+            full = torch.zeros(self.initial_width[name])
+            full[self.orig_index[name]] = g.theta.detach().float().cpu()
+            out[name] = full
+        return out
+
+    def widths(self) -> dict[str, int]:
+        return {k: g.theta.numel() for k, g in bernoulli_gates(self.model).items()}
+
+    def log(self, state) -> dict[str, float]:
+        row = {f"width_{k}": float(v) for k, v in self.widths().items()}
+        row["undecided"] = undecided_fraction(gate_thetas(self.model), self.lo, self.hi)
+        return row

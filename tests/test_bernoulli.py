@@ -1,0 +1,201 @@
+"""Tests of chapter 04: Bernoulli gates, their cost, the flip estimator and in-training removal."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pruning_lib import bernoulli as B
+from pruning_lib.models import SequentialNet, build_model
+
+
+def _tiny_mlp(hidden=(3, 2), classes=3, seed=0):
+    torch.manual_seed(seed)
+    m = build_model("lenet300_100", in_channels=1, image_size=2, hidden=hidden, num_classes=classes)
+    with torch.no_grad():  # positive biases: no unit is dead, so every partial derivative is informative
+        for g in m.channel_groups():
+            m.get_submodule(g.producer).bias.fill_(0.5)
+    return m
+
+
+def _tiny_conv(seed=0):
+    torch.manual_seed(seed)
+    m = SequentialNet(in_channels=1, image_size=6, convs=[2, "M", 2], fcs=[2], num_classes=3, kernel_size=3,
+                      padding=1)
+    with torch.no_grad():
+        for g in m.channel_groups():
+            m.get_submodule(g.producer).bias.fill_(0.5)
+    return m
+
+
+def test_projection_keeps_theta_in_unit_interval():
+    m = _tiny_mlp()
+    B.attach_bernoulli_gates(m, 0.5)
+    bp = B.BernoulliPruning(m, 100, theta_lr=10.0, shrink_every=0, record_every=0)
+    opt = bp.optimizers()[1]
+    with torch.no_grad():
+        for g in B.bernoulli_gates(m).values():
+            g.theta.grad = torch.tensor([-5.0, 5.0, 0.01])[: g.theta.numel()]
+    opt.step()
+    raw = torch.cat([g.theta.detach().clone() for g in B.bernoulli_gates(m).values()])
+    assert (raw < 0).any() and (raw > 1).any()  # the SGD step itself leaves the box ...
+    B.project_(m)
+    t = torch.cat([g.theta.detach() for g in B.bernoulli_gates(m).values()])
+    assert (t >= 0).all() and (t <= 1).all()  # ... the projection brings every theta back
+    assert torch.allclose(t, raw.clamp(0, 1))  # and it is the Euclidean projection onto the box
+
+
+def test_gate_draws_bernoulli_and_eval_uses_theta():
+    gate = B.BernoulliGate(3, 0.5)
+    with torch.no_grad():
+        gate.theta.copy_(torch.tensor([0.0, 1.0, 0.3]))
+    x = torch.ones(4000, 3)
+    gate.train()
+    y = gate(x)
+    assert (y[:, 0] == 0).all() and (y[:, 1] == 1).all()  # theta in {0, 1}: deterministic
+    assert abs(float(y[:, 2].mean()) - 0.3) < 0.03
+    gate.eval()
+    assert torch.allclose(gate(x)[0], torch.tensor([0.0, 1.0, 0.3]))
+
+
+def test_cost_matches_hand_computation():
+    # A 1-input, 2-hidden-unit, 2-class network, everything set by hand.
+    m = build_model("lenet300_100", in_channels=1, image_size=1, hidden=(2,), num_classes=2)
+    B.attach_bernoulli_gates(m, 0.5)
+    fc1, cls = m.head[0], m.classifier
+    with torch.no_grad():
+        fc1.weight.copy_(torch.tensor([[1.0], [2.0]]))
+        fc1.bias.copy_(torch.tensor([0.0, -1.0]))
+        cls.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        cls.bias.zero_()
+        B.bernoulli_gates(m)["fc1"].theta.copy_(torch.tensor([0.25, 0.5]))
+    x, y = torch.ones(1, 1, 1, 1), torch.tensor([0])
+    lam, kappa = 0.5, 0.1
+    cost = B.bernoulli_cost(m, x, y, lam, kappa)
+    # Hidden activations h = relu([1, 1]) = [1, 1]; logits = xi * h; loss = log(1 + e^(l1 - l0)).
+    ce = lambda l0, l1: math.log(1 + math.exp(l1 - l0))
+    data = (0.75 * 0.5 * ce(0, 0) + 0.25 * 0.5 * ce(1, 0) + 0.75 * 0.5 * ce(0, 1) + 0.25 * 0.5 * ce(1, 1))
+    # Unit rows (weight, bias): ||w_1||^2 = 1, ||w_2||^2 = 4 + 1 = 5; classifier: 1 + 1 = 2 (always on).
+    weight_prior = lam / 2 * (0.25 * 1 + 0.5 * 5 + 2)
+    hyper = kappa * 2 * (0.25 + 0.5)  # d_j = 2 parameters per unit
+    assert float(cost["data"].detach()) == pytest.approx(data, rel=1e-6)
+    assert float(cost["weight_prior"]) == pytest.approx(weight_prior, rel=1e-6)
+    assert float(cost["hyper_prior"]) == pytest.approx(hyper, rel=1e-6)
+    assert float(cost["total"]) == pytest.approx(data + weight_prior + hyper, rel=1e-6)
+    # The training-time pieces agree with the cost: weight prior and d cost / d theta of the prior terms.
+    assert float(B.weight_prior(m, lam)) == pytest.approx(weight_prior, rel=1e-6)
+    g = B.theta_prior_gradient(m, lam, kappa)["fc1"]
+    assert torch.allclose(g, torch.tensor([lam / 2 * 1 + 2 * kappa, lam / 2 * 5 + 2 * kappa]))
+
+
+@pytest.mark.parametrize("make,n_rep", [(_tiny_mlp, 3000), (_tiny_conv, 600)])
+def test_flip_estimator_is_unbiased(make, n_rep):
+    """Mean of the estimator == exact gradient of the enumerated expected loss (2^5 / 2^6 patterns)."""
+    m = make()
+    B.attach_bernoulli_gates(m, 0.5)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for g in B.bernoulli_gates(m).values():
+            g.theta.uniform_(0.2, 0.8)
+    x = torch.randn(6, 1, *((2, 2) if make is _tiny_mlp else (6, 6)))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    thetas = [g.theta for g in B.bernoulli_gates(m).values()]
+    exact = torch.autograd.grad(B.bernoulli_cost(m, x, y, 0.0, 0.0)["data"] / len(y), thetas)
+    # n_rep copies of the batch: every copy draws its own xi, so one call averages n_rep draws per example;
+    # ten independent calls give the Monte Carlo standard error of the mean.
+    est = B.FlipEstimator(flip_examples=10 ** 9)
+    xr, yr = x.repeat(n_rep // 10, 1, 1, 1), y.repeat(n_rep // 10)
+    m.train()
+    torch.manual_seed(2)
+    draws = []
+    for _ in range(10):
+        est.begin(m)
+        with torch.no_grad():
+            m(xr)
+        draws.append(est.gradients(m, yr))
+        est.clear(m)
+        est.end()
+    for e, name in zip(exact, draws[0]):
+        v = torch.stack([d[name] for d in draws])
+        mean, se = v.mean(0), v.std(0) / math.sqrt(len(v))
+        assert ((mean - e).abs() <= 4 * se + 1e-4).all(), (name, mean, se, e)
+        assert (e.abs() > 1e-3).any()  # the check is not vacuous
+
+
+def test_removing_units_at_zero_keeps_the_function_and_follows_the_optimizer():
+    torch.manual_seed(0)
+    m = build_model("lenet5_caffe", width=0.2)  # 4-10-100
+    B.attach_bernoulli_gates(m, 1.0)
+    gates = B.bernoulli_gates(m)
+    with torch.no_grad():
+        gates["conv1"].theta[[0, 2]] = 0.0
+        gates["conv2"].theta[[1, 3, 5]] = 0.0
+        gates["fc1"].theta[::2] = 0.0
+    bp = B.BernoulliPruning(m, 100, shrink_every=1, record_every=0)
+    opts = bp.optimizers(1e-3)
+    x = torch.randn(8, 1, 28, 28)
+    # One Adam step so that the optimizer has state to carry over.
+    F.cross_entropy(m(x), torch.zeros(8, dtype=torch.long)).backward()
+    opts[0].step()
+    m.eval()
+    before = m(x)
+    m.train()
+    torch.manual_seed(3)
+    before_train = m(x)  # theta in {0, 1}: the training forward is deterministic too
+    fc1_w = m.head[0].weight.detach().clone()
+    exp_avg = opts[0].state[m.head[0].weight]["exp_avg"].clone()
+    bp.remove_dead(opts)
+    assert bp.widths() == {"conv1": 2, "conv2": 7, "fc1": 50}
+    assert m.features[0].out_channels == 2 and m.features[4].in_channels == 2
+    assert m.head[0].in_features == 7 * 16 and m.classifier.in_features == 50
+    m.eval()
+    assert torch.allclose(m(x), before, atol=1e-5)
+    m.train()
+    assert torch.allclose(m(x), before_train, atol=1e-5)
+    # Optimizer state follows: the new parameters are the optimized ones, with sliced moments.
+    new_w = m.head[0].weight
+    ids = {id(p) for g in opts[0].param_groups for p in g["params"]}
+    assert id(new_w) in ids and len(ids) == len(opts[0].param_groups[0]["params"])
+    keep_rows = torch.arange(1, 100, 2)
+    keep_in = torch.tensor([c for c in range(10) if c not in (1, 3, 5)])
+    cols = (keep_in[:, None] * 16 + torch.arange(16)).reshape(-1)
+    assert torch.equal(new_w.detach(), fc1_w[keep_rows][:, cols])
+    assert torch.equal(opts[0].state[new_w]["exp_avg"], exp_avg[keep_rows][:, cols])
+    theta_ids = {id(g.theta) for g in B.bernoulli_gates(m).values()}
+    assert theta_ids == {id(p) for p in opts[1].param_groups[0]["params"]}
+    # Training goes on after the removal.
+    F.cross_entropy(m(x), torch.zeros(8, dtype=torch.long)).backward()
+    opts[0].step()
+
+
+def test_training_shrinks_the_network(tiny_data):
+    from pruning_lib.train import fit
+
+    torch.manual_seed(0)
+    m = build_model("lenet300_100", width=0.1, **tiny_data.model_kwargs())  # 30-10
+    B.attach_bernoulli_gates(m, 0.9)
+    bp = B.BernoulliPruning(m, len(tiny_data.train), unit_cost=0.5, theta_lr=2.0, theta_momentum=0.9,
+                            flip_examples=8, shrink_every=1, record_every=1)
+    h = fit(m, tiny_data, optimizer=bp.optimizers(1e-3), loss_fn=bp.loss_fn, penalties=bp.penalties(),
+            callbacks=[bp], epochs=3, batch_size=50, progress=False, device="cpu")
+    assert sum(bp.widths().values()) < 40
+    assert m.head[0].out_features == bp.widths()["fc1"]
+    assert len(bp.timer.epoch_seconds) == 3 and "undecided" in h.columns
+    full = bp.full_thetas()
+    assert full["fc1"].shape == (30,) and (full["fc1"] >= 0).all() and (full["fc1"] <= 1).all()
+
+
+def test_config_profiles_and_missing_dataset(tmp_path):
+    from pruning_lib import bernoulli_chapter as bc
+    from pruning_lib.data import DatasetNotFoundError
+    from pruning_lib.runs import ConfigError
+
+    for p in ("smoke", "cpu", "paper"):
+        bc.Config.from_profile(p)
+    cfg = bc.Config.from_profile("cpu")
+    assert len(cfg.seeds) >= 5 and len(cfg.widths) >= 3
+    with pytest.raises(ConfigError):
+        bc.Config.from_namespace({"profile": "cpu", "bogus": 1})
+    paper = bc.Config.from_profile("paper", data_root=str(tmp_path), results_dir=str(tmp_path))
+    with pytest.raises(DatasetNotFoundError):
+        bc.run_experiment(paper, progress=False)

@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .gates import ChannelGroup, GateSlot, clear_gates
 
-__all__ = ["compact"]
+__all__ = ["compact", "remove_blocks", "ResidualShortcut"]
 
 
 def _new_param(old: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
@@ -193,4 +193,43 @@ def compact(
             z = torch.as_tensor(value, dtype=bn.weight.dtype, device=bn.weight.device).reshape(-1)
             bn.weight.mul_(z)
             bn.bias.mul_(z)
+    return new
+
+
+class ResidualShortcut(nn.Module):
+    """A residual block whose branch was removed: ``relu(shortcut(x))``.
+
+    This is exactly what a block computes when its branch output is multiplied by a block gate of 0
+    (``relu(0 * branch(x) + shortcut(x))``).  It keeps the block's ``downsample`` (1x1 conv + BN, or None)
+    and has no prunable channel groups (``inner_groups`` returns ``[]``).
+    """
+
+    def __init__(self, downsample: nn.Module | None):
+        super().__init__()
+        self.downsample = downsample
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(x if self.downsample is None else self.downsample(x))
+
+    def inner_groups(self, prefix: str) -> list[ChannelGroup]:
+        return []
+
+
+def remove_blocks(model: nn.Module, paths) -> nn.Module:
+    """Return a deep copy of ``model`` whose residual blocks at ``paths`` are replaced by their shortcut.
+
+    Use after :func:`compact` (whose ``keep`` may then not name groups of removed blocks any more).  The result
+    equals the model with a block gate of 0 on each removed block's ``branch_slot``.
+    """
+    blocks = set(model.residual_blocks()) if hasattr(model, "residual_blocks") else set()
+    unknown = sorted(set(paths) - blocks)
+    if unknown:
+        raise KeyError(f"unknown residual blocks {unknown}; blocks: {sorted(blocks)}")
+    new = copy.deepcopy(model)
+    for path in paths:
+        parent_path, _, child = path.rpartition(".")
+        parent = new.get_submodule(parent_path) if parent_path else new
+        block = new.get_submodule(path)
+        setattr(parent, child, ResidualShortcut(getattr(block, "downsample", None)))
     return new

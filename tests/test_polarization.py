@@ -1,0 +1,218 @@
+"""Tests of chapter 05 (Zhi et al. 2023): gates, STE, density loss, polarizer, consensus, compaction."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pruning_lib import polarization as P
+from pruning_lib.compact import remove_blocks
+from pruning_lib.models import build_model
+from pruning_lib.runs import ConfigError
+
+
+def test_polarizer_minimal_at_0_and_1_and_larger_between():
+    m = torch.linspace(0, 1, 101)
+    r = torch.stack([P.polarizer(v.reshape(1)) for v in m])
+    assert r[0] == 0 and r[-1] == 0
+    assert (r[1:-1] > 0).all()
+    assert int(r.argmax()) == 50  # largest at 1/2
+    # whole vectors: polarized means beat spread ones
+    assert P.polarizer(torch.tensor([0.0, 1.0, 1.0, 0.0])) < P.polarizer(torch.tensor([0.5, 0.5, 0.4, 0.6]))
+
+
+def test_zhuang_polarizer_prefers_polarized_vectors_at_equal_mean():
+    # Zhuang et al. (2020) Eq. 2: at a fixed mean, a split into 0s and a common value is the minimum.
+    spread = torch.full((10,), 0.5)
+    polar = torch.tensor([1.0] * 5 + [0.0] * 5)
+    ramp = torch.linspace(0, 1, 10)
+    for other in (spread, ramp):
+        assert P.polarizer(polar, "zhuang", 1.4) < P.polarizer(other, "zhuang", 1.4) - 1e-6
+    with pytest.raises(ValueError):
+        P.polarizer(polar, "nope")
+
+
+def test_straight_through_forward_binary_backward_sigmoid():
+    a = torch.tensor([-2.0, -0.1, 0.1, 3.0, 20.0], requires_grad=True)
+    g = P.straight_through(a, bound=3.0)
+    assert g.tolist() == [0.0, 0.0, 1.0, 1.0, 1.0]  # exactly binary
+    g.sum().backward()
+    p = torch.sigmoid(a.detach().clamp(-3, 3))
+    assert torch.allclose(a.grad, p * (1 - p))
+    assert a.grad[-1] > 0.04  # a saturated gate still gets a gradient
+
+
+def test_gating_module_modes_and_block_gate():
+    torch.manual_seed(0)
+    gm = P.GatingModule(6)
+    x = torch.randn(5, 6, 4, 4)
+    y = gm(x)
+    assert gm.last_gate.shape == (5, 6)
+    assert set(gm.last_gate.detach().unique().tolist()) <= {0.0, 1.0}
+    assert torch.allclose(y, x * gm.last_gate.detach()[:, :, None, None])
+    gm.static_mask.copy_(torch.tensor([1.0, 0, 1, 0, 1, 1]))
+    gm.mode = "static"
+    assert torch.equal(gm(x)[:, 1], torch.zeros(5, 4, 4))
+    block = P.GatingModule(6, out=1)
+    yb = block(x)
+    assert block.last_gate.shape == (5, 1)
+    assert torch.allclose(yb, x * block.last_gate.detach()[:, :, None, None])
+
+
+def test_density_loss_and_penalty_need_a_forward_and_are_zero_at_target():
+    net = build_model("lenet5_caffe", width=0.2)
+    P.add_gating(net)
+    with pytest.raises(RuntimeError):
+        P.density_loss(net, 0.5)
+    for gm in P.gating_modules(net).values():  # force every gate open
+        nn.init.constant_(gm.net[-1].bias, 10.0)
+        nn.init.zeros_(gm.net[-1].weight)
+    net(torch.randn(4, 1, 28, 28))
+    assert float(P.density_loss(net, 0.0)) == pytest.approx(0.0)
+    assert float(P.density_loss(net, 0.5)) == pytest.approx(0.25)
+    assert float(P.density_loss(net, 0.5, "global")) == pytest.approx(0.25)
+    assert float(P.polarization_penalty(net)) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_achieved_density_lands_near_target_on_toy_problem(tiny_data, scope):
+    """On a toy problem (generated digits, tiny LeNet-5) the consensus gate sparsity lands within 0.1 of the
+    target: the stated tolerance of this test (the chapter's claim uses 0.05 on real runs)."""
+    torch.manual_seed(0)
+    net = build_model("lenet5_caffe", width=0.2, **tiny_data.model_kwargs())
+    target = 0.6
+    P.train_gated(net, tiny_data, target=target, polarizer_weight=2.0, density_weight=10.0, scope=scope,
+                  epochs=4, batch_size=16, lr=2e-3, gate_lr=3e-2, seed=0)
+    keep = P.static_keep(P.gate_statistics(net, tiny_data.train))
+    assert abs(P.keep_sparsity(net, keep, scope) - target) <= 0.1
+    # and the measure can fail: all gates open is far from the target
+    assert abs(P.keep_sparsity(net, {k: torch.ones_like(v) for k, v in keep.items()}, scope) - target) > 0.1
+
+
+def _random_keep(net, gen):
+    keep = {}
+    for name, gm in P.gating_modules(net).items():
+        keep[name] = torch.rand(gm.out, generator=gen) < 0.5
+    return keep
+
+
+@pytest.mark.parametrize("name", ["lenet5_caffe", "resnet20"])
+def test_compact_network_equals_gated_network_at_inference(name):
+    torch.manual_seed(0)
+    net = build_model(name, width=0.25)
+    P.add_gating(net)
+    # give BN layers non-trivial statistics, then switch to eval
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(8, 1, 28, 28))
+    net.eval()
+    gen = torch.Generator().manual_seed(1)
+    keep = _random_keep(net, gen)
+    if name == "resnet20":  # make sure at least one block is removed and one kept
+        blocks = [k for k in keep if k.startswith("block:")]
+        keep[blocks[1]] = torch.tensor([False])
+        keep[blocks[0]] = torch.tensor([True])
+    P.apply_static(net, keep)
+    small = P.compact_static(net, keep).eval()
+    assert not P.gating_modules(small)
+    x = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(small(x), net(x), atol=1e-5)
+    assert P.connections(small) < P.connections(net) - sum(
+        sum(p.numel() for n, p in gm.named_parameters() if n.endswith("weight"))
+        for gm in P.gating_modules(net).values())
+    if name == "resnet20":
+        removed = [k[len("block:"):] for k, v in keep.items() if k.startswith("block:") and not v.any()]
+        assert all(type(small.get_submodule(p)).__name__ == "ResidualShortcut" for p in removed)
+
+
+def test_compaction_differs_when_keep_is_wrong():
+    """The equality test above can fail: a compact net built from different decisions differs."""
+    torch.manual_seed(0)
+    net = build_model("lenet5_caffe", width=0.25).eval()
+    P.add_gating(net)
+    gen = torch.Generator().manual_seed(2)
+    keep = _random_keep(net, gen)
+    P.apply_static(net, keep)
+    wrong = {k: ~v for k, v in keep.items()}
+    small = P.compact_static(net, wrong).eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert not torch.allclose(small(x), net(x), atol=1e-5)
+
+
+def test_remove_blocks_equals_zero_block_gate():
+    torch.manual_seed(0)
+    net = build_model("resnet20", width=0.25).eval()
+    path = net.residual_blocks()[3]  # first block of stage 2 has a downsample shortcut
+    from pruning_lib.gates import set_block_gates
+
+    class Zero(nn.Module):
+        def forward(self, x):
+            return x * 0
+
+    small = remove_blocks(net, [path])
+    set_block_gates(net, {path: Zero()})
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(small(x), net(x), atol=1e-6)
+    with pytest.raises(KeyError):
+        remove_blocks(net, ["nope"])
+
+
+def test_gate_statistics_agreement_and_static_keep(tiny_data):
+    net = build_model("lenet5_caffe", width=0.2, **tiny_data.model_kwargs())
+    P.add_gating(net)
+    stats = P.gate_statistics(net, tiny_data.test)
+    assert ((stats["agreement"] >= 0.5) & (stats["agreement"] <= 1)).all()
+    assert (stats["agreement"] - (stats["mean"] - 0.5).abs() - 0.5).abs().max() < 1e-9
+    keep = P.static_keep(stats)
+    assert set(keep) == set(P.gating_modules(net))
+
+
+def test_train_flops_counter_saves_nothing_when_all_gates_open(tiny_data):
+    net = build_model("lenet5_caffe", width=0.2, **tiny_data.model_kwargs())
+    P.add_gating(net)
+    for gm in P.gating_modules(net).values():
+        nn.init.constant_(gm.net[-1].bias, 10.0)
+        nn.init.zeros_(gm.net[-1].weight)
+    counter = P.TrainFlops(net, tiny_data.input_shape)
+    net(tiny_data.train.x[:8])
+
+    class S:
+        model = net
+
+    counter.after_step(S)
+    assert counter.fraction() == pytest.approx(1 + counter.gate_flops / counter.dense)
+    for gm in P.gating_modules(net).values():  # all closed: consumers skip everything
+        nn.init.constant_(gm.net[-1].bias, -10.0)
+    net(tiny_data.train.x[:8])
+    counter.after_step(S)
+    assert counter.fraction() < 1
+
+
+def test_config_profiles_and_paper_needs_data(tmp_path):
+    P.Config.from_profile("smoke")
+    for profile in ("cpu", "paper"):
+        cfg = P.Config.from_profile(profile)
+        assert len(cfg.targets) >= 5 and min(cfg.targets) <= 0.3 and max(cfg.targets) >= 0.9
+    with pytest.raises(ConfigError):
+        P.Config.from_namespace({"profile": "cpu", "bogus": 1})
+    with pytest.raises(ConfigError):
+        P.Config.from_profile("cpu", polarizer_form="l1")
+    cfg = P.Config.from_profile("paper", data_root=str(tmp_path))
+    from pruning_lib.data import DatasetNotFoundError
+
+    with pytest.raises(DatasetNotFoundError):
+        P.run_experiment(cfg, results_dir=str(tmp_path / "results"), progress=False)
+
+
+def test_drop_at_interpolates_per_seed():
+    import pandas as pd
+
+    runs = pd.DataFrame({"model": "m", "dataset": "d", "method": "polarization", "seed": [0, 0, 1, 1],
+                         "connection_sparsity": [0.4, 0.6, 0.2, 0.3], "accuracy_drop": [0.0, 2.0, 1.0, 1.0]})
+    out = P.drop_at(runs, "m", "d", 0.5)
+    assert out[0] == pytest.approx(1.0) and math.isnan(out[1])
+    assert P.drop_at(runs, "m", "d", 0.1) == [0.0, 1.0]  # below the sweep: the least sparse run's drop

@@ -1,0 +1,879 @@
+"""Chapter 6, LNPT: the learning gap and label-free pruning and training (Xiao et al. 2024, arXiv 2403.12690).
+
+The paper's abstract makes three claims:
+
+1. the distance between the initial and the trained weights, commonly taken to track generalization, is
+   *inconsistent* with it during training;
+2. the **learning gap**, a distance between the penultimate-layer feature maps of a mature network (the
+   teacher, "on the cloud") and of the network that is learning (the student, "on the device"), *aligns*
+   with generalization;
+3. the mature network can guide both the **pruning** (at initialisation) and the **training** of a small
+   network on *unlabeled* data, and this beats supervised training.
+
+Only the abstract could be read; the algorithm below is a reconstruction (papers.md §5, marked [recon]):
+
+* learning gap  ``LG(T, S; x) = mean_x ||phi_T(x) - P phi_S(x)||^2``  with ``phi`` the penultimate
+  features (``model.forward_features``) and ``P`` a linear map from the student's feature space into the
+  teacher's (:func:`learning_gap`);
+* label-free pruning at initialisation: the SNIP connection sensitivity ``|theta * dL_LF/dtheta|`` with the
+  label-free loss ``L_LF`` in place of the labelled cross-entropy (:func:`label_free_scores`, computed by
+  :func:`pruning_lib.criteria.gradient_scores`, the same code as labelled SNIP);
+* label-free training: the pruned student minimises ``L_LF = gap_weight * LG / s_T + kd_weight * T^2 *
+  KL(softmax(z_T / T) || softmax(z_S / T))`` (the gap plus distillation of the teacher's softened outputs)
+  on a split whose labels it never sees (:class:`LabelFreeLoss`, :func:`train_label_free`); ``s_T`` is the
+  teacher's mean squared feature norm on that split, so the gap term is scale-free.
+
+**Comparable feature spaces** (our choice, not the paper's): when the student's penultimate width equals
+the teacher's, ``P`` is the identity and the gap compares the feature maps directly, as the paper's text
+suggests. When the widths differ (LeNet-300-100's 100 features against LeNet-5-Caffe's 500), ``P`` is a
+linear map (FitNets-style regressor) that is fitted by ridge regression at initialisation (so the pruning
+score is the gradient of the *best-aligned* gap; by the envelope theorem the optimal ``P`` may be held fixed
+when differentiating) and then trained jointly with the student; it is a training aid, dropped afterwards
+and never pruned or counted. To *measure* the gap of any network (for example one trained with labels,
+whose features no loss tied to the teacher's), :func:`aligned_learning_gap` fits the ridge map on the
+student's unlabeled split and reports the relative residual on held-out images: 0 when the student's
+features determine the teacher's linearly, 1 when they explain nothing.
+
+Labels are *withheld*, not merely unused: :func:`withhold_labels` replaces the student split's labels by a
+:class:`WithheldLabels` placeholder that can be batched but raises :class:`LabelAccessError` on any read,
+so the label-free runs of this chapter would fail if anything in their path touched a label.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import claims, criteria, plotting
+from . import data as data_mod
+from .data import DataSplits, TensorSplit
+from .masks import apply_mask, mask_from_scores, prunable_names
+from .models import MODELS, build_model
+from .runs import ConfigError, RunConfig, Store, param, progress_bar
+from .train import Callback, cross_entropy, default_device, evaluate, fit
+
+CHAPTER = "06_lnpt"
+SOURCE = "Xiao et al. 2024 (arXiv 2403.12690), abstract"
+
+METHODS = ("lnpt", "supervised", "snip", "random")
+ABLATIONS = ("kd_only",)
+DENSE_METHODS = ("dense_label_free", "dense_supervised")
+METHOD_LABELS = {
+    "lnpt": "LNPT: learning-gap mask, label-free training",
+    "kd_only": "learning-gap mask, label-free distillation only (no gap term)",
+    "supervised": "learning-gap mask, supervised training",
+    "snip": "SNIP (labels), supervised training",
+    "random": "random mask, supervised training",
+    "dense_label_free": "dense, label-free training",
+    "dense_supervised": "dense, supervised training",
+}
+DATASET_CHOICES = ("mnist5k", "digits", "mnist", "cifar10", "cifar100", "synthetic-mnist", "synthetic-cifar")
+
+
+# --- withheld labels ---------------------------------------------------------------------------------
+
+class LabelAccessError(RuntimeError):
+    """Label-free code tried to read labels it must never see."""
+
+
+def _allowed_label_ops() -> tuple:
+    t = torch.Tensor
+    return (t.__len__, t.__getitem__, t.to, t.cpu, t.cuda, t.contiguous, t.size, t.dim, t.numel,
+            t.shape.__get__, t.device.__get__, t.dtype.__get__, t.is_cuda.__get__, t.ndim.__get__)
+
+
+class WithheldLabels(torch.Tensor):
+    """A stand-in for a split's labels that can be sliced, indexed, measured and moved (so the batching
+    code works unchanged) but raises :class:`LabelAccessError` on any operation that reads values.
+
+    It holds placeholder zeros, never the real labels: the real labels are not even in memory.
+    """
+
+    @staticmethod
+    def __new__(cls, n: int, device=None):
+        return torch.zeros(int(n), dtype=torch.long, device=device).as_subclass(cls)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if any(func == ok for ok in _allowed_label_ops()):
+            with torch._C.DisableTorchFunctionSubclass():
+                out = func(*args, **(kwargs or {}))
+            return out.as_subclass(cls) if isinstance(out, torch.Tensor) else out
+        name = getattr(func, "__name__", repr(func))
+        raise LabelAccessError(f"the labels of this split are withheld; label-free code called {name} on them")
+
+    def __repr__(self) -> str:
+        return f"WithheldLabels(n={self.shape[0]})"
+
+    def __reduce_ex__(self, proto):
+        raise LabelAccessError("withheld labels cannot be saved")
+
+
+class _UnlabeledDataset(torch.utils.data.Dataset):
+    """A map-style dataset whose items are ``(x, -1)``: for on-disk datasets (CIFAR), whose batches are
+    collated by a DataLoader. ``-1`` is rejected by ``cross_entropy``, so a labelled loss fails here too."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i][0], -1
+
+
+def withhold_labels(split):
+    """The split with its labels replaced by :class:`WithheldLabels` (in-memory) or ``-1`` (datasets)."""
+    if isinstance(split, TensorSplit):
+        return TensorSplit(split.x, WithheldLabels(len(split.x), device=split.x.device))
+    return _UnlabeledDataset(split)
+
+
+def lnpt_splits(data: DataSplits, unlabeled_fraction: float, seed: int = 0) -> tuple[DataSplits, DataSplits]:
+    """Split ``data.train`` into the teacher's labelled part and the student's part (``unlabeled_fraction``
+    of it), disjoint and fixed by ``seed``; validation and test splits are shared. The student's part is
+    returned *with* labels: the supervised baselines need them, label-free runs call :func:`withhold_labels`.
+    """
+    n = len(data.train)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(10_000 + seed))
+    k = int(round(unlabeled_fraction * n))
+    if not 0 < k < n:
+        raise ValueError(f"unlabeled_fraction {unlabeled_fraction} leaves an empty split of {n} examples")
+    student_idx, teacher_idx = perm[:k], perm[k:]
+
+    def take(idx):
+        if isinstance(data.train, TensorSplit):
+            return TensorSplit(data.train.x[idx].contiguous(), data.train.y[idx].contiguous())
+        return torch.utils.data.Subset(data.train, idx.tolist())
+
+    def splits(train, role):
+        return DataSplits(data.name, train, data.val, data.test, data.num_classes, data.input_shape,
+                          {**data.info, "lnpt_role": role, "lnpt_size": len(train)})
+    return splits(take(teacher_idx), "teacher"), splits(take(student_idx), "student")
+
+
+def stack_inputs(split, n: int | None = None, batch_size: int = 500) -> torch.Tensor:
+    """The first ``n`` inputs of a split as one tensor (labels are not read)."""
+    if isinstance(split, TensorSplit):
+        return split.x[:n] if n is not None else split.x
+    xs, count = [], 0
+    for x, _ in data_mod.batches(split, batch_size, num_workers=0):
+        xs.append(x)
+        count += len(x)
+        if n is not None and count >= n:
+            break
+    return torch.cat(xs)[:n]
+
+
+# --- features, the learning gap, the weight distance -------------------------------------------------
+
+def _bare(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DistributedDataParallel wraps the model
+
+
+def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Penultimate features (the input of ``model.classifier``) and logits in one forward pass.
+
+    The features are caught by a hook on the classifier so that the call goes through ``model(x)``, which
+    also works for a ``DistributedDataParallel`` wrapper (its gradient synchronisation needs its forward).
+    """
+    caught = {}
+    handle = _bare(model).classifier.register_forward_hook(lambda m, inp, out: caught.__setitem__("f", inp[0]))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    return caught["f"], logits
+
+
+@torch.no_grad()
+def penultimate_features(model: nn.Module, split_or_x, batch_size: int = 1000) -> torch.Tensor:
+    """``model.forward_features`` of every input (eval mode, no gradient; mode restored), on CPU."""
+    was = model.training
+    model.eval()
+    x_all = split_or_x if isinstance(split_or_x, torch.Tensor) else stack_inputs(split_or_x)
+    device = next(model.parameters()).device
+    out = [_bare(model).forward_features(x_all[i:i + batch_size].to(device)).cpu()
+           for i in range(0, len(x_all), batch_size)]
+    model.train(was)
+    return torch.cat(out)
+
+
+def learning_gap(teacher: nn.Module, student: nn.Module, x: torch.Tensor,
+                 projection: nn.Module | None = None) -> torch.Tensor:
+    """The learning gap ``mean_x ||phi_T(x) - P phi_S(x)||^2`` on the batch ``x`` (papers.md §5 [recon]).
+
+    ``phi`` is ``forward_features`` (the penultimate layer); the teacher is evaluated without gradient,
+    the gradient flows into the student (and ``projection``). ``projection=None`` compares the feature
+    maps directly, which needs equal widths.
+    """
+    with torch.no_grad():
+        ft = _bare(teacher).forward_features(x)
+    fs = _bare(student).forward_features(x)
+    if projection is not None:
+        fs = projection(fs)
+    if fs.shape != ft.shape:
+        raise ValueError(f"student features {tuple(fs.shape)} and teacher features {tuple(ft.shape)} differ: "
+                         "pass a projection (see make_projection)")
+    return (ft - fs).pow(2).sum(1).mean()
+
+
+def fit_ridge(fs: torch.Tensor, ft: torch.Tensor, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares map ``ft ≈ fs @ W.T + b`` with a ridge ``ridge * mean eigenvalue`` (float64 solve).
+
+    Returns ``(W [d_t, d_s], b [d_t])``, the parameters of an ``nn.Linear(d_s, d_t)``.
+    """
+    fs, ft = fs.double(), ft.double()
+    mu_s, mu_t = fs.mean(0), ft.mean(0)
+    a, c = fs - mu_s, ft - mu_t
+    gram = a.T @ a
+    lam = ridge * float(torch.trace(gram)) / max(gram.shape[0], 1) + 1e-12
+    w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), a.T @ c).T
+    b = mu_t - w @ mu_s
+    return w.float(), b.float()
+
+
+def aligned_learning_gap(teacher_fit: torch.Tensor, student_fit: torch.Tensor, teacher_eval: torch.Tensor,
+                         student_eval: torch.Tensor, ridge: float = 1e-3) -> float:
+    """The learning gap after the best linear alignment, relative to the teacher's feature variance.
+
+    The ridge map from student to teacher features is fitted on ``*_fit`` (the student's unlabeled
+    split) and evaluated on ``*_eval`` (held-out images): ``mean ||phi_T - (W phi_S + b)||^2 /
+    mean ||phi_T - mean phi_T||^2``. Works for any two widths and for students trained without any tie to
+    the teacher's feature basis; 0 when the student's features determine the teacher's linearly.
+    """
+    w, b = fit_ridge(student_fit, teacher_fit, ridge)
+    resid = teacher_eval - (student_eval @ w.T + b)
+    spread = teacher_eval - teacher_eval.mean(0)
+    return float(resid.pow(2).sum(1).mean() / spread.pow(2).sum(1).mean().clamp_min(1e-12))
+
+
+def weight_distance(model: nn.Module, initial: dict[str, torch.Tensor], names: Iterable[str] | None = None
+                    ) -> float:
+    """``||theta_t - theta_0||_2`` over the prunable weights (the paper's "distance between initialized and
+    trained weights"); ``initial`` holds ``theta_0`` (after the pruning mask, so pruned weights count 0)."""
+    params = dict(model.named_parameters())
+    names = list(initial) if names is None else list(names)
+    sq = sum(float((params[n].detach().cpu() - initial[n].cpu()).pow(2).sum()) for n in names)
+    return math.sqrt(sq)
+
+
+def snapshot(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    names = prunable_names(model) if names is None else names
+    return {n: params[n].detach().cpu().clone() for n in names}
+
+
+# --- the teacher's outputs -----------------------------------------------------------------------------
+
+class TeacherOutputs:
+    """The mature network's penultimate features and logits for a batch, without gradient.
+
+    With ``cache_x`` (the student's in-memory split) every output is computed once, up front, as if the
+    cloud sent its answers for the device's data once; a batch is then found by a fingerprint of each row
+    and *verified* to be the very same images, else the teacher runs. Exact either way.
+    """
+
+    def __init__(self, teacher: nn.Module, cache_x: torch.Tensor | None = None, batch_size: int = 1000):
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.device = next(teacher.parameters()).device
+        self.hits = self.misses = 0
+        self._x = None
+        if cache_x is not None:
+            x = cache_x.to(self.device)
+            feats, logits = [], []
+            with torch.no_grad():
+                for i in range(0, len(x), batch_size):
+                    f, z = features_and_logits(self.teacher, x[i:i + batch_size])
+                    feats.append(f)
+                    logits.append(z)
+            self._x, self._f, self._z = x, torch.cat(feats), torch.cat(logits)
+            self._r = torch.randn(x[0].numel(), generator=torch.Generator().manual_seed(0),
+                                  dtype=torch.float64).to(self.device)
+            fp = self._fingerprint(x)
+            self._fp_sorted, self._order = torch.sort(fp)
+
+    def _fingerprint(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).double() @ self._r
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self._f.shape[1]) if self._x is not None else None
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._x is not None and x.device == self._x.device and x.shape[1:] == self._x.shape[1:]:
+            pos = torch.searchsorted(self._fp_sorted, self._fingerprint(x)).clamp(max=len(self._order) - 1)
+            idx = self._order[pos]
+            if torch.equal(self._x[idx], x):
+                self.hits += 1
+                return self._f[idx], self._z[idx]
+        self.misses += 1
+        with torch.no_grad():
+            return features_and_logits(self.teacher, x.to(self.device))
+
+    def mean_sq_norm(self, x: torch.Tensor | None = None) -> float:
+        """``mean_x ||phi_T(x)||^2`` over the cached split (or ``x``): the gap's scale."""
+        f = self._f if x is None else self(x)[0]
+        return float(f.pow(2).sum(1).mean())
+
+
+def make_projection(student_dim: int, teacher_dim: int) -> nn.Module | None:
+    """``None`` (compare feature maps directly) for equal widths, else a trainable ``nn.Linear``."""
+    return None if student_dim == teacher_dim else nn.Linear(student_dim, teacher_dim)
+
+
+def student_feature_dim(model: nn.Module) -> int:
+    return int(_bare(model).classifier.in_features)
+
+
+class LabelFreeLoss:
+    """``loss_fn(model, x, y)`` of label-free training and scoring; it never reads ``y``.
+
+    ``L_LF = gap_weight * LG / gap_scale + kd_weight * T^2 * KL(softmax(z_T/T) || softmax(z_S/T))``:
+    the learning gap (scale-free with ``gap_scale = mean ||phi_T||^2``) plus distillation of the teacher's
+    softened outputs (Hinton et al. 2015). ``projection`` maps student features to the teacher's width.
+    """
+
+    def __init__(self, teacher: TeacherOutputs, *, projection: nn.Module | None = None, gap_weight: float = 1.0,
+                 kd_weight: float = 1.0, temperature: float = 4.0, gap_scale: float = 1.0):
+        self.teacher, self.projection = teacher, projection
+        self.gap_weight, self.kd_weight, self.temperature = gap_weight, kd_weight, temperature
+        self.gap_scale = gap_scale
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y=None) -> torch.Tensor:
+        del y  # label-free: the labels are never read (a WithheldLabels would raise if they were)
+        ft, zt = self.teacher(x)
+        fs, zs = features_and_logits(model, x)
+        if self.projection is not None:
+            fs = self.projection(fs)
+        loss = x.new_zeros(())
+        if self.gap_weight:
+            loss = loss + self.gap_weight * (ft - fs).pow(2).sum(1).mean() / self.gap_scale
+        if self.kd_weight:
+            t = self.temperature
+            kd = F.kl_div(F.log_softmax(zs / t, 1), F.log_softmax(zt / t, 1), log_target=True,
+                          reduction="batchmean")
+            loss = loss + self.kd_weight * t * t * kd
+        return loss
+
+
+def init_projection(student: nn.Module, teacher: TeacherOutputs, x: torch.Tensor, ridge: float = 1e-3
+                    ) -> nn.Module | None:
+    """The projection for ``student``: ``None`` for equal widths, else an ``nn.Linear`` initialised by the
+    ridge fit of the teacher's features on the student's (at the student's current weights) on ``x``."""
+    proj = make_projection(student_feature_dim(student), int(teacher(x[:1].to(teacher.device))[0].shape[1]))
+    if proj is None:
+        return None
+    with torch.no_grad():
+        was = student.training
+        student.eval()
+        fs = _bare(student).forward_features(x.to(teacher.device))
+        student.train(was)
+        ft = teacher(x.to(teacher.device))[0]
+        w, b = fit_ridge(fs.cpu(), ft.cpu())
+        proj.weight.copy_(w)
+        proj.bias.copy_(b)
+    return proj.to(teacher.device)
+
+
+def label_free_scores(student: nn.Module, loss: LabelFreeLoss, batches: Iterable) -> dict[str, torch.Tensor]:
+    """LNPT's pruning score: SNIP's ``|theta * dL/dtheta|`` with the label-free loss (gap + distillation)
+    in place of the labelled cross-entropy, by :func:`pruning_lib.criteria.gradient_scores`."""
+    return criteria.gradient_scores(student, loss, batches)
+
+
+def snip_scores(student: nn.Module, batches: Iterable) -> dict[str, torch.Tensor]:
+    """Labelled SNIP (Lee et al. 2019): ``|theta * dCE/dtheta|``."""
+    return criteria.gradient_scores(student, cross_entropy, batches)
+
+
+def random_scores(student: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    params = dict(student.named_parameters())
+    return {n: torch.rand(params[n].shape, generator=generator) for n in prunable_names(student)}
+
+
+def train_label_free(student: nn.Module, teacher: TeacherOutputs, data: DataSplits, *,
+                     projection: nn.Module | None = None, gap_weight: float = 1.0, kd_weight: float = 1.0,
+                     temperature: float = 4.0, gap_scale: float | None = None, lr: float = 1e-3,
+                     **fit_kwargs) -> pd.DataFrame:
+    """Train ``student`` to close the learning gap (and match the softened outputs) on ``data.train``
+    without its labels, with :func:`pruning_lib.train.fit`. The labels are withheld first, so any read
+    raises; validation and test accuracy are still measured with labels (that is evaluation, not training).
+    """
+    unlabeled = DataSplits(data.name, withhold_labels(data.train), data.val, data.test, data.num_classes,
+                           data.input_shape, data.info)
+    if gap_scale is None:
+        gap_scale = teacher.mean_sq_norm() if teacher.feature_dim else 1.0
+    loss = LabelFreeLoss(teacher, projection=projection, gap_weight=gap_weight, kd_weight=kd_weight,
+                         temperature=temperature, gap_scale=gap_scale)
+    params = list(student.parameters()) + (list(projection.parameters()) if projection is not None else [])
+    optimizer = torch.optim.Adam(params, lr=lr)
+    return fit(student, unlabeled, optimizer=optimizer, loss_fn=loss, **fit_kwargs)
+
+
+# --- probing runs: weight distance and learning gap over training -----------------------------------
+
+class GapProbe(Callback):
+    """Logs ``weight_distance`` and ``learning_gap`` (aligned, relative) at every evaluation of ``fit``."""
+
+    def __init__(self, initial: dict[str, torch.Tensor], fit_x: torch.Tensor, eval_x: torch.Tensor,
+                 teacher_fit: torch.Tensor, teacher_eval: torch.Tensor):
+        self.initial, self.fit_x, self.eval_x = initial, fit_x, eval_x
+        self.teacher_fit, self.teacher_eval = teacher_fit, teacher_eval
+
+    def log(self, state) -> dict[str, float]:
+        model = state.model
+        return {"weight_distance": weight_distance(model, self.initial),
+                "learning_gap": aligned_learning_gap(self.teacher_fit, penultimate_features(model, self.fit_x),
+                                                     self.teacher_eval, penultimate_features(model, self.eval_x))}
+
+
+# --- the chapter's configuration and experiment -------------------------------------------------------
+
+@dataclass(frozen=True)
+class Config(RunConfig):
+    dataset: str = param("mnist5k", choices=DATASET_CHOICES)
+    data_root: str = param("data")
+    unlabeled_fraction: float = param(0.5, low=0.05, high=0.95,
+                                      help="share of the training split given to the student without labels; "
+                                           "the teacher is trained with labels on the rest")
+    teacher: str = param("lenet5_caffe", choices=tuple(MODELS))
+    teacher_epochs: float = param(20, low=0.01, high=1000)
+    students: tuple[str, ...] = param(("lenet300_100", "lenet5_caffe"), choices=tuple(MODELS))
+    student_widths: tuple[float, ...] = param((1.0, 0.5), low=0.05, high=8,
+                                              help="width multiplier of each student (one value, or one per "
+                                                   "student); the teacher is full width")
+    methods: tuple[str, ...] = param(METHODS, choices=METHODS + ABLATIONS,
+                                     help="pruned-student methods compared at each sparsity")
+    sparsities: tuple[float, ...] = param((0.9, 0.95, 0.98), low=0.0, high=0.999)
+    seeds: tuple[int, ...] = param((0, 1, 2), low=0)
+    epochs: float = param(20, low=0.01, high=1000)
+    lr: float = param(1e-3, low=0, high=10)
+    batch_size: int = param(64, low=1, high=4096)
+    temperature: float = param(4.0, low=0.1, high=100)
+    gap_weight: float = param(1.0, low=0, high=1000)
+    kd_weight: float = param(1.0, low=0, high=1000)
+    score_batches: int = param(4, low=1, high=1000, help="batches the pruning scores are averaged over")
+    dense_reference: bool = param(True, help="also train dense students, label-free and supervised")
+    trajectory_student: str = param("lenet300_100", choices=tuple(MODELS))
+    trajectory_lrs: tuple[float, ...] = param((1e-4, 1e-3, 1e-2), low=0, high=10)
+    trajectory_sparsities: tuple[float, ...] = param((0.0, 0.9, 0.98), low=0.0, high=0.999)
+    trajectory_epochs: float = param(20, low=0.01, high=1000)
+    trajectory_training: str = param("supervised", choices=("supervised", "label_free"))
+    probes_per_epoch: int = param(2, low=1, high=100)
+    probe_samples: int = param(2000, low=10, help="images the aligned gap is fitted on (and evaluated on)")
+    results_dir: str = param("results")
+
+    PROFILES = {
+        "smoke": {"dataset": "mnist5k", "teacher_epochs": 1, "students": ("lenet300_100",), "student_widths": (1.0,),
+                  "sparsities": (0.9, 0.98), "seeds": (0,), "epochs": 1, "score_batches": 1,
+                  "trajectory_lrs": (1e-3, 1e-2), "trajectory_sparsities": (0.0, 0.9), "trajectory_epochs": 1,
+                  "probes_per_epoch": 3, "probe_samples": 300},
+        "cpu": {"seeds": (0, 1), "epochs": 12, "teacher_epochs": 15, "trajectory_epochs": 12,
+                "probes_per_epoch": 3, "methods": METHODS + ABLATIONS},
+        "paper": {"dataset": "cifar10", "teacher": "resnet56", "teacher_epochs": 160,
+                  "students": ("resnet20", "vgg16_bn"), "student_widths": (1.0, 0.5),
+                  "methods": METHODS + ABLATIONS, "sparsities": (0.9, 0.95, 0.98),
+                  "seeds": (0, 1, 2), "epochs": 160, "batch_size": 128, "lr": 1e-3,
+                  "trajectory_student": "resnet20", "trajectory_lrs": (1e-4, 1e-3, 1e-2),
+                  "trajectory_sparsities": (0.0, 0.9, 0.98), "trajectory_epochs": 60, "probes_per_epoch": 1,
+                  "probe_samples": 5000, "unlabeled_fraction": 0.5},
+    }
+    NOT_HASHED = RunConfig.NOT_HASHED + ("data_root",)
+
+    def check(self) -> None:
+        if len(self.student_widths) not in (1, len(self.students)):
+            raise ConfigError(f"parameter 'student_widths': give one width or one per student "
+                              f"({len(self.students)}), got {list(self.student_widths)}")
+
+    def student_specs(self) -> list[tuple[str, float]]:
+        """``(model name, width)`` of every student."""
+        widths = self.student_widths * len(self.students) if len(self.student_widths) == 1 else self.student_widths
+        return list(zip(self.students, widths))
+
+
+def student_label(name: str, width: float) -> str:
+    return name if width == 1.0 else f"{name} (width {width:g})"
+
+
+@dataclass
+class Context:
+    """What every unit of the experiment shares: the splits, the trained teacher and its outputs."""
+
+    cfg: Config
+    data: DataSplits
+    teacher_data: DataSplits
+    student_data: DataSplits
+    teacher: nn.Module
+    teacher_outputs: TeacherOutputs
+    teacher_history: pd.DataFrame
+    teacher_spec: dict
+    fit_x: torch.Tensor
+    eval_x: torch.Tensor
+    teacher_fit: torch.Tensor
+    teacher_eval: torch.Tensor
+    device: torch.device
+
+
+def _build(cfg: Config, name: str, data: DataSplits, seed: int, width: float = 1.0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(name, width=width, **data.model_kwargs())
+
+
+def teacher_spec(cfg: Config) -> dict:
+    return dict(dataset=cfg.dataset, unlabeled_fraction=cfg.unlabeled_fraction, teacher=cfg.teacher,
+                epochs=cfg.teacher_epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=0, optimizer="adam")
+
+
+def prepare(cfg: Config, progress: bool = False) -> Context:
+    """Load the data, split it, and train (or load from the Store) the teacher, once, with labels on the
+    teacher's split."""
+    device = default_device()
+    data = data_mod.load_dataset(cfg.dataset, root=cfg.data_root)
+    teacher_data, student_data = lnpt_splits(data, cfg.unlabeled_fraction)
+    spec = teacher_spec(cfg)
+    store = Store(cfg.results_dir, "lnpt/teacher", spec)
+    teacher = _build(cfg, cfg.teacher, data, 0)
+
+    def train_teacher():
+        h = fit(teacher, teacher_data, epochs=cfg.teacher_epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=0,
+                eval_every=data_mod.num_batches(teacher_data.train, cfg.batch_size), progress=progress,
+                desc=f"teacher {cfg.teacher}")
+        return {"state": {k: v.cpu() for k, v in teacher.state_dict().items()}, "history": h.to_dict("list")}
+
+    saved = store.torch("teacher", train_teacher)
+    teacher.load_state_dict(saved["state"])
+    teacher.to(device)
+    cache_x = student_data.train.x if isinstance(student_data.train, TensorSplit) else None
+    outputs = TeacherOutputs(teacher, cache_x)
+    fit_x = stack_inputs(student_data.train, cfg.probe_samples)
+    eval_x = stack_inputs(data.test, cfg.probe_samples)
+    return Context(cfg, data, teacher_data, student_data, teacher, outputs, pd.DataFrame(saved["history"]), spec,
+                   fit_x, eval_x, penultimate_features(teacher, fit_x), penultimate_features(teacher, eval_x),
+                   device)
+
+
+def _score_batches(ctx: Context, seed: int, labelled: bool) -> list:
+    """The first ``score_batches`` shuffled batches of the student's split (labels withheld unless
+    ``labelled``), fixed by ``seed``."""
+    split = ctx.student_data.train if labelled else withhold_labels(ctx.student_data.train)
+    gen = torch.Generator().manual_seed(seed)
+    it = data_mod.batches(split, ctx.cfg.batch_size, shuffle=True, generator=gen, device=ctx.device)
+    return [b for _, b in zip(range(ctx.cfg.score_batches), it)]
+
+
+def pruned_student(ctx: Context, name: str, criterion: str, sparsity: float, seed: int, width: float = 1.0,
+                   kd_only: bool = False) -> tuple[nn.Module, nn.Module | None, LabelFreeLoss]:
+    """A freshly initialised student (seeded), pruned at initialisation to ``sparsity`` by ``criterion``
+    ("learning_gap", "snip", "random"; global ranking), with its projection and label-free loss (the
+    pruning score always uses the full label-free loss; ``kd_only`` drops the gap term from training)."""
+    cfg = ctx.cfg
+    student = _build(cfg, name, ctx.data, seed, width).to(ctx.device)
+    unl = _score_batches(ctx, seed, labelled=False)
+    projection = init_projection(student, ctx.teacher_outputs, torch.cat([x for x, _ in unl]))
+    gap_scale = float(ctx.teacher_fit.pow(2).sum(1).mean())  # mean ||phi_T||^2 on the student's images
+    loss = LabelFreeLoss(ctx.teacher_outputs, projection=projection, gap_weight=cfg.gap_weight,
+                         kd_weight=cfg.kd_weight, temperature=cfg.temperature, gap_scale=gap_scale)
+    if sparsity > 0:
+        if criterion == "learning_gap":
+            scores = label_free_scores(student, loss, unl)
+        elif criterion == "snip":
+            scores = snip_scores(student, _score_batches(ctx, seed, labelled=True))
+        elif criterion == "random":
+            scores = random_scores(student, torch.Generator().manual_seed(seed))
+        else:
+            raise ValueError(f"unknown criterion {criterion!r}")
+        apply_mask(student, mask_from_scores(scores, sparsity, scope="global"))
+    if kd_only:
+        loss.gap_weight, projection = 0.0, None
+        loss.projection = None
+    return student, projection, loss
+
+
+def _density(model: nn.Module) -> float:
+    params = dict(model.named_parameters())
+    names = prunable_names(model)
+    return sum(int((params[n] != 0).sum()) for n in names) / sum(params[n].numel() for n in names)
+
+
+def _train(ctx: Context, student, projection, loss, label_free: bool, *, lr: float, epochs: float, seed: int,
+           eval_every: int | None = None, callbacks=()) -> pd.DataFrame:
+    cfg = ctx.cfg
+    kw = dict(epochs=epochs, batch_size=cfg.batch_size, seed=seed, progress=False, callbacks=callbacks,
+              eval_every=eval_every or 10**9)
+    if label_free:
+        return train_label_free(student, ctx.teacher_outputs, ctx.student_data, projection=projection,
+                                gap_weight=loss.gap_weight, kd_weight=loss.kd_weight, temperature=loss.temperature,
+                                gap_scale=loss.gap_scale, lr=lr, **kw)
+    return fit(student, ctx.student_data, lr=lr, **kw)
+
+
+def trajectory_run(ctx: Context, lr: float, sparsity: float, seed: int = 0) -> pd.DataFrame:
+    """One probed run: the trajectory student, pruned at init by the learning-gap score, trained with
+    ``cfg.trajectory_training``; weight distance, aligned learning gap and test accuracy at every probe."""
+    cfg = ctx.cfg
+    student, projection, loss = pruned_student(ctx, cfg.trajectory_student, "learning_gap", sparsity, seed)
+    probe = GapProbe(snapshot(student), ctx.fit_x, ctx.eval_x, ctx.teacher_fit, ctx.teacher_eval)
+    steps = data_mod.num_batches(ctx.student_data.train, cfg.batch_size)
+    h = _train(ctx, student, projection, loss, cfg.trajectory_training == "label_free", lr=lr,
+               epochs=cfg.trajectory_epochs, seed=seed, eval_every=max(1, steps // cfg.probes_per_epoch),
+               callbacks=[probe])
+    return h.assign(student=cfg.trajectory_student, lr=lr, sparsity=sparsity, seed=seed,
+                    training=cfg.trajectory_training)
+
+
+def accuracy_run(ctx: Context, student_name: str, method: str, sparsity: float, seed: int,
+                 width: float = 1.0) -> pd.DataFrame:
+    """One cell of the accuracy-vs-sparsity comparison (see :data:`METHOD_LABELS`); one row."""
+    cfg = ctx.cfg
+    criterion = {"snip": "snip", "random": "random"}.get(method, "learning_gap")
+    dense = method in DENSE_METHODS
+    student, projection, loss = pruned_student(ctx, student_name, criterion, 0.0 if dense else sparsity, seed,
+                                               width, kd_only=method == "kd_only")
+    label_free = method in ("lnpt", "kd_only", "dense_label_free")
+    h = _train(ctx, student, projection, loss, label_free, lr=cfg.lr, epochs=cfg.epochs, seed=seed)
+    last = h.iloc[-1]
+    gap = aligned_learning_gap(ctx.teacher_fit, penultimate_features(student, ctx.fit_x), ctx.teacher_eval,
+                               penultimate_features(student, ctx.eval_x))
+    return pd.DataFrame([{"student": student_label(student_name, width), "model": student_name, "width": width,
+                          "method": method, "sparsity": 0.0 if dense else sparsity,
+                          "seed": seed, "density": _density(student), "test_accuracy": last["test_accuracy"],
+                          "val_accuracy": last["val_accuracy"], "learning_gap": gap,
+                          "label_free": label_free, "steps": int(last["step"]), "seconds": last["seconds"]}])
+
+
+def _unit_spec(ctx: Context, **kw) -> dict:
+    cfg = ctx.cfg
+    common = dict(teacher=ctx.teacher_spec, batch_size=cfg.batch_size, score_batches=cfg.score_batches,
+                  temperature=cfg.temperature, gap_weight=cfg.gap_weight, kd_weight=cfg.kd_weight,
+                  probe_samples=cfg.probe_samples)
+    return {**common, **kw}
+
+
+def run_experiment(cfg: Config, progress: bool = True) -> dict[str, pd.DataFrame]:
+    """Every unit of the chapter, each cached in its own Store entry (teacher, each probed run, each
+    (student, method, sparsity, seed)); returns frames ``teacher`` (its history), ``trajectories`` and
+    ``accuracy``."""
+    torch.manual_seed(0)
+    ctx = prepare(cfg, progress=False)
+    root = cfg.results_dir
+    units: list[tuple[str, dict, Callable[[], pd.DataFrame]]] = []
+    for lr in cfg.trajectory_lrs:
+        for s in cfg.trajectory_sparsities:
+            spec = _unit_spec(ctx, kind="trajectory", student=cfg.trajectory_student, lr=lr, sparsity=s, seed=0,
+                              epochs=cfg.trajectory_epochs, probes_per_epoch=cfg.probes_per_epoch,
+                              training=cfg.trajectory_training)
+            units.append(("trajectories", spec, lambda lr=lr, s=s: trajectory_run(ctx, lr, s)))
+    methods = [(m, s) for s in cfg.sparsities for m in cfg.methods]
+    if cfg.dense_reference:
+        methods = [(m, 0.0) for m in DENSE_METHODS] + methods
+    for name, width in cfg.student_specs():
+        for seed in cfg.seeds:
+            for m, s in methods:
+                spec = _unit_spec(ctx, kind="accuracy", student=name, width=width, method=m, sparsity=s,
+                                  seed=seed, epochs=cfg.epochs, lr=cfg.lr)
+                units.append(("accuracy", spec, lambda name=name, m=m, s=s, seed=seed, width=width:
+                              accuracy_run(ctx, name, m, s, seed, width)))
+    out: dict[str, list] = {"trajectories": [], "accuracy": []}
+    for kind, spec, compute in progress_bar(units, desc="LNPT units", progress=progress):
+        out[kind].append(Store(root, f"lnpt/{kind}", spec).frame("result", compute))
+    teacher_acc = evaluate(ctx.teacher, ctx.data.test)["accuracy"]
+    return {"teacher": ctx.teacher_history.assign(model=cfg.teacher, test_accuracy_final=teacher_acc),
+            "trajectories": pd.concat(out["trajectories"], ignore_index=True),
+            "accuracy": pd.concat(out["accuracy"], ignore_index=True),
+            "splits": pd.DataFrame([{"split": "teacher (labelled)", "examples": len(ctx.teacher_data.train)},
+                                    {"split": "student (labels withheld)", "examples": len(ctx.student_data.train)},
+                                    {"split": "validation", "examples": len(ctx.data.val)},
+                                    {"split": "test", "examples": len(ctx.data.test)}])}
+
+
+# --- analysis ---------------------------------------------------------------------------------------
+
+def spearman(a, b) -> float:
+    """Spearman's rank correlation (scipy), NaN when either side is constant or too short."""
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    ok = ~(np.isnan(a) | np.isnan(b))
+    if ok.sum() < 3 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:
+        return float("nan")
+    return float(spearmanr(a[ok], b[ok]).statistic)
+
+
+def correlations(traj: pd.DataFrame) -> pd.DataFrame:
+    """Rank correlations of weight distance and learning gap with test accuracy: one row per run and one
+    row ``all runs`` pooling every checkpoint of every run (the paper's across-runs view)."""
+    rows = []
+    for (lr, s), g in traj.groupby(["lr", "sparsity"], sort=True):
+        rows.append({"run": f"lr {lr:g}, sparsity {100 * s:g} %", "lr": lr, "sparsity": s, "checkpoints": len(g),
+                     "rho_weight_distance": spearman(g["weight_distance"], g["test_accuracy"]),
+                     "rho_learning_gap": spearman(g["learning_gap"], g["test_accuracy"]),
+                     "final_test_accuracy": g.sort_values("step")["test_accuracy"].iloc[-1]})
+    rows.append({"run": "all runs", "lr": float("nan"), "sparsity": float("nan"), "checkpoints": len(traj),
+                 "rho_weight_distance": spearman(traj["weight_distance"], traj["test_accuracy"]),
+                 "rho_learning_gap": spearman(traj["learning_gap"], traj["test_accuracy"]),
+                 "final_test_accuracy": float("nan")})
+    return pd.DataFrame(rows)
+
+
+def accuracy_table(acc: pd.DataFrame) -> pd.DataFrame:
+    """Test accuracy (%) mean ± s.d. over seeds: rows (student, sparsity), one column per method."""
+    def fmt(v):
+        v = 100 * np.asarray(v, dtype=float)
+        return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v.mean():.2f}"
+    t = acc.groupby(["student", "sparsity", "method"])["test_accuracy"].apply(fmt).unstack("method")
+    t = t[[m for m in DENSE_METHODS + METHODS + ABLATIONS if m in t.columns]].fillna("")
+    t.index = pd.MultiIndex.from_tuples([(st, f"{100 * sp:g} %") for st, sp in t.index],
+                                        names=["student", "sparsity"])
+    return t.rename(columns=METHOD_LABELS)
+
+
+# --- plots --------------------------------------------------------------------------------------------
+
+def plot_trajectories(traj: pd.DataFrame):
+    """Test accuracy against weight distance (left) and against the learning gap (right) at every probe
+    of every run; one line per run (colour: learning rate, line style: sparsity); pooled Spearman rho."""
+    import seaborn as sns
+
+    cor = correlations(traj).set_index("run").loc["all runs"]
+    fig, axes = plotting.figure(ncols=2, width=10.0, height=4.2, sharey=True)
+    lrs = sorted(traj["lr"].unique())
+    spars = sorted(traj["sparsity"].unique())
+    colours = dict(zip(lrs, sns.color_palette(plotting.PALETTE, len(lrs))))
+    styles = dict(zip(spars, ["-", "--", ":", "-."] * 3))
+    markers = dict(zip(spars, ["o", "s", "^", "D"] * 3))
+    for ax, col, label, rho in [(axes[0], "weight_distance", "weight distance ‖θ_t − θ_0‖₂", cor.rho_weight_distance),
+                                (axes[1], "learning_gap", "learning gap (aligned, relative)", cor.rho_learning_gap)]:
+        for (lr, s), g in traj.groupby(["lr", "sparsity"]):
+            g = g.sort_values("step")
+            ax.plot(g[col], g["test_accuracy"], styles[s], marker=markers[s], ms=3, lw=1, color=colours[lr],
+                    alpha=0.85)
+        ax.set_xlabel(label)
+        ax.set_title(f"Spearman ρ = {rho:.2f} (all checkpoints)")
+    axes[0].set_xscale("symlog", linthresh=1.0)
+    axes[0].set_ylabel("test accuracy")
+    from matplotlib.lines import Line2D
+    handles = [Line2D([], [], color=colours[lr], lw=2, label=f"lr {lr:g}") for lr in lrs]
+    handles += [Line2D([], [], color="grey", ls=styles[s], marker=markers[s], ms=4, label=f"sparsity {100 * s:g} %")
+                for s in spars]
+    axes[1].legend(handles=handles, loc="lower left", fontsize=8)
+    return fig
+
+
+def plot_accuracy(acc: pd.DataFrame, teacher_accuracy: float | None = None):
+    """Test accuracy against sparsity, one panel per student, mean ± s.d. over seeds for each method;
+    dense students and the teacher as horizontal reference lines."""
+    import seaborn as sns
+
+    students = list(dict.fromkeys(acc["student"]))
+    fig, axes = plotting.figure(ncols=len(students), width=max(6.0, 5.0 * len(students)), height=5.2,
+                                squeeze=False)
+    shown = METHODS + ABLATIONS
+    palette = dict(zip(shown, sns.color_palette(plotting.PALETTE, len(shown))))
+    markers = dict(zip(shown, ["o", "s", "^", "v", "x"]))
+    for ax, name in zip(axes[0], students):
+        g = acc[acc["student"] == name]
+        for m in shown:
+            d = g[g["method"] == m].groupby("sparsity")["test_accuracy"].agg(["mean", "std", "count"]).reset_index()
+            if d.empty:
+                continue
+            ax.errorbar(d["sparsity"], d["mean"], yerr=d["std"].fillna(0), marker=markers[m], capsize=3,
+                        color=palette[m], label=METHOD_LABELS[m])
+        for m, ls in [("dense_supervised", "--"), ("dense_label_free", "-.")]:
+            d = g[g["method"] == m]["test_accuracy"]
+            if len(d):
+                ax.axhline(d.mean(), color="grey", ls=ls, lw=1, label=METHOD_LABELS[m])
+        if teacher_accuracy is not None:
+            ax.axhline(teacher_accuracy, color="black", ls=":", lw=1, label="teacher")
+        ax.set_xscale("logit")
+        ax.xaxis.set_major_formatter(plt_percent())
+        ax.xaxis.set_minor_formatter(plt_blank())
+        ax.set_xticks(sorted(g.loc[g["sparsity"] > 0, "sparsity"].unique()))
+        ax.set_xlabel("sparsity (logit scale)")
+        ax.set_title(name)
+    axes[0][0].set_ylabel("test accuracy (mean ± s.d. over seeds)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    return fig
+
+
+def plt_percent():
+    from matplotlib.ticker import FuncFormatter
+    return FuncFormatter(lambda v, _: f"{100 * v:.3g} %")
+
+
+def plt_blank():
+    from matplotlib.ticker import FuncFormatter
+    return FuncFormatter(lambda v, _: "")
+
+
+# --- claims ---------------------------------------------------------------------------------------------
+
+def claims_table(cfg: Config, results: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The paper's claims against our runs; verdicts by :func:`pruning_lib.claims.ledger`.
+
+    Thresholds are ours (the abstract gives no numbers): "inconsistent" = pooled |Spearman rho| of weight
+    distance with test accuracy at most 0.5; "tracks" = pooled rho of the learning gap with test accuracy
+    at most -0.7 (a smaller gap, a higher accuracy). Accuracy comparisons are paired over (sparsity, seed).
+    """
+    traj, acc = results["trajectories"], results["accuracy"]
+    cor = correlations(traj)
+    pooled = cor.set_index("run").loc["all runs"]
+    runs = cor[cor["run"] != "all runs"]
+    rows = [
+        (claims.Claim("The distance between initial and trained weights is inconsistent with generalization "
+                      "during training", SOURCE,
+                      "|Spearman ρ| of ‖θ_t − θ_0‖₂ with test accuracy, all checkpoints of runs differing in "
+                      "learning rate and sparsity", claims.AtMost(limit=0.5, fmt="{:.2f}")),
+         [abs(pooled.rho_weight_distance)]),
+        (claims.Claim("The learning gap (penultimate features, mature vs learning network) aligns with "
+                      "generalization", SOURCE,
+                      "Spearman ρ of the aligned learning gap with test accuracy, all checkpoints",
+                      claims.AtMost(limit=-0.7, fmt="{:.2f}")),
+         [pooled.rho_learning_gap]),
+        (claims.Claim("Within a run, the learning gap tracks test accuracy more closely than the weight distance",
+                      SOURCE + " (our per-run reading)",
+                      "per run: |ρ(gap, acc)| vs |ρ(distance, acc)|, paired over runs",
+                      claims.Exceeds(fmt="{:.2f}", a_name="|ρ gap|", b_name="|ρ distance|")),
+         (runs["rho_learning_gap"].abs().to_numpy(), runs["rho_weight_distance"].abs().to_numpy())),
+    ]
+
+    def paired(student, a, b):
+        g = acc[(acc["student"] == student) & (acc["sparsity"] > 0)]
+        pa = g[g["method"] == a].set_index(["sparsity", "seed"])["test_accuracy"]
+        pb = g[g["method"] == b].set_index(["sparsity", "seed"])["test_accuracy"]
+        idx = pa.index.intersection(pb.index).sort_values()
+        return pa.loc[idx].to_numpy(), pb.loc[idx].to_numpy()
+
+    for name in dict.fromkeys(acc["student"]):
+        rows += [
+            (claims.Claim(f"{name}: label-free LNPT beats supervised training", SOURCE,
+                          "test accuracy, same learning-gap mask, label-free vs labelled training, paired over "
+                          "sparsity × seed", claims.Exceeds(fmt="{:.4f}", a_name="LNPT", b_name="supervised")),
+             paired(name, "lnpt", "supervised")),
+            (claims.Claim(f"{name}: label-free LNPT beats SNIP with labels", SOURCE + " (SNIP baseline: papers.md §5)",
+                          "test accuracy, paired over sparsity × seed",
+                          claims.Exceeds(fmt="{:.4f}", a_name="LNPT", b_name="SNIP")),
+             paired(name, "lnpt", "snip")),
+            (claims.Claim(f"{name}: the mature network guides pruning on unlabeled data (learning-gap mask beats "
+                          "a random mask)", SOURCE,
+                          "test accuracy, both trained with labels, paired over sparsity × seed",
+                          claims.Exceeds(fmt="{:.4f}", a_name="gap mask", b_name="random")),
+             paired(name, "supervised", "random")),
+        ]
+        if "kd_only" in set(acc["method"]):
+            rows.append((claims.Claim(f"{name}: closing the learning gap adds to distillation of the softened "
+                                      "outputs", SOURCE + " (our ablation of the reconstructed loss)",
+                                      "test accuracy, same mask, label-free with vs without the gap term, paired",
+                                      claims.Exceeds(fmt="{:.4f}", a_name="LNPT", b_name="KD only")),
+                         paired(name, "lnpt", "kd_only")))
+    return claims.ledger(CHAPTER, rows, cfg.profile, cfg.results_dir)

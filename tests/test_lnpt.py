@@ -1,0 +1,265 @@
+"""Tests of the LNPT chapter's library (pruning_lib.lnpt): learning gap, label-free score, withheld labels."""
+import copy
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pruning_lib import lnpt
+from pruning_lib.data import DataSplits, TensorSplit, batches, load_dataset
+from pruning_lib.gates import set_gates
+from pruning_lib.masks import prunable_names
+from pruning_lib.models import build_model
+from pruning_lib.runs import ConfigError
+from pruning_lib.train import fit
+
+
+def tiny_mlp(seed, hidden=(6, 4)):
+    torch.manual_seed(seed)
+    return build_model("lenet300_100", image_size=4, hidden=hidden, num_classes=3)
+
+
+class Scale(nn.Module):
+    """A gate multiplying every unit by the constant ``s``: a known perturbation of the features."""
+
+    def __init__(self, s):
+        super().__init__()
+        self.s = s
+
+    def forward(self, x):
+        return x * self.s
+
+
+# --- the learning gap ---------------------------------------------------------------------------------
+
+def test_learning_gap_is_zero_for_identical_networks():
+    teacher = build_model("lenet5_caffe", width=0.25)
+    student = copy.deepcopy(teacher)
+    x = torch.randn(16, 1, 28, 28)
+    assert float(lnpt.learning_gap(teacher, student, x).detach()) == 0.0
+    ft = lnpt.penultimate_features(teacher, x)
+    assert lnpt.aligned_learning_gap(ft, ft, ft, ft) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_learning_gap_grows_with_a_known_perturbation():
+    """Scaling the last hidden layer by s (a gate before its ReLU) scales the features exactly by s, so the
+    gap is (1 - s)^2 mean ||phi||^2: zero at s = 1, growing as s moves away."""
+    teacher = tiny_mlp(0)
+    x = torch.randn(32, 1, 4, 4)
+    norm = float(lnpt.penultimate_features(teacher, x).pow(2).sum(1).mean())
+    assert norm > 0
+    gaps = []
+    for s in (1.0, 0.9, 0.5, 0.0):
+        student = copy.deepcopy(teacher)
+        set_gates(student, {"fc2": Scale(s)})
+        gap = float(lnpt.learning_gap(teacher, student, x).detach())
+        assert gap == pytest.approx((1 - s) ** 2 * norm, rel=1e-5, abs=1e-7)
+        gaps.append(gap)
+    assert gaps == sorted(gaps) and gaps[-1] > gaps[1] > 0
+    # weight noise of growing size: the gap grows too
+    noisy = []
+    for eps in (1e-3, 1e-2, 1e-1):
+        student = copy.deepcopy(teacher)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(eps * torch.randn_like(p))
+        noisy.append(float(lnpt.learning_gap(teacher, student, x).detach()))
+    assert noisy[0] < noisy[1] < noisy[2]
+
+
+def test_learning_gap_needs_comparable_widths_and_projection_fixes_it():
+    teacher, student = tiny_mlp(0, (6, 4)), tiny_mlp(1, (6, 3))
+    x = torch.randn(8, 1, 4, 4)
+    with pytest.raises(ValueError, match="projection"):
+        lnpt.learning_gap(teacher, student, x)
+    proj = lnpt.make_projection(3, 4)
+    assert isinstance(proj, nn.Linear) and lnpt.make_projection(4, 4) is None
+    assert torch.isfinite(lnpt.learning_gap(teacher, student, x, proj))
+
+
+def test_aligned_gap_is_invariant_to_a_linear_change_of_basis():
+    g = torch.Generator().manual_seed(0)
+    ft = torch.randn(200, 5, generator=g)
+    mix = torch.randn(5, 8, generator=g)
+    fs = ft @ mix + 0.5  # the student's features determine the teacher's linearly
+    assert lnpt.aligned_learning_gap(ft[:150], fs[:150], ft[150:], fs[150:], ridge=1e-8) < 1e-4
+    noise = torch.randn(200, 8, generator=g)
+    assert lnpt.aligned_learning_gap(ft[:150], noise[:150], ft[150:], noise[150:]) > 0.8
+
+
+def test_weight_distance():
+    m = tiny_mlp(0)
+    init = lnpt.snapshot(m)
+    assert lnpt.weight_distance(m, init) == 0.0
+    with torch.no_grad():
+        m.classifier.weight.add_(torch.full_like(m.classifier.weight, 0.5))
+    n = m.classifier.weight.numel()
+    assert lnpt.weight_distance(m, init) == pytest.approx(0.5 * n ** 0.5)
+    assert set(init) == set(prunable_names(m))
+
+
+def test_features_and_logits_match_the_model():
+    m = tiny_mlp(0)
+    x = torch.randn(5, 1, 4, 4)
+    f, z = lnpt.features_and_logits(m, x)
+    assert torch.allclose(f, m.forward_features(x)) and torch.allclose(z, m(x))
+
+
+# --- the label-free score -----------------------------------------------------------------------------
+
+def test_label_free_score_matches_independent_autograd():
+    """|theta * dL_LF/dtheta| from the library (criteria.gradient_scores + LabelFreeLoss) against a
+    hand-written functional forward of the same tiny MLPs, differentiated by torch.autograd."""
+    teacher, student = tiny_mlp(0, (5, 4)), tiny_mlp(1, (6, 4))
+    x = torch.randn(10, 1, 4, 4)
+    outputs = lnpt.TeacherOutputs(teacher)
+    gap_scale, t = 2.5, 3.0
+    loss = lnpt.LabelFreeLoss(outputs, gap_weight=0.7, kd_weight=0.3, temperature=t, gap_scale=gap_scale)
+    scores = lnpt.label_free_scores(student, loss, [(x, lnpt.WithheldLabels(10))])
+
+    def mlp(params, x):
+        w1, b1, w2, b2, w3, b3 = params
+        h = x.flatten(1)
+        h = F.relu(h @ w1.T + b1)
+        f = F.relu(h @ w2.T + b2)
+        return f, f @ w3.T + b3
+
+    tp = [p.detach() for p in (teacher.head[0].weight, teacher.head[0].bias, teacher.head[3].weight,
+                               teacher.head[3].bias, teacher.classifier.weight, teacher.classifier.bias)]
+    sp = [p.detach().clone().requires_grad_(True) for p in (
+        student.head[0].weight, student.head[0].bias, student.head[3].weight, student.head[3].bias,
+        student.classifier.weight, student.classifier.bias)]
+    ft, zt = mlp(tp, x)
+    fs, zs = mlp(sp, x)
+    gap = ((ft - fs) ** 2).sum(1).mean() / gap_scale
+    pt = torch.softmax(zt / t, 1)
+    kd = (pt * (torch.log(pt) - torch.log_softmax(zs / t, 1))).sum(1).mean() * t * t
+    total = 0.7 * gap + 0.3 * kd
+    grads = torch.autograd.grad(total, sp)
+    expected = {"head.0.weight": (sp[0] * grads[0]).abs(), "head.3.weight": (sp[2] * grads[2]).abs(),
+                "classifier.weight": (sp[4] * grads[4]).abs()}
+    assert set(scores) == set(expected)
+    for n, e in expected.items():
+        assert torch.allclose(scores[n], e.detach(), rtol=1e-4, atol=1e-7), n
+    assert any(float(s.sum()) > 0 for s in scores.values())
+
+
+def test_label_free_score_differs_from_labelled_snip():
+    teacher, student = tiny_mlp(0), tiny_mlp(1)
+    x, y = torch.randn(12, 1, 4, 4), torch.randint(0, 3, (12,))
+    lf = lnpt.label_free_scores(student, lnpt.LabelFreeLoss(lnpt.TeacherOutputs(teacher)), [(x, y)])
+    sn = lnpt.snip_scores(student, [(x, y)])
+    assert not torch.allclose(lf["head.0.weight"], sn["head.0.weight"])
+
+
+# --- withheld labels -----------------------------------------------------------------------------------
+
+def test_withheld_labels_batch_but_refuse_any_read():
+    y = lnpt.WithheldLabels(10)
+    assert len(y) == 10 and y.shape == (10,)
+    part = y[torch.tensor([1, 3])]
+    assert isinstance(part, lnpt.WithheldLabels) and len(part[0:1]) == 1 and len(y.to("cpu")) == 10
+    logits = torch.randn(10, 3)
+    for read in (lambda: F.cross_entropy(logits, y), lambda: y.sum(), lambda: y.tolist(), lambda: y == 0,
+                 lambda: y.numpy(), lambda: int(y[0]), lambda: logits.argmax(1).eq(y)):
+        with pytest.raises(lnpt.LabelAccessError):
+            read()
+
+
+def _tiny_splits(n=60):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, 1, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+    sp = TensorSplit(x, y)
+    return DataSplits("synthetic-tiny", sp, sp.subset(20), sp.subset(20), 3, (1, 4, 4))
+
+
+def test_label_free_training_never_reads_labels():
+    """The label-free path runs on a split whose labels raise on any access; the labelled loss fails on the
+    same split (so the guard is live), and the label-free loss learns (the gap shrinks)."""
+    data = _tiny_splits()
+    unlabeled = DataSplits(data.name, lnpt.withhold_labels(data.train), data.val, data.test, 3, (1, 4, 4))
+    with pytest.raises(lnpt.LabelAccessError):
+        fit(tiny_mlp(2), unlabeled, iterations=1, batch_size=16, progress=False)
+    teacher, student = tiny_mlp(0, (6, 4)), tiny_mlp(1, (6, 3))
+    outputs = lnpt.TeacherOutputs(teacher, data.train.x)
+    x_all = data.train.x
+    proj = lnpt.init_projection(student, outputs, x_all)
+    assert isinstance(proj, nn.Linear)
+    loss = lnpt.LabelFreeLoss(outputs, projection=proj)
+    scores = lnpt.label_free_scores(student, loss, batches(unlabeled.train, 16))
+    assert set(scores) == set(prunable_names(student))
+    before = float(loss(student, x_all, None).detach())
+    h = lnpt.train_label_free(student, outputs, data, projection=proj, iterations=40, batch_size=16, lr=1e-2,
+                              progress=False)
+    assert len(h) >= 2 and float(loss(student, x_all, None).detach()) < before
+    assert outputs.hits > 0  # the teacher's answers came from the cache, verified to be the same images
+
+
+def test_teacher_cache_is_exact_and_falls_back():
+    teacher = tiny_mlp(0)
+    x = torch.randn(30, 1, 4, 4)
+    outputs = lnpt.TeacherOutputs(teacher, x)
+    idx = torch.tensor([4, 0, 17, 17])
+    f, z = outputs(x[idx])
+    assert torch.allclose(f, teacher.forward_features(x[idx])) and torch.allclose(z, teacher(x[idx]))
+    new = torch.randn(3, 1, 4, 4)
+    f2, _ = outputs(new)
+    assert outputs.misses == 1 and torch.allclose(f2, teacher.forward_features(new))
+
+
+def test_lnpt_splits_are_disjoint():
+    data = load_dataset("synthetic-mnist", n=200)
+    t, s = lnpt.lnpt_splits(data, 0.5)
+    assert len(t.train) + len(s.train) == len(data.train)
+    rows = lambda sp: {tuple(r.flatten()[:8].tolist()) for r in sp.x}  # noqa: E731
+    assert not rows(t.train) & rows(s.train)
+    with pytest.raises(ValueError):
+        lnpt.lnpt_splits(data, 0.0001)
+
+
+# --- config, analysis, claims ----------------------------------------------------------------------------
+
+def test_config_profiles_and_errors():
+    for p in ("smoke", "cpu", "paper"):
+        cfg = lnpt.Config.from_profile(p)
+        assert cfg.student_specs()
+    with pytest.raises(ConfigError):
+        lnpt.Config.from_profile("cpu", student_widths=(1.0, 0.5, 0.25))
+    with pytest.raises(ConfigError):
+        lnpt.Config.from_profile("cpu", methods=("magic",))
+    with pytest.raises(ConfigError):
+        lnpt.Config.from_namespace({"profile": "cpu", "studnets": ("lenet300_100",)})
+
+
+def test_paper_profile_fails_with_missing_dataset_error(tmp_path):
+    from pruning_lib.data import DatasetNotFoundError
+
+    cfg = lnpt.Config.from_profile("paper", data_root=str(tmp_path), results_dir=str(tmp_path / "r"))
+    with pytest.raises(DatasetNotFoundError, match="cifar"):
+        lnpt.prepare(cfg)
+
+
+def test_correlations_and_claims(tmp_path):
+    rows = []
+    for lr in (1e-3, 1e-2):
+        for step in range(6):
+            rows.append({"lr": lr, "sparsity": 0.0, "step": step, "weight_distance": step * (1 + 10 * lr),
+                         "learning_gap": 1.0 / (1 + step), "test_accuracy": 0.5 + 0.05 * step})
+    traj = pd.DataFrame(rows)
+    cor = lnpt.correlations(traj)
+    assert cor.set_index("run").loc["all runs", "rho_learning_gap"] == pytest.approx(-1.0)
+    acc = pd.DataFrame([{"student": "m", "method": m, "sparsity": s, "seed": seed,
+                         "test_accuracy": {"lnpt": 0.9, "supervised": 0.8, "snip": 0.85, "random": 0.5}[m] + 0.01 * seed}
+                        for m in lnpt.METHODS for s in (0.9, 0.98) for seed in (0, 1)])
+    cfg = lnpt.Config.from_profile("smoke", results_dir=str(tmp_path))
+    table = lnpt.claims_table(cfg, {"trajectories": traj, "accuracy": acc})
+    assert (tmp_path / "claims" / "smoke" / "06_lnpt.csv").exists()
+    v = dict(zip(table["claim"], table["verdict"]))
+    assert v["m: label-free LNPT beats supervised training"] == "held"
+    assert v["The learning gap (penultimate features, mature vs learning network) aligns with generalization"] == "held"
+    assert "ρ" in lnpt.plot_trajectories(traj).axes[1].get_title()
+    lnpt.plot_accuracy(acc, 0.97)
+    assert lnpt.accuracy_table(acc).shape[0] == 2

@@ -1,6 +1,7 @@
 """pruning_lib.book: request checking (before anything runs) and the table of contents used to build."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -207,3 +208,13 @@ def test_the_repository_chapters_declare_profile_first():
         assert cells[0].source.splitlines()[0] == 'profile = "cpu"', nb.name
         assert all(not c.get("outputs") for c in nbformat.read(nb, as_version=4).cells
                    if c.cell_type == "code"), f"{nb.name}: commit source notebooks without outputs"
+
+
+def test_the_repository_chapters_use_no_api_cross_references():
+    # the book has no API pages, so a {func}/{mod}/{py:...} role is an unresolved reference, which the
+    # strict build (-W -n) turns into an error; write `pruning_lib.x.f` as code instead
+    role = re.compile(r"\{(py:\w+|func|mod|class|meth|attr|obj)\}`")
+    for nb in book.chapter_notebooks(ROOT) + [book.verdicts_notebook(ROOT)]:
+        for cell in nbformat.read(nb, as_version=4).cells:
+            if cell.cell_type == "markdown":
+                assert not role.search(cell.source), f"{nb.name}: {role.search(cell.source).group(0)}"

@@ -57,6 +57,19 @@ class Rule:
         raise NotImplementedError
 
 
+def _bound(rule: "AtMost | AtLeast", measurement, sign: float) -> tuple[str, str]:
+    """The verdict of a one-sided bound: ``sign`` -1 for "mean ≤ limit", +1 for "mean ≥ limit". Held
+    when the whole band mean ± z·SE is on the right side of the limit (the limit itself counting),
+    did not hold when it is wholly on the wrong side, else inconclusive."""
+    v = _values(measurement)
+    if len(v) == 0:
+        return NOT_MEASURED, "—"
+    band = rule.z * _stderr(v)
+    excess = sign * (v.mean() - rule.limit)  # > 0: on the claimed side of the limit
+    verdict = HELD if excess - band >= 0 else (NOT_HELD if excess + band < 0 else INCONCLUSIVE)
+    return verdict, _describe(v, rule.fmt)
+
+
 @dataclass(frozen=True)
 class AtMost(Rule):
     """Held when the mean is at most ``limit`` (beyond ``z`` standard errors either way, else
@@ -69,14 +82,7 @@ class AtMost(Rule):
         return f"mean ≤ {self.fmt.format(self.limit)}"
 
     def __call__(self, measurement):
-        v = _values(measurement)
-        if len(v) == 0:
-            return NOT_MEASURED, "—"
-        se = _stderr(v)
-        mean = v.mean()
-        verdict = HELD if mean + self.z * se <= self.limit else (
-            NOT_HELD if mean - self.z * se > self.limit else INCONCLUSIVE)
-        return verdict, _describe(v, self.fmt)
+        return _bound(self, measurement, sign=-1.0)
 
 
 @dataclass(frozen=True)
@@ -90,14 +96,7 @@ class AtLeast(Rule):
         return f"mean ≥ {self.fmt.format(self.limit)}"
 
     def __call__(self, measurement):
-        v = _values(measurement)
-        if len(v) == 0:
-            return NOT_MEASURED, "—"
-        se = _stderr(v)
-        mean = v.mean()
-        verdict = HELD if mean - self.z * se >= self.limit else (
-            NOT_HELD if mean + self.z * se < self.limit else INCONCLUSIVE)
-        return verdict, _describe(v, self.fmt)
+        return _bound(self, measurement, sign=1.0)
 
 
 @dataclass(frozen=True)

@@ -79,11 +79,11 @@ def test_cost_matches_hand_computation():
     weight_prior = lam / 2 * (0.25 * 1 + 0.5 * 5 + 2)
     hyper = kappa * 2 * (0.25 + 0.5)  # d_j = 2 parameters per unit
     assert float(cost["data"].detach()) == pytest.approx(data, rel=1e-6)
-    assert float(cost["weight_prior"]) == pytest.approx(weight_prior, rel=1e-6)
-    assert float(cost["hyper_prior"]) == pytest.approx(hyper, rel=1e-6)
-    assert float(cost["total"]) == pytest.approx(data + weight_prior + hyper, rel=1e-6)
+    assert float(cost["weight_prior"].detach()) == pytest.approx(weight_prior, rel=1e-6)
+    assert float(cost["hyper_prior"].detach()) == pytest.approx(hyper, rel=1e-6)
+    assert float(cost["total"].detach()) == pytest.approx(data + weight_prior + hyper, rel=1e-6)
     # The training-time pieces agree with the cost: weight prior and d cost / d theta of the prior terms.
-    assert float(B.weight_prior(m, lam)) == pytest.approx(weight_prior, rel=1e-6)
+    assert float(B.weight_prior(m, lam).detach()) == pytest.approx(weight_prior, rel=1e-6)
     g = B.theta_prior_gradient(m, lam, kappa)["fc1"]
     assert torch.allclose(g, torch.tensor([lam / 2 * 1 + 2 * kappa, lam / 2 * 5 + 2 * kappa]))
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import claims, metrics, plotting
+from . import claims, metrics, plotting, reference
 from .data import load_dataset
 from .models import build_model
 from .runs import RunConfig, Store, param, progress_bar
@@ -20,11 +20,9 @@ from .train import default_device, fit
 
 CHAPTER = "01_dense_baselines"
 
-# Published dense test errors on full MNIST (60k training digits), for comparison only.
-PUBLISHED_ERROR = {
-    "lenet300_100": (0.017, "Lee et al. 2019 (SNIP), Table 1; full MNIST"),
-    "lenet5_caffe": (0.009, "Lee et al. 2019 (SNIP), Table 1; full MNIST"),
-}
+# Published dense test errors on full MNIST (60k training digits), for comparison only:
+# model -> key in data/reference/published.csv.
+PUBLISHED_ERROR = {"lenet300_100": "snip_dense_lenet300_100", "lenet5_caffe": "snip_dense_lenet5_caffe"}
 MODEL_CHOICES = ("lenet300_100", "lenet5_caffe", "conv2", "conv4", "conv6", "small_vgg", "vgg16_bn",
                  "resnet20", "resnet56", "resnet50")
 DATASET_CHOICES = ("mnist5k", "digits", "mnist", "cifar10", "cifar100", "tiny-imagenet", "imagenet",
@@ -106,14 +104,14 @@ def comparison_table(cfg: Config, results: dict[str, pd.DataFrame]) -> pd.DataFr
     rows = []
     for model_name, g in results["final"].groupby("model", sort=False):
         err = g["test_error"].to_numpy()
-        pub = PUBLISHED_ERROR.get(model_name)
+        pub = reference.number(PUBLISHED_ERROR[model_name]) if model_name in PUBLISHED_ERROR else None
         size = results["size"].set_index("model").loc[model_name]
         rows.append({
             "model": model_name,
             f"our test error ({cfg.dataset}, {len(err)} seeds)":
                 f"{100 * err.mean():.2f} % ± {100 * err.std(ddof=1) if len(err) > 1 else 0:.2f}",
-            "published error": f"{100 * pub[0]:.1f} %" if pub else "—",
-            "published source": pub[1] if pub else "—",
+            "published error": f"{100 * pub['value']:.1f} %" if pub is not None else "—",
+            "published source": reference.label(pub) if pub is not None else "—",
             "parameters": int(size["params"]), "FLOPs / example": int(size["flops"]),
         })
     return pd.DataFrame(rows)
@@ -124,9 +122,11 @@ def claims_table(cfg: Config, results: dict[str, pd.DataFrame]) -> pd.DataFrame:
     (full MNIST); on MNIST-5k they are shown in the comparison table but marked not measured."""
     rows = []
     final = results["final"]
-    for model_name, (err, source) in PUBLISHED_ERROR.items():
+    for model_name, key in PUBLISHED_ERROR.items():
         if model_name not in cfg.models:
             continue
+        pub = reference.number(key)
+        err, source = pub["value"], reference.label(pub)
         ours = final.loc[final["model"] == model_name, "test_error"].to_numpy()
         claim = claims.Claim(
             statement=f"dense {model_name} reaches about {100 * err:.1f} % test error on MNIST",

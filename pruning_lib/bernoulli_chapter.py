@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import claims
+from . import claims, reference
 from . import bernoulli as bern
 from .data import load_dataset, num_batches
 from .models import build_model
@@ -26,16 +26,10 @@ CONV_MODELS = ("lenet5_caffe", "vgg16_bn")
 MODEL_CHOICES = ("lenet300_100",) + CONV_MODELS
 DATASET_CHOICES = ("mnist5k", "mnist", "digits")
 
-# Published structured-pruning results, as printed in the papers (full MNIST, 60k training digits);
-# architectures list input features (LeNet-300-100) or kept filters/units per layer.
-PUBLISHED = [
-    ("lenet300_100", "dense (no pruning)", "784-300-100", 0.017, "papers.md Sec. 3 [peer]; full MNIST"),
-    ("lenet300_100", "SBP (Neklyudov et al. 2017)", "245-160-55", 0.016, "as cited in papers.md Sec. 3; full MNIST"),
-    ("lenet300_100", "L0 (Louizos et al. 2018)", "266-88-33", 0.016, "as cited in papers.md Sec. 3; full MNIST"),
-    ("lenet300_100", "VIB (Dai et al. 2018)", "97-71-33", 0.016, "as cited in papers.md Sec. 3; full MNIST"),
-    ("lenet5_caffe", "BC-GNJ (Louizos et al. 2017)", "8-13-88-13", 0.010, "as cited in papers.md Sec. 3; full MNIST"),
-    ("lenet5_caffe", "SBP (Neklyudov et al. 2017)", "3-18-284-283", 0.009, "as cited in papers.md Sec. 3; full MNIST"),
-]
+# Published structured-pruning results on full MNIST (60k training digits), in data/reference/
+# published.csv; architectures list input features (LeNet-300-100) or kept filters/units per layer.
+PUBLISHED_KEYS = ("snip_dense_lenet300_100", "sbp_lenet300_100", "l0_lenet300_100", "vib_lenet300_100",
+                  "bcgnj_lenet5_caffe", "sbp_lenet5_caffe")
 
 
 @dataclass(frozen=True)
@@ -430,10 +424,12 @@ def architecture_table(cfg: Config, results: dict) -> pd.DataFrame:
                          "architecture": ("784-" if model == "lenet300_100" else "") + _arch_label(model, width, w),
                          "test error": f"{100 * err.mean():.2f} %",
                          "setting": f"measured, {cfg.dataset_of(model)}, {len(err)} seed(s)"})
-        for m, method, arch, err, source in PUBLISHED:
-            if m == model:
-                rows.append({"model": model, "method": method, "architecture": arch,
-                             "test error": f"{100 * err:.1f} %", "setting": f"published: {source}"})
+        for key in PUBLISHED_KEYS:
+            pub = reference.number(key)
+            if pub["model"] == model:
+                rows.append({"model": model, "method": pub["method"], "architecture": pub["architecture"],
+                             "test error": f"{100 * pub['value']:.1f} %",
+                             "setting": f"published: {reference.label(pub)}"})
     return pd.DataFrame(rows)
 
 

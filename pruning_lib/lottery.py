@@ -32,13 +32,17 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import claims, criteria as crit, data as data_mod, masks as masks_mod, plotting
+from . import claims, criteria as crit, data as data_mod, masks as masks_mod, plotting, reference
 from .masks import Mask
 from .models import build_model
 from .runs import RunConfig, Store, param, progress_bar
 from .train import Callback, cross_entropy, fit
 
 CHAPTER = "02_lottery_tickets"
+# one-shot SNIP on LeNet-300-100, full MNIST (Lee et al. 2019, Table 1): density (or "dense") -> key in
+# data/reference/published.csv
+SNIP_PUBLISHED = {"dense": "snip_dense_lenet300_100", 0.05: "snip_lenet300_100_sparsity95",
+                  0.02: "snip_lenet300_100_sparsity98"}
 
 # The settings of Frankle & Carbin (2019, Fig. 2 / Appendix): Adam, batch 60, per-layer rates.
 SETUPS: dict[str, dict[str, Any]] = {
@@ -551,17 +555,19 @@ def snip_table(cfg: Config, results: Results) -> pd.DataFrame:
     setup = cfg.setups[0]
     r = results.rounds[(results.rounds.setup == setup) & (results.rounds["round"] == 0)]
     dense = 100 * (1 - r.drop_duplicates("seed").test_accuracy_early_stop)
+    column = "published (Lee et al. 2019, Table 1, full MNIST)"
     rows = [{"network": "dense", "our test error (%)": f"{dense.mean():.2f} ± {dense.std(ddof=1):.2f}"
              if len(dense) > 1 else f"{dense.mean():.2f}",
-             "published (Lee et al. 2019, Table 1, full MNIST)": "1.7"}]
-    published = {0.05: "1.6", 0.02: "2.4"}
+             column: f"{100 * reference.number(SNIP_PUBLISHED['dense'])['value']:.1f}"}]
+    published = {d: f"{100 * reference.number(k)['value']:.1f}" for d, k in SNIP_PUBLISHED.items()
+                 if d != "dense"}
     s = results.snip[results.snip.setup == setup] if len(results.snip) else results.snip
     for density, g in (s.groupby("density") if len(s) else []):
         e = 100 * (1 - g.test_accuracy_early_stop)
         rows.append({"network": f"SNIP, {100 * (1 - density):.0f} % sparse",
                      "our test error (%)": f"{e.mean():.2f} ± {e.std(ddof=1):.2f}" if len(e) > 1
                      else f"{e.mean():.2f}",
-                     "published (Lee et al. 2019, Table 1, full MNIST)": published.get(density, "—")})
+                     column: published.get(density, "—")})
     return pd.DataFrame(rows).set_index("network")
 
 
@@ -688,7 +694,13 @@ def claims_table(cfg: Config, results: Results) -> pd.DataFrame:
                 paper="fastest near 21.1 % (LeNet-300-100, full MNIST)"),
                 (dense.early_stop_iteration.loc[tick_es.index].values.astype(float), tick_es.values)))
     # SNIP one-shot (Lee et al. 2019, Table 1)
-    published = {0.05: (1.6, 0.5), 0.02: (2.4, 1.2)}  # error %, allowed increase over dense (pp)
+    # the increase of error over dense (pp) up to which the published result counts as reproduced: SNIP's
+    # published errors are 0.1 pp below (95 %) and 0.7 pp above (98 %) the published dense error; we
+    # allow 0.5 pp more than that, for the noisier estimates of a small test set
+    allowance = {0.05: 0.5, 0.02: 1.2}
+    dense_published = 100 * reference.number(SNIP_PUBLISHED["dense"])["value"]
+    published = {d: (round(100 * reference.number(SNIP_PUBLISHED[d])["value"], 2), allowance[d])
+                 for d in allowance}
     dense_err = 100 * (1 - r[(r["round"] == 0) & (r.control == "ticket")]
                        .drop_duplicates("seed").set_index("seed").test_accuracy_early_stop)
     s = results.snip[results.snip.setup == setup] if len(results.snip) else results.snip
@@ -706,7 +718,7 @@ def claims_table(cfg: Config, results: Results) -> pd.DataFrame:
             "Lee et al. 2019, Table 1",
             f"one-shot SNIP at init, test error at early stop minus dense error (pp), {where}; {ours_err}",
             claims.AtMost(limit=allowed, fmt="{:+.2f} pp"),
-            paper=f"{err} % error (dense 1.7 %), LeNet-300-100, full MNIST"), meas))
+            paper=f"{err:g} % error (dense {dense_published:g} %), LeNet-300-100, full MNIST"), meas))
     return claims.ledger(CHAPTER, rows, cfg.profile, cfg.results_dir)
 
 

@@ -28,9 +28,10 @@ SMOKE := _build/smoke
 SOURCES := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 EXECUTED := $(patsubst notebooks/%,$(SMOKE)/book/chapters/%,$(SOURCES))
 
-# Headless plots; one BLAS/OpenMP thread per core (2 on the project's machines); quiet Jupyter.
+# One BLAS/OpenMP thread per core (2 on the project's machines); quiet Jupyter. MPLBACKEND is left
+# alone: notebook kernels need matplotlib's inline backend to put figures in the book (pruning_lib.book
+# unsets MPLBACKEND for them), and scripts pick a headless backend on their own.
 NPROC := $(shell nproc 2>/dev/null || echo 2)
-export MPLBACKEND := Agg
 export OMP_NUM_THREADS ?= $(NPROC)
 export MKL_NUM_THREADS ?= $(NPROC)
 export PYDEVD_DISABLE_FILE_VALIDATION := 1

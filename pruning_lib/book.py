@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -216,24 +217,50 @@ def execute(jobs: Sequence[Job], root: str | Path = ".") -> dict[str, Any]:
     root = Path(root).resolve()
     failed: list[str] = []
     seconds: dict[str, float] = {}
+    # a kernel started with MPLBACKEND=Agg (say) shows figures as "<Figure size ...>" text only: the
+    # kernels must use matplotlib's inline backend, their default
+    backend = os.environ.pop("MPLBACKEND", None)
     bar = tqdm(jobs, desc="notebooks", unit="nb", file=sys.stderr, dynamic_ncols=True)
-    for job in bar:
-        bar.set_postfix_str(job.name)
-        job.output.parent.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        try:
-            papermill.execute_notebook(str(job.source), str(job.output), parameters=job.parameters,
-                                       kernel_name=KERNEL, cwd=str(root), progress_bar=False,
-                                       log_output=False)
-            status = "ok"
-        except PapermillExecutionError as exc:
-            failed.append(job.name)
-            status = f"FAILED ({exc.ename}: {exc.evalue})"
-        seconds[job.name] = round(time.perf_counter() - start, 1)
-        shown = ", ".join(f"{k}={v!r}" for k, v in job.parameters.items())
-        tqdm.write(f"[{seconds[job.name]:7.1f} s] {job.name} ({shown}): {status}", file=sys.stderr)
-    bar.close()
+    try:
+        for job in bar:
+            bar.set_postfix_str(job.name)
+            job.output.parent.mkdir(parents=True, exist_ok=True)
+            start = time.perf_counter()
+            try:
+                papermill.execute_notebook(str(job.source), str(job.output), parameters=job.parameters,
+                                           kernel_name=KERNEL, cwd=str(root), progress_bar=False,
+                                           log_output=False)
+                blank = text_only_figures(job.output)
+                status = "ok" if not blank else (
+                    f"FAILED (figures without an image in cell(s) {', '.join(map(str, blank))}: "
+                    f"display a figure made by pruning_lib.plotting.figure, in matplotlib's inline backend)")
+            except PapermillExecutionError as exc:
+                status = f"FAILED ({exc.ename}: {exc.evalue})"
+            if status != "ok":
+                failed.append(job.name)
+            seconds[job.name] = round(time.perf_counter() - start, 1)
+            shown = ", ".join(f"{k}={v!r}" for k, v in job.parameters.items())
+            tqdm.write(f"[{seconds[job.name]:7.1f} s] {job.name} ({shown}): {status}", file=sys.stderr)
+    finally:
+        bar.close()
+        if backend is not None:
+            os.environ["MPLBACKEND"] = backend
     return {"failed": failed, "seconds": seconds}
+
+
+def text_only_figures(notebook: str | Path) -> list[int]:
+    """Code cells (numbered from 0 among all cells) with a matplotlib figure displayed as text only."""
+    import nbformat
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    blank = []
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            data = out.get("data", {})
+            if str(data.get("text/plain", "")).startswith("<Figure size") and "image/png" not in data:
+                blank.append(i)
+                break
+    return blank
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,8 +16,15 @@ def use_style() -> None:
 
 
 def figure(ncols: int = 1, nrows: int = 1, width: float = 7.0, height: float = 4.2, **kw):
-    """A new figure sized for the book's text column (``width`` is the whole figure's width)."""
-    return plt.subplots(nrows, ncols, figsize=(width, height), constrained_layout=True, **kw)
+    """A new figure sized for the book's text column (``width`` is the whole figure's width).
+
+    The figure is detached from pyplot at once, so a notebook shows it exactly once, where it displays
+    it (``fig`` as a cell's last line, ``display(fig)`` or ``glue``), never again when the inline
+    backend flushes open figures at the end of the cell; it still renders and saves as usual.
+    """
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), constrained_layout=True, **kw)
+    plt.close(fig)
+    return fig, axes
 
 
 def percent_axis(ax, axis: str = "x", log: bool = False) -> None:

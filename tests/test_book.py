@@ -1,6 +1,7 @@
 """pruning_lib.book: request checking (before anything runs) and the table of contents used to build."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -218,3 +219,22 @@ def test_the_repository_chapters_use_no_api_cross_references():
         for cell in nbformat.read(nb, as_version=4).cells:
             if cell.cell_type == "markdown":
                 assert not role.search(cell.source), f"{nb.name}: {role.search(cell.source).group(0)}"
+
+
+def test_figures_get_an_image_even_when_mplbackend_is_agg(tmp_path, monkeypatch):
+    # a kernel started with MPLBACKEND=Agg displays figures as "<Figure size ...>" text: the runner
+    # must start kernels with the inline backend, and flag a figure that still has no image
+    source = _notebook(tmp_path / "notebooks" / "01_fig.ipynb", 'profile = "cpu"',
+                       "from pruning_lib.plotting import figure\nfig, ax = figure()\nax.plot([0, 1])\nfig")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    out = tmp_path / "book" / "chapters" / "01_fig.ipynb"
+    result = book.execute([book.Job("01_fig", source, out, {"profile": "smoke"})], tmp_path)
+    assert result["failed"] == [] and book.text_only_figures(out) == []
+    cells = nbformat.read(out, as_version=4).cells
+    images = [o for c in cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 1  # shown once: plotting.figure detaches it from pyplot's end-of-cell flush
+    assert os.environ["MPLBACKEND"] == "Agg"  # the caller's setting is restored
+
+    cells[-1].outputs = [nbformat.v4.new_output("execute_result", {"text/plain": "<Figure size 700x420>"})]
+    nbformat.write(nbformat.v4.new_notebook(cells=cells), out)
+    assert book.text_only_figures(out) == [len(cells) - 1]

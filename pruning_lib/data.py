@@ -10,8 +10,10 @@ Synthetic stand-ins exist for tests and benchmarks only and always carry "synthe
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -197,6 +199,18 @@ def _missing(name: str, root: Path, expected: Path) -> DatasetNotFoundError:
         f"Nothing is downloaded at run time; see data/README.md.")
 
 
+@contextlib.contextmanager
+def _clear_errors(name: str, root: Path, expected: Path):
+    """Turn torchvision's "Dataset not found or corrupted" (and unreadable files) into an error that
+    names the expected path and layout."""
+    try:
+        yield
+    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise DatasetNotFoundError(
+            f"dataset {name!r} at {expected} could not be read ({type(exc).__name__}: {exc}).\n"
+            f"Expected this layout: {LAYOUTS[name]}.\nSee data/README.md.") from exc
+
+
 def _holdout(dataset: Dataset, val_size: int, seed: int):
     """Split a torchvision training set into train and validation subsets, fixed by ``seed``."""
     from torch.utils.data import Subset
@@ -210,9 +224,19 @@ def mnist(root=None, seed=0, val_size=5000, as_tensors=True) -> DataSplits:
     """Full MNIST (60k/10k) from ``data/MNIST``; held in memory as tensors (it is 200 MB as float)."""
     from torchvision.datasets import MNIST
 
-    if not (root / "MNIST" / "raw").is_dir():
-        raise _missing("mnist", root, root / "MNIST" / "raw")
-    tr, te = MNIST(str(root), train=True, download=False), MNIST(str(root), train=False, download=False)
+    raw = root / "MNIST" / "raw"
+    if not raw.is_dir():
+        raise _missing("mnist", root, raw)
+    # torchvision reads the uncompressed IDX files (its download step gunzips them): do the same for
+    # files given as .gz only, once, beside them
+    for gz in raw.glob("*-ubyte.gz"):
+        if not gz.with_suffix("").exists():
+            from torchvision.datasets.utils import extract_archive
+
+            extract_archive(str(gz), str(raw))
+    with _clear_errors("mnist", root, raw):
+        tr = MNIST(str(root), train=True, download=False)
+        te = MNIST(str(root), train=False, download=False)
     x = torch.cat([tr.data, te.data]).float().div(255).unsqueeze(1)
     y = torch.cat([tr.targets, te.targets])
     x = (x - MNIST_STATS[0][0]) / MNIST_STATS[1][0]
@@ -231,11 +255,12 @@ def _cifar(name, cls, folder, stats, num_classes, root, seed, val_size):
     norm = T.Normalize(*stats)
     train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     test_tf = T.Compose([T.ToTensor(), norm])
-    train_full = cls(str(root), train=True, download=False, transform=train_tf)
-    val_full = cls(str(root), train=True, download=False, transform=test_tf)
+    with _clear_errors(name, root, root / folder):
+        train_full = cls(str(root), train=True, download=False, transform=train_tf)
+        val_full = cls(str(root), train=True, download=False, transform=test_tf)
+        test = cls(str(root), train=False, download=False, transform=test_tf)
     train, _ = _holdout(train_full, val_size, seed)
     _, val = _holdout(val_full, val_size, seed)
-    test = cls(str(root), train=False, download=False, transform=test_tf)
     return DataSplits(name, train, val, test, num_classes, (3, 32, 32), {"source": str(root / folder)})
 
 
@@ -281,12 +306,13 @@ def imagenet(root=None, seed=0, val_size=10000) -> DataSplits:
 # --- batching -------------------------------------------------------------------------------------
 
 def batches(split: Split, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
-            device: torch.device | str | None = None, drop_last: bool = False, num_workers: int = 4,
+            device: torch.device | str | None = None, drop_last: bool = False, num_workers: int | None = None,
             shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x, y)`` batches of one split.
 
     In-memory splits are sliced (one ``randperm`` per epoch when shuffling); other splits go through a
-    ``DataLoader``. ``shard=(rank, world)`` gives each distributed process its slice of every global
+    ``DataLoader`` with ``num_workers`` loader processes (default: one per core, at most 8).
+    ``shard=(rank, world)`` gives each distributed process its slice of every global
     batch, so ``world`` processes together see exactly the batches one process would.
     """
     rank, world = shard
@@ -310,6 +336,8 @@ def batches(split: Split, batch_size: int, *, shuffle: bool = False, generator: 
         return
     from torch.utils.data import DataLoader, DistributedSampler
 
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1)
     sampler = None
     if world > 1:
         sampler = DistributedSampler(split, num_replicas=world, rank=rank, shuffle=shuffle,

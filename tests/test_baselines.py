@@ -1,3 +1,4 @@
+import pandas as pd
 import pytest
 
 from pruning_lib import baselines
@@ -40,3 +41,14 @@ def test_paper_profile_needs_full_mnist(tmp_path):
     assert cfg.dataset == "mnist"
     with pytest.raises(DatasetNotFoundError, match="MNIST"):
         baselines.run_experiment(cfg, progress=False)
+
+
+@pytest.mark.parametrize("conv_error, verdict", [(0.02, "held"), (0.08, "did not hold")])
+def test_the_ranking_claim_is_judged_on_any_dataset(tmp_path, conv_error, verdict):
+    cfg = baselines.Config.from_profile("smoke", results_dir=str(tmp_path))  # mnist5k, both LeNets
+    final = pd.DataFrame([{"model": m, "seed": s, "test_error": e + 0.001 * s}
+                          for s in range(3) for m, e in (("lenet300_100", 0.05), ("lenet5_caffe", conv_error))])
+    table = baselines.claims_table(cfg, {"final": final}).set_index("claim")["verdict"]
+    assert table["LeNet-5-Caffe has a lower dense test error than LeNet-300-100"] == verdict
+    assert (table.drop("LeNet-5-Caffe has a lower dense test error than LeNet-300-100")
+            == "not measured").all()  # the published values themselves: full MNIST only

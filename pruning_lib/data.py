@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-DEFAULT_ROOT = Path(os.environ.get("PRUNING_DATA", "data"))
+DEFAULT_ROOT = Path("data")  # the chapters' `data_root`; $PRUNING_DATA, when set, stands in for it
 
 # Normalisation constants (per channel mean, std) of the full training sets.
 MNIST_STATS = ((0.1307,), (0.3081,))
@@ -95,10 +95,22 @@ def register_dataset(name: str):
 
 
 def load_dataset(name: str, root: str | Path | None = None, seed: int = 0, **kwargs) -> DataSplits:
-    """Load dataset ``name`` with splits fixed by ``seed`` (the same seed always gives the same split)."""
+    """Load dataset ``name`` with splits fixed by ``seed`` (the same seed always gives the same split).
+
+    ``root`` is where the user-supplied datasets live (see :func:`data_root`)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; registered datasets: {', '.join(sorted(DATASETS))}")
-    return DATASETS[name](root=Path(root) if root is not None else DEFAULT_ROOT, seed=seed, **kwargs)
+    return DATASETS[name](root=data_root(root), seed=seed, **kwargs)
+
+
+def data_root(root: str | Path | None = None) -> Path:
+    """The folder to read datasets from: ``root``, except that the default ``data`` (or None) means
+    ``$PRUNING_DATA`` when that is set, so the datasets can live outside the repository without
+    changing any chapter's parameters."""
+    if root is None or Path(root) == DEFAULT_ROOT:
+        env = os.environ.get("PRUNING_DATA")
+        return Path(env) if env else DEFAULT_ROOT
+    return Path(root)
 
 
 def _split_indices(n: int, fractions: tuple[float, float], seed: int, labels: np.ndarray | None = None):

@@ -109,3 +109,13 @@ def test_imagenet_from_the_image_folder_layout(tmp_path):
     assert (len(d.train), len(d.val), len(d.test)) == (4, 2, 2)
     x, _ = next(iter(batches(d.train, 2)))
     assert x.shape == (2, 3, 224, 224)
+
+
+def test_pruning_data_stands_in_for_the_default_data_folder(tmp_path, monkeypatch):
+    write_mnist(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path)  # no data/ here
+    monkeypatch.setenv("PRUNING_DATA", str(tmp_path / "elsewhere"))
+    for root in (None, "data"):  # the chapters pass data_root="data"
+        assert len(load_dataset("mnist", root=root, val_size=10).test) == 20
+    with pytest.raises(DatasetNotFoundError, match="other"):  # an explicit other folder is kept
+        load_dataset("mnist", root=tmp_path / "other")

@@ -15,11 +15,8 @@ time of each over interleaved repeats and its ratio to dense. Usage:
 """
 from __future__ import annotations
 
-import argparse
-import time
-
 import torch
-import torch.nn.functional as F
+from _timing import arguments, compare
 
 from pruning_lib import bernoulli, hard_concrete, polarization
 from pruning_lib.models import build_model
@@ -42,37 +39,9 @@ def make(kind: str, model_name: str):
     return m, torch.optim.Adam(m.parameters(), 1e-3)
 
 
-def step(m, opt, x, y):
-    opt.zero_grad(set_to_none=True)
-    F.cross_entropy(m(x), y).backward()
-    opt.step()
-
-
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="lenet5_caffe")
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    x, y = torch.randn(args.batch, 1, 28, 28), torch.randint(0, 10, (args.batch,))
-    runs = {k: make(k, args.model) for k in KINDS}
-    for k in KINDS:  # warm up
-        for _ in range(5):
-            step(*runs[k], x, y)
-    best = {k: float("inf") for k in KINDS}
-    for _ in range(args.repeats):  # interleave kinds so machine noise hits all alike
-        for k in KINDS:
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                step(*runs[k], x, y)
-            best[k] = min(best[k], (time.perf_counter() - t) / args.steps)
-    print(f"{args.model}, batch {args.batch}, {args.threads} threads, best of {args.repeats} x "
-          f"{args.steps} steps")
-    for k in KINDS:
-        print(f"  {k:12s} {1e3 * best[k]:8.3f} ms/step   ratio to dense {best[k] / best['dense']:.3f}")
+    args = arguments(__doc__.splitlines()[0], model="lenet5_caffe", steps=100, batch=64).parse_args()
+    compare({k: make(k, args.model) for k in KINDS}, args)
 
 
 if __name__ == "__main__":

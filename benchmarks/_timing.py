@@ -1,0 +1,48 @@
+"""Side-by-side timing of training steps, shared by the benchmark scripts."""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def step(m, opt, x, y):
+    """One optimizer step: forward, cross-entropy, backward, update."""
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(m(x), y).backward()
+    opt.step()
+
+
+def arguments(description: str, model: str, steps: int, batch: int) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", default=model)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    return ap
+
+
+def compare(runs: dict, args, warmup: int = 5) -> None:
+    """Time ``step`` for each ``name -> (model, optimizer)`` of ``runs`` on one MNIST-shaped batch and print
+    the best mean step time of each over ``args.repeats`` interleaved repeats (so machine noise hits all
+    alike) and its ratio to the first (the dense reference)."""
+    torch.set_num_threads(args.threads)
+    x, y = torch.randn(args.batch, 1, 28, 28), torch.randint(0, 10, (args.batch,))
+    for run in runs.values():
+        for _ in range(warmup):
+            step(*run, x, y)
+    best = {k: float("inf") for k in runs}
+    for _ in range(args.repeats):
+        for k, run in runs.items():
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step(*run, x, y)
+            best[k] = min(best[k], (time.perf_counter() - t) / args.steps)
+    ref = next(iter(runs))
+    print(f"{args.model}, batch {args.batch}, {args.threads} threads, best of {args.repeats} x "
+          f"{args.steps} steps")
+    for k in runs:
+        print(f"  {k:12s} {1e3 * best[k]:8.3f} ms/step   ratio to {ref} {best[k] / best[ref]:.3f}")

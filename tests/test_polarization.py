@@ -68,10 +68,10 @@ def test_density_loss_and_penalty_need_a_forward_and_are_zero_at_target():
         nn.init.constant_(gm.net[-1].bias, 10.0)
         nn.init.zeros_(gm.net[-1].weight)
     net(torch.randn(4, 1, 28, 28))
-    assert float(P.density_loss(net, 0.0)) == pytest.approx(0.0)
-    assert float(P.density_loss(net, 0.5)) == pytest.approx(0.25)
-    assert float(P.density_loss(net, 0.5, "global")) == pytest.approx(0.25)
-    assert float(P.polarization_penalty(net)) == pytest.approx(0.0)
+    assert float(P.density_loss(net, 0.0).detach()) == pytest.approx(0.0)
+    assert float(P.density_loss(net, 0.5).detach()) == pytest.approx(0.25)
+    assert float(P.density_loss(net, 0.5, "global").detach()) == pytest.approx(0.25)
+    assert float(P.polarization_penalty(net).detach()) == pytest.approx(0.0)
 
 
 @pytest.mark.parametrize("scope", ["layer", "global"])

@@ -20,6 +20,8 @@ STAMP := $(VENV)/.pruning-installed
 PROFILE ?= cpu
 CHAPTERS ?=
 PARAMS ?=
+# a factor on every training length of the profile (a chapter's `budget` parameter); empty = 1
+BUDGET ?=
 
 # `make test` runs the smoke profile in a stage of its own, so it never overwrites the book's chapters
 # (book/chapters/) or its HTML (_build/html); its book is built into $(SMOKE)/_build/html.
@@ -44,7 +46,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: help book run html test unit smoke smoke-html nbval clean venv
 
 help:
-	@echo "make book   [PROFILE=smoke|cpu|paper] [CHAPTERS=02,03] [PARAMS='-p name value ...']"
+	@echo "make book   [PROFILE=smoke|cpu|paper] [CHAPTERS=02,03] [BUDGET=2] [PARAMS='-p name value ...']"
 	@echo "            run the chapters into book/chapters/, then build _build/html/index.html"
 	@echo "make test   unit tests, every chapter with PROFILE=smoke, nbval, strict book build"
 	@echo "make clean  remove _build/ and the executed notebooks (results/ is kept: rm -rf results)"
@@ -63,7 +65,7 @@ book: run html
 	@echo "The book: _build/html/index.html"
 
 run: $(STAMP)
-	$(PY) -m pruning_lib.book run --profile $(PROFILE) $(if $(CHAPTERS),--chapters $(CHAPTERS)) $(PARAMS)
+	$(PY) -m pruning_lib.book run --profile $(PROFILE) $(if $(CHAPTERS),--chapters $(CHAPTERS)) $(if $(BUDGET),-p budget $(BUDGET)) $(PARAMS)
 
 html: $(STAMP)
 	$(PY) -m pruning_lib.book build

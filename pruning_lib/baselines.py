@@ -48,6 +48,7 @@ class Config(RunConfig):
         "paper": {"dataset": "mnist", "seeds": (0, 1, 2, 3, 4), "epochs": 60},
     }
     NOT_HASHED = RunConfig.NOT_HASHED + ("data_root",)
+    BUDGETED = ("epochs",)
 
 
 def train_dense(model_name: str, dataset: str, seed: int, *, epochs: float, batch_size: int = 60,
@@ -145,7 +146,7 @@ def claims_table(cfg: Config, results: dict[str, pd.DataFrame]) -> pd.DataFrame:
             rule=claims.Exceeds(fmt="{:+.4f}", a_name="LeNet-300-100", b_name="LeNet-5-Caffe"),
             paper=f"{100 * mlp['value']:.1f} % vs {100 * conv['value']:.1f} % (full MNIST)")
         rows.append((claim, (errors["lenet300_100"].to_numpy(), errors["lenet5_caffe"].to_numpy())))
-    return claims.ledger(CHAPTER, rows, cfg.profile, cfg.results_dir)
+    return claims.ledger(CHAPTER, rows, cfg.profile, cfg.results_dir, budget=cfg.budget)
 
 
 def plot_learning_curves(curves: pd.DataFrame, metric: str = "test_accuracy"):

@@ -73,6 +73,7 @@ class Config(RunConfig):
                   "epochs": 200, "conv_epochs": 200, "flip_examples": 32},
     }
     NOT_HASHED = RunConfig.NOT_HASHED + ("data_root",)
+    BUDGETED = ("epochs", "conv_epochs")
 
     def check(self) -> None:
         if self.band >= 0.5:
@@ -528,7 +529,7 @@ def claims_table(cfg: Config, results: dict) -> pd.DataFrame:
         (CLAIMS["init"], m["seed_cv"] if len(m["seed_cv"]) else None),
         (CLAIMS["accuracy"], m["dense_gap"] if len(m["dense_gap"]) else None),
     ]
-    return claims.ledger(CHAPTER, rows, cfg.profile, cfg.results_dir)
+    return claims.ledger(CHAPTER, rows, cfg.profile, cfg.results_dir, budget=cfg.budget)
 
 
 def closing_numbers(cfg: Config, results: dict) -> pd.DataFrame:

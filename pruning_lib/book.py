@@ -56,7 +56,7 @@ CHAPTERS_OUT = Path("book") / "chapters"
 GENERATED = Path("book") / "_generated"
 VERDICTS = "99_verdicts"
 # parameters passed on to the verdicts notebook when it declares them
-VERDICTS_PASSTHROUGH = ("profile", "results_dir")
+VERDICTS_PASSTHROUGH = ("profile", "budget", "results_dir")
 
 
 class BookError(Exception):

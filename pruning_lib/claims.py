@@ -186,7 +186,7 @@ class Claim:
 
 
 def ledger(chapter: str, rows: Sequence[tuple[Claim, Any]], profile: str,
-           results_dir: str | Path | None = "results") -> pd.DataFrame:
+           results_dir: str | Path | None = "results", budget: float = 1.0) -> pd.DataFrame:
     """Evaluate ``(claim, measurement)`` pairs into the chapter's claims table and save it.
 
     A measurement of ``None`` means "not measured in this profile". The table is written (atomically) to
@@ -201,18 +201,25 @@ def ledger(chapter: str, rows: Sequence[tuple[Claim, Any]], profile: str,
                         "ours": ours, "verdict": verdict, "profile": profile})
     table = pd.DataFrame(records, columns=COLUMNS)
     if results_dir is not None:
-        atomic_write_frame(table, claims_dir(results_dir, profile) / f"{chapter}.csv")
+        atomic_write_frame(table, claims_dir(results_dir, profile, budget) / f"{chapter}.csv")
     return table
 
 
-def claims_dir(results_dir: str | Path, profile: str) -> Path:
-    """Where :func:`ledger` saves the claims tables of runs of ``profile``: one folder per profile."""
-    return Path(results_dir) / "claims" / profile
+def budget_key(profile: str, budget: float = 1.0) -> str:
+    """The key of a profile run at a training budget: ``cpu`` at budget 1, ``cpu-budget2`` at 2."""
+    return profile if float(budget) == 1.0 else f"{profile}-budget{float(budget):g}"
 
 
-def gather(results_dir: str | Path = "results", profile: str = "cpu") -> pd.DataFrame:
-    """Every chapter's claims table of ``profile``, concatenated (the ledger's columns if none)."""
-    files = sorted(claims_dir(results_dir, profile).glob("*.csv"))
+def claims_dir(results_dir: str | Path, profile: str, budget: float = 1.0) -> Path:
+    """Where :func:`ledger` saves the claims tables of runs of ``profile`` at ``budget``: one folder per
+    profile and budget (``claims/cpu/``, ``claims/cpu-budget2/``)."""
+    return Path(results_dir) / "claims" / budget_key(profile, budget)
+
+
+def gather(results_dir: str | Path = "results", profile: str = "cpu", budget: float = 1.0) -> pd.DataFrame:
+    """Every chapter's claims table of ``profile`` at ``budget``, concatenated (the ledger's columns if
+    none)."""
+    files = sorted(claims_dir(results_dir, profile, budget).glob("*.csv"))
     if not files:
         return pd.DataFrame(columns=COLUMNS)
     return pd.concat([pd.read_csv(f) for f in files], ignore_index=True)

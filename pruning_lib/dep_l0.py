@@ -74,7 +74,8 @@ class Config(RunConfig):
     data_root: str = param("data", help="where the large datasets live")
     results_dir: str = param("results", help="results cache")
 
-    NOT_HASHED = ("profile", "results_dir", "data_root")
+    NOT_HASHED = RunConfig.NOT_HASHED + ("data_root",)
+    BUDGETED = ("epochs", "finetune_epochs")
 
     PROFILES = {
         "smoke": dict(experiments=("lenet5_caffe/mnist5k",), lambda_scales=(1.0, 8.0), epochs=0.3,
@@ -102,7 +103,7 @@ class Config(RunConfig):
                 s[k] = getattr(self, k)
         epochs, finetune = self.epochs, self.finetune_epochs
         if self.profile == "paper" and model == "resnet50":  # 90 + 10 fine-tune epochs in the paper
-            epochs, finetune = min(epochs, 90.0), max(finetune, 10.0)
+            epochs, finetune = min(epochs, 90.0 * self.budget), max(finetune, 10.0 * self.budget)
         s.update(epochs=epochs, finetune_epochs=finetune)
         return s
 
@@ -491,7 +492,7 @@ def claims_table(cfg: Config, out: dict[str, pd.DataFrame]) -> pd.DataFrame:
         "On ResNet-50 / ImageNet, L0-HC fails to prune where Dep-L0 does",
         "Li & Ji 2021, abstract and Sec. 5", "FLOPs removed, Dep-L0 (fwd) vs L0-HC, same λ",
         claims.Exceeds(fmt=pct, a_name="Dep-L0 (fwd)", b_name="L0-HC"), PAPER), meas))
-    return claims.ledger(CHAPTER, rows, cfg.profile, cfg.results_dir)
+    return claims.ledger(CHAPTER, rows, cfg.profile, cfg.results_dir, budget=cfg.budget)
 
 
 def settling_epochs(trace: pd.DataFrame, tol: float = 0.02) -> pd.DataFrame:

@@ -489,6 +489,7 @@ class Config(RunConfig):
                   "probe_samples": 5000, "unlabeled_fraction": 0.5},
     }
     NOT_HASHED = RunConfig.NOT_HASHED + ("data_root",)
+    BUDGETED = ("teacher_epochs", "epochs", "trajectory_epochs")
 
     def check(self) -> None:
         if len(self.student_widths) not in (1, len(self.students)):
@@ -876,4 +877,4 @@ def claims_table(cfg: Config, results: dict[str, pd.DataFrame]) -> pd.DataFrame:
                                       "test accuracy, same mask, label-free with vs without the gap term, paired",
                                       claims.Exceeds(fmt="{:.4f}", a_name="LNPT", b_name="KD only")),
                          paired(name, "lnpt", "kd_only")))
-    return claims.ledger(CHAPTER, rows, cfg.profile, cfg.results_dir)
+    return claims.ledger(CHAPTER, rows, cfg.profile, cfg.results_dir, budget=cfg.budget)

@@ -104,7 +104,9 @@ class Config(RunConfig):
     workers: int = param(1, low=1, high=64, help="processes running chains in parallel (not hashed)")
     results_dir: str = param("results", help="where results are cached")
 
-    NOT_HASHED: ClassVar[tuple[str, ...]] = ("profile", "results_dir", "progress", "threads", "workers")
+    NOT_HASHED: ClassVar[tuple[str, ...]] = RunConfig.NOT_HASHED + ("threads", "workers")
+    # iterations left at None take the setup's value, scaled in setting()
+    BUDGETED: ClassVar[tuple[str, ...]] = ("iterations", "patience")
 
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
         # seconds: real MNIST-5k, tiny training; numbers mean nothing
@@ -138,6 +140,8 @@ class Config(RunConfig):
         for k in ("lr", "iterations", "rate_conv", "rate_hidden", "rate_output"):
             if getattr(self, k) is not None:
                 out[k] = getattr(self, k)
+        if self.iterations is None:  # the setup's own length, times the budget (set fields are scaled)
+            out["iterations"] = self.scaled(out["iterations"])
         return out
 
 
@@ -719,7 +723,7 @@ def claims_table(cfg: Config, results: Results) -> pd.DataFrame:
             f"one-shot SNIP at init, test error at early stop minus dense error (pp), {where}; {ours_err}",
             claims.AtMost(limit=allowed, fmt="{:+.2f} pp"),
             paper=f"{err:g} % error (dense {dense_published:g} %), LeNet-300-100, full MNIST"), meas))
-    return claims.ledger(CHAPTER, rows, cfg.profile, cfg.results_dir)
+    return claims.ledger(CHAPTER, rows, cfg.profile, cfg.results_dir, budget=cfg.budget)
 
 
 # --- figures ---------------------------------------------------------------------------------------

@@ -443,6 +443,7 @@ class Config(RunConfig):
     workers: int = param(1, low=1, high=64, help="parallel processes for independent runs")
 
     NOT_HASHED: ClassVar[tuple[str, ...]] = RunConfig.NOT_HASHED + ("workers", "timing_repeats")
+    BUDGETED: ClassVar[tuple[str, ...]] = ("epochs", "finetune_epochs")
 
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
         "smoke": dict(models=("lenet5_caffe", "resnet20"), datasets=("synthetic-mnist",), width=0.25,
@@ -966,4 +967,4 @@ def claims_table(cfg: Config, results: dict, results_dir: str | None = "results"
         rows.append((Claim(f"{name}: training with gates spends less compute than dense training", src,
                            "training FLOPs executed / dense training FLOPs, per run",
                            AtMost(limit=1.0, fmt="{:.3f}")), pol["train_flops_fraction"].to_numpy()))
-    return claims_mod.ledger(CHAPTER, rows, cfg.profile, results_dir)
+    return claims_mod.ledger(CHAPTER, rows, cfg.profile, results_dir, budget=cfg.budget)

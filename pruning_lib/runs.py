@@ -87,6 +87,15 @@ def _coerce(name: str, value: Any, annotation) -> Any:
     return value
 
 
+def _scale(value, factor: float):
+    """A training length times the budget factor: ints stay ints (rounded, at least 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value  # left for validation to refuse
+    if isinstance(value, int):
+        return max(1, int(round(value * factor)))
+    return float(value) * factor
+
+
 def _flatten(v):
     return v if isinstance(v, tuple) else (v,)
 
@@ -100,10 +109,17 @@ class RunConfig:
     """
 
     profile: str = param("cpu", choices=PROFILES, help="smoke (CI), cpu (default) or paper (GPU)")
+    budget: float = param(1.0, low=0.01, high=100.0,
+                          help="factor on every training length of the profile (epochs, iterations)")
 
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {}
-    # Fields that change how a run is shown, not what it computes: left out of the hash.
-    NOT_HASHED: ClassVar[tuple[str, ...]] = ("profile", "results_dir", "progress")
+    # Fields that change how a run is shown, not what it computes: left out of the hash. ``budget`` is
+    # left out because it acts through the training lengths it scales (see BUDGETED), which are hashed:
+    # a run at budget 2 has twice the epochs in its hash, and budget 1 changes nothing.
+    NOT_HASHED: ClassVar[tuple[str, ...]] = ("profile", "results_dir", "progress", "budget")
+    # The training lengths that ``budget`` multiplies (ints are rounded, at least 1); None stays None
+    # (a chapter whose lengths come from elsewhere scales them itself, see ``scaled``).
+    BUDGETED: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
@@ -143,7 +159,19 @@ class RunConfig:
                               f"valid parameters: {sorted(names)}")
         values = {**cls.PROFILES.get(profile, {}), "profile": profile}
         values.update({k: v for k, v in overrides.items() if v is not None})
+        budget = values.get("budget", 1.0)
+        if budget != 1.0 and isinstance(budget, (int, float)) and not isinstance(budget, bool):
+            defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+            for name in cls.BUDGETED:
+                value = values.get(name, defaults[name])
+                if value is not None:
+                    values[name] = _scale(value, budget)
         return cls(**values)
+
+    def scaled(self, length):
+        """``length`` (a training length that is not a field, e.g. a setup's default iterations) times
+        ``budget``, rounded like the BUDGETED fields."""
+        return length if length is None or self.budget == 1.0 else _scale(length, self.budget)
 
     @classmethod
     def from_namespace(cls, namespace: dict[str, Any], extra: typing.Iterable[str] = ()) -> "RunConfig":

@@ -434,100 +434,156 @@ def architecture_table(cfg: Config, results: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+SETTLE = {  # quantity in the training history -> (tolerance over the last quarter of training, in words)
+    "undecided": (0.01, "share of undecided θ still moving ≥ 1 pp over the last quarter"),
+    "kept_share": (0.02, "units kept still moving ≥ 2 % of the initial units over the last quarter"),
+    "test_accuracy": (0.005, "test accuracy still moving ≥ 0.5 pp over the last quarter"),
+}
+
+
+def settled_runs(results: dict) -> pd.DataFrame:
+    """Per gated run (model, width, seed): whether each quantity of :data:`SETTLE` settled, i.e. changed
+    by less than its tolerance over the last quarter of training (:func:`pruning_lib.claims.settled`)."""
+    h = results["history"]
+    wcols = [c for c in h.columns if c.startswith("width_")]
+    rows = []
+    for (m, wd, sd), g in h.groupby(["model", "width", "seed"], sort=False):
+        g = g.copy()
+        initial = results["widths"]
+        n0 = initial[(initial["model"] == m) & (initial["width"] == wd) & (initial["seed"] == sd)]["initial"].sum()
+        g["kept_share"] = g[[c for c in wcols if g[c].notna().any()]].sum(axis=1) / max(float(n0), 1.0)
+        row = {"model": m, "width": wd, "seed": sd}
+        for q, (tol, _) in SETTLE.items():
+            row[q] = claims.settled(g, q, tol, "step") if q in g.columns else True
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["model", "width", "seed", *SETTLE])
+
+
 def measurements(cfg: Config, results: dict) -> dict:
-    """The numbers the claims are judged on (also used in the chapter's prose)."""
+    """The numbers the claims are judged on (also used in the chapter's prose), one value per seed
+    (a Series indexed by seed, the mean over models and widths of that seed) unless said otherwise."""
     runs, w, times, dense = results["runs"], results["widths"], results["epoch_times"], results["dense"]
-    out = {"undecided": runs["undecided"].to_numpy(), "early_share": runs["early_share"].to_numpy()}
+    out = {"undecided": claims.seed_means(runs, "undecided") * 100,
+           "early_share": claims.seed_means(runs, "early_share") * 100}
     # Epoch time: the dense network's median epoch against the gated network's last epoch (same seed).
-    dense_t, last_t, ratio = [], [], []
+    pairs = []
     for (m, wd, s), g in times[times["kind"] == "dense"].groupby(["model", "width", "seed"]):
         gg = times[(times["kind"] == "Bernoulli gates") & (times["model"] == m) & (times["width"] == wd)
                    & (times["seed"] == s)]
         if len(gg):
-            dense_t.append(float(g["seconds"].median()))
-            last_t.append(float(gg.sort_values("epoch")["seconds"].iloc[-1]))
-            ratio.append(last_t[-1] / dense_t[-1])
-    out.update(dense_epoch=np.asarray(dense_t), gated_last_epoch=np.asarray(last_t), time_ratio=np.asarray(ratio))
-    # Robustness to the initial width (LeNet-300-100, or the first model).
+            pairs.append({"seed": s, "dense": float(g["seconds"].median()),
+                          "last": float(gg.sort_values("epoch")["seconds"].iloc[-1])})
+    pairs = pd.DataFrame(pairs, columns=["seed", "dense", "last"])
+    out.update(dense_epoch=claims.seed_means(pairs, "dense"), gated_last_epoch=claims.seed_means(pairs, "last"),
+               time_ratio=(pairs["last"] / pairs["dense"]).to_numpy())
+    # Robustness to the initial width (LeNet-300-100, or the first model): per layer and seed, the largest
+    # relative deviation of the final width at one initial width from its mean over the initial widths.
     model = "lenet300_100" if "lenet300_100" in cfg.models else cfg.models[0]
     gw = w[w["model"] == model]
-    layer_ok = []
-    for layer, gl in gw.groupby("layer", sort=False):
-        means = gl.groupby("width")["final"].mean()
-        layer_ok.append(bool(((means / means.mean() - 1).abs() <= 0.25).all()) if len(means) > 1 else None)
-    out["layers_consistent"] = [x for x in layer_ok if x is not None]
+    deviation = {}
+    if gw["width"].nunique() > 1:
+        for layer, gl in gw.groupby("layer", sort=False):
+            per = gl.pivot_table(index="seed", columns="width", values="final").dropna()
+            deviation[layer] = 100 * (per.div(per.mean(axis=1), axis=0) - 1).abs().max(axis=1)
+    out["layer_deviation"] = deviation
     gr = runs[runs["model"] == model]
     ws = sorted(gr["width"].unique())
     if len(ws) > 1:
         small = gr[gr["width"] == ws[0]].set_index("seed")["test_error"]
         large = gr[gr["width"] == ws[-1]].set_index("seed")["test_error"]
         common = small.index.intersection(large.index)
-        out["error_gap"] = (large[common] - small[common]).to_numpy()
+        out["error_gap"] = 100 * (large[common] - small[common])
     else:
-        out["error_gap"] = np.asarray([])
-    # Robustness to the weight initialisation: spread of the final size over seeds, per initial width.
+        out["error_gap"] = pd.Series(dtype=float)
+    # Robustness to the weight initialisation: the spread over seeds of the final size (a statistic
+    # across seeds: judged by bootstrapping seeds).
+    out["final_units"] = runs[["model", "width", "seed", "total_final_units"]]
+    # Accuracy against the dense network (same schedule and seed), per seed the mean over models/widths.
+    d = dense.set_index(["model", "width", "seed"])["test_error"]
+    g = runs.set_index(["model", "width", "seed"])["test_error"]
+    both = g.index.intersection(d.index)
+    gap = 100 * (g.loc[both] - d.loc[both])
+    out["dense_gap"] = claims.per_seed(gap.droplevel(["model", "width"])) if len(both) else pd.Series(dtype=float)
+    return out
+
+
+def mean_cv(frame: pd.DataFrame) -> float:
+    """Coefficient of variation over seeds of the final number of units, averaged over (model, width)."""
     cv = []
-    for (m, wd), g in runs.groupby(["model", "width"]):
+    for _, g in frame.groupby(["model", "width"]):
         v = g["total_final_units"].to_numpy(dtype=float)
         if len(v) > 1:
             cv.append(v.std(ddof=1) / v.mean())
-    out["seed_cv"] = np.asarray(cv)
-    # Accuracy against the dense network (same schedule), per (model, width, dense seed).
-    gap = []
-    for _, d in dense.iterrows():
-        g = runs[(runs["model"] == d["model"]) & (runs["width"] == d["width"])]
-        if len(g):
-            gap.append(float(g["test_error"].mean() - d["test_error"]))
-    out["dense_gap"] = np.asarray(gap)
-    return out
+    return float(np.mean(cv)) if cv else float("nan")
 
 
 CLAIMS = {
     "binary": claims.Claim(
         "Learning the Bernoulli parameters drives every one of them to 0 or 1: a deterministic network",
-        "Guenter & Sideris 2022, abstract", "share of θ strictly inside (0.01, 0.99) at the end, per run",
-        claims.AtMost(limit=0.01, fmt="{:.3f}"), paper="θ practically converge to 0 or 1"),
+        "Guenter & Sideris 2022, abstract",
+        "share of θ strictly inside (0.01, 0.99) at the end (%), per seed the mean over models and widths",
+        claims.AtMost(limit=1.0, fmt="{:.2f}", unit="% of θ"), paper="θ practically converge to 0 or 1"),
     "early": claims.Claim(
         "Irrelevant units are removed during the early stages of training",
-        "Guenter & Sideris 2022, abstract", "share of all removed units removed in the first quarter of the steps",
-        claims.AtLeast(limit=0.5, fmt="{:.2f}"), paper="pruning early in training"),
+        "Guenter & Sideris 2022, abstract",
+        "share of all removed units removed in the first quarter of the steps (%), per seed the mean over "
+        "models and widths",
+        claims.AtLeast(limit=50.0, fmt="{:.1f}", unit="%"), paper="pruning early in training"),
     "cheaper": claims.Claim(
         "Subsequent training iterations are considerably cheaper",
-        "Guenter & Sideris 2022, abstract", "training seconds: dense epoch (median) vs the gated network's last epoch",
-        claims.Exceeds(fmt="{:.3f}", a_name="dense", b_name="gated last"), paper="cost of later iterations reduced"),
+        "Guenter & Sideris 2022, abstract",
+        "training seconds: dense epoch (median) minus the gated network's last epoch, paired by seed",
+        claims.Exceeds(fmt="{:+.3f}", unit="s", a_name="dense", b_name="gated last"),
+        paper="cost of later iterations reduced"),
     "width": claims.Claim(
         "Pruning level is consistent regardless of the initial size of the network",
         "Guenter & Sideris 2022, abstract",
-        "LeNet-300-100 layers whose mean final width at every initial width is within ±25 % of their average",
+        "per LeNet-300-100 layer: the largest deviation of its final width at one initial width from its "
+        "mean over initial widths, ≤ 25 % (t interval over seeds); all layers must hold",
         claims.Fraction(share=1.0, what="layers"), paper="consistent pruning levels"),
     "width_error": claims.Claim(
         "Prediction accuracy is consistent regardless of the initial size of the network",
         "Guenter & Sideris 2022, abstract",
-        "LeNet-300-100 test error, largest minus smallest initial width (paired by seed), within ±0.5 pp",
-        claims.Within(target=0.0, tol=0.005, fmt="{:.4f}"), paper="consistent accuracy"),
+        "LeNet-300-100 test error, largest minus smallest initial width (pp, paired by seed), within ±0.5 pp",
+        claims.Within(target=0.0, tol=0.5, fmt="{:+.2f}", unit="pp"), paper="consistent accuracy"),
     "init": claims.Claim(
         "Pruning level is consistent regardless of the weight initialisation",
         "Guenter & Sideris 2022, abstract",
-        "coefficient of variation over seeds of the final number of units, per model and initial width",
-        claims.AtMost(limit=0.15, fmt="{:.3f}"), paper="robust to initialisation"),
+        "coefficient of variation over seeds of the final number of units, mean over models and widths",
+        claims.SeedBootstrap(statistic=mean_cv, name="mean CV", sign=-1.0, limit=0.15, fmt="{:.3f}"),
+        paper="robust to initialisation"),
     "accuracy": claims.Claim(
         "Pruning keeps the accuracy of the dense network",
         "Guenter & Sideris 2022, abstract and Sec. 5",
-        "test error of the gated runs minus the dense network's (same schedule), per model and width",
-        claims.AtMost(limit=0.005, fmt="{:.4f}"), paper="better test accuracy than other structured methods"),
+        "test error of the gated run minus the dense network's (same schedule and seed, pp), per seed the "
+        "mean over models and widths",
+        claims.AtMost(limit=0.5, fmt="{:+.2f}", unit="pp"),
+        paper="better test accuracy than other structured methods"),
 }
+LAYER_RULE = claims.AtMost(limit=25.0, fmt="{:.1f}", unit="%")
 
 
 def claims_table(cfg: Config, results: dict) -> pd.DataFrame:
+    """Every claim on one value per seed, judged only when the runs it uses settled (:data:`SETTLE`)."""
     m = measurements(cfg, results)
+    settle = settled_runs(results)
+
+    def ev(value, quantity, models=None):
+        s = settle if models is None else settle[settle["model"].isin(models)]
+        return claims.Evidence(value, s[quantity].tolist(), SETTLE[quantity][1])
+
+    model = "lenet300_100" if "lenet300_100" in cfg.models else cfg.models[0]
+    layers = [ev(dev, "kept_share", [model]) for dev in m["layer_deviation"].values()]
+    layer_verdicts = [claims.judge(claims.Claim("", "", "", LAYER_RULE), e, cfg.profile) for e in layers]
     rows = [
-        (CLAIMS["binary"], m["undecided"]),
-        (CLAIMS["early"], m["early_share"]),
-        (CLAIMS["cheaper"], (m["dense_epoch"], m["gated_last_epoch"]) if len(m["dense_epoch"]) else None),
-        (CLAIMS["width"], m["layers_consistent"] or None),
-        (CLAIMS["width_error"], m["error_gap"] if len(m["error_gap"]) else None),
-        (CLAIMS["init"], m["seed_cv"] if len(m["seed_cv"]) else None),
-        (CLAIMS["accuracy"], m["dense_gap"] if len(m["dense_gap"]) else None),
+        (CLAIMS["binary"], ev(m["undecided"], "undecided")),
+        (CLAIMS["early"], ev(m["early_share"], "kept_share")),
+        (CLAIMS["cheaper"], ev((m["dense_epoch"], m["gated_last_epoch"]), "kept_share")
+         if len(m["dense_epoch"]) else None),
+        (CLAIMS["width"], layer_verdicts or None),
+        (CLAIMS["width_error"], ev(m["error_gap"], "test_accuracy", [model]) if len(m["error_gap"]) else None),
+        (CLAIMS["init"], ev(m["final_units"], "kept_share") if len(m["final_units"]) else None),
+        (CLAIMS["accuracy"], ev(m["dense_gap"], "test_accuracy") if len(m["dense_gap"]) else None),
     ]
     return claims.ledger(CHAPTER, rows, cfg.profile, cfg.results_dir, budget=cfg.budget)
 

@@ -444,42 +444,67 @@ def plot_gate_histograms(gates: pd.DataFrame, lam_rank: int = 1, seed: int | Non
 PAPER = "tables not retrieved (abstract: 'outperforms by a clear margin')"
 
 
+SETTLE_TOL = 0.02  # expected FLOPs kept may move less than 2 pp over the last quarter of training
+SETTLE_TEXT = "expected FLOPs kept still moving ≥ 2 pp over the last quarter of training"
+
+
+def settled_runs(trace: pd.DataFrame) -> pd.DataFrame:
+    """Per gated run (model, method, lam, seed): has it stopped pruning? The expected fraction of FLOPs
+    kept must change by less than :data:`SETTLE_TOL` over the last quarter of training
+    (:func:`pruning_lib.claims.settled`)."""
+    rows = []
+    for key, t in trace.groupby(["model", "method", "lam", "seed"]):
+        rows.append(dict(zip(["model", "method", "lam", "seed"], key),
+                         change=claims.settled_change(t, "expected_flops_kept", "epochs_done")))
+    df = pd.DataFrame(rows, columns=["model", "method", "lam", "seed", "change"])
+    df["settled"] = df["change"] < SETTLE_TOL
+    return df
+
+
 def claims_table(cfg: Config, out: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """The chapter's claims with verdicts computed from the run (:func:`pruning_lib.claims.ledger`)."""
+    """The chapter's claims with verdicts computed from the run (:func:`pruning_lib.claims.ledger`).
+    Every comparison is reduced to one value per seed (the mean over models and λ of that seed's
+    differences) and judged only when every run it uses has stopped pruning (:func:`settled_runs`)."""
     results = out["results"]
     gated = results[results.method != "dense"]
+    settle = settled_runs(out["trace"]) if len(out["trace"]) else pd.DataFrame(
+        columns=["model", "method", "lam", "seed", "settled"])
+
+    def evidence(value, methods, models=None):
+        s = settle[settle.method.isin(methods)]
+        if models is not None:
+            s = s[s.model.isin(models)]
+        return claims.Evidence(value, s["settled"].tolist(), SETTLE_TEXT)
+
     rows = []
     hc = gated[gated.method == "l0_hc"].set_index(["model", "lam", "seed"])
-    pct = "{:.1%}"
+    small = [m for m in gated.model.unique() if m != "resnet50"]
     for method in ("dep_l0_forward", "dep_l0_backward"):
         label = _label(method)
         dep = gated[gated.method == method].set_index(["model", "lam", "seed"])
-        both = hc.index.intersection(dep.index)
+        both = [k for k in hc.index.intersection(dep.index) if k[0] != "resnet50"]
         meas = None
         if len(both):
-            meas = (1 - dep.loc[both, "flops_kept"].to_numpy(), 1 - hc.loc[both, "flops_kept"].to_numpy())
+            diff = 100 * (hc.loc[both, "flops_kept"] - dep.loc[both, "flops_kept"])
+            meas = evidence(claims.per_seed(diff.droplevel(["model", "lam"])), ["l0_hc", method], small)
         rows.append((claims.Claim(
             f"At the same λ and penalty, {label} removes more FLOPs than L0-HC (L0-HC prunes too little)",
-            "Li & Ji 2021, abstract and Sec. 1", "FLOPs removed after compaction, paired by model, λ and seed",
-            claims.Exceeds(fmt=pct, a_name=label, b_name="L0-HC"), PAPER), meas))
-        m = matched_accuracy(gated, method)
-        meas = None if m.empty else (m["method_acc"].to_numpy(), m["baseline_acc"].to_numpy())
+            "Li & Ji 2021, abstract and Sec. 1",
+            "FLOPs removed after compaction (pp), Dep-L0 minus L0-HC at the same model and λ; per seed "
+            "the mean over models and λ",
+            claims.Exceeds(fmt="{:+.1f}", unit="pp of FLOPs", a_name=label, b_name="L0-HC"), PAPER),
+            meas))
+        m = matched_accuracy(gated[gated.model != "resnet50"], method)
+        meas = None
+        if not m.empty:
+            gain = 100 * (m.set_index("seed")["method_acc"] - m.set_index("seed")["baseline_acc"])
+            meas = evidence(claims.per_seed(gain), ["l0_hc", method], small)
         rows.append((claims.Claim(
             f"{label} is more accurate than L0-HC at comparable FLOPs",
-            "Li & Ji 2021, abstract", "test accuracy, the other method interpolated at the same FLOPs kept",
-            claims.Exceeds(fmt="{:.2%}", a_name=label, b_name="L0-HC"), PAPER), meas))
-    dis = architecture_disagreement(out["architecture"]) if len(out["architecture"]) else pd.DataFrame()
-    meas = None
-    if len(dis):
-        d = dis.pivot_table(index=["model", "lam"], columns="method", values="disagreement")
-        if {"l0_hc", "dep_l0_forward"} <= set(d.columns):
-            d = d.dropna(subset=["l0_hc", "dep_l0_forward"])
-            meas = (d["l0_hc"].to_numpy(), d["dep_l0_forward"].to_numpy()) if len(d) else None
-    rows.append((claims.Claim(
-        "L0-HC prunes inconsistently: its kept architecture varies across seeds more than Dep-L0's",
-        "Li & Ji 2021, Sec. 1 (after Gale et al. 2019)",
-        "mean over layers of the across-seed s.d. of the fraction of channels kept, paired by model and λ",
-        claims.Exceeds(fmt="{:.3f}", a_name="L0-HC", b_name="Dep-L0 (fwd)"), PAPER), meas))
+            "Li & Ji 2021, abstract",
+            "test accuracy (pp), Dep-L0 minus L0-HC with the other method interpolated at the same FLOPs "
+            "kept; per seed the mean over models and matched points",
+            claims.Exceeds(fmt="{:+.2f}", unit="pp", a_name=label, b_name="L0-HC"), PAPER), meas))
     big = gated[gated.model == "resnet50"]
     meas = None
     if len(big):
@@ -487,11 +512,20 @@ def claims_table(cfg: Config, out: dict[str, pd.DataFrame]) -> pd.DataFrame:
         h = big[big.method == "l0_hc"].set_index(["lam", "seed"])
         both = d.index.intersection(h.index)
         if len(both):
-            meas = (1 - d.loc[both, "flops_kept"].to_numpy(), 1 - h.loc[both, "flops_kept"].to_numpy())
+            diff = 100 * (h.loc[both, "flops_kept"] - d.loc[both, "flops_kept"])
+            meas = evidence(claims.per_seed(diff.droplevel("lam")), ["l0_hc", "dep_l0_forward"],
+                            ["resnet50"])
+    # Gale et al.'s "inconsistent" L0 results are a poor or failed compression trade-off at scale,
+    # not seed variance of the kept architecture (shown as a table in the chapter): judged on
+    # ResNet-50 / ImageNet only, by the claim below.
     rows.append((claims.Claim(
-        "On ResNet-50 / ImageNet, L0-HC fails to prune where Dep-L0 does",
-        "Li & Ji 2021, abstract and Sec. 5", "FLOPs removed, Dep-L0 (fwd) vs L0-HC, same λ",
-        claims.Exceeds(fmt=pct, a_name="Dep-L0 (fwd)", b_name="L0-HC"), PAPER), meas))
+        "L0-HC prunes inconsistently at scale (Gale et al. 2019): on ResNet-50 / ImageNet it fails to "
+        "prune where Dep-L0 does",
+        "Li & Ji 2021, abstract, Sec. 1 and Sec. 5",
+        "FLOPs removed after compaction (pp), Dep-L0 (fwd) minus L0-HC at the same λ, ResNet-50 on "
+        "ImageNet; per seed the mean over λ",
+        claims.Exceeds(fmt="{:+.1f}", unit="pp of FLOPs", a_name="Dep-L0 (fwd)", b_name="L0-HC"), PAPER),
+        meas))
     return claims.ledger(CHAPTER, rows, cfg.profile, cfg.results_dir, budget=cfg.budget)
 
 

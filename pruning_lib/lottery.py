@@ -535,7 +535,8 @@ def run_experiment(cfg: Config, progress: bool = True) -> Results:
 
 def gain_table(cfg: Config, results: Results, metric: str = "test_accuracy_early_stop") -> pd.DataFrame:
     """Gain of each data-dependent variant over its plain criterion, in accuracy points, per round
-    (mean ± s.e. over seeds, paired by seed); ``*`` marks gains beyond 2 s.e. either way."""
+    (mean ± half-width of the 95 % t interval over seeds, paired by seed); ``*`` marks a round whose
+    interval excludes 0, from at least 3 seeds."""
     setup = cfg.setups[0]
     r = results.rounds[results.rounds.setup == setup]
     cols = {}
@@ -545,9 +546,10 @@ def gain_table(cfg: Config, results: Results, metric: str = "test_accuracy_early
         g = paired_gain(r, base, metric)
         cells = {}
         for _, row in g.iterrows():
-            se = 0.0 if np.isnan(row["se"]) else row["se"]
-            star = "*" if abs(row["mean"]) > 2 * se and row["count"] > 1 else ""
-            cells[f"{100 * row['remaining']:.3g} %"] = f"{100 * row['mean']:+.2f} ± {100 * se:.2f}{star}"
+            half = row["half"]
+            star = "*" if (row["count"] >= claims.MIN_REPLICATES and abs(row["mean"]) > half) else ""
+            spread = f" ± {100 * half:.2f}" if np.isfinite(half) else ""
+            cells[f"{100 * row['remaining']:.3g} %"] = f"{100 * row['mean']:+.2f}{spread}{star}"
         cols[f"{pair_label(base)} × |∂L/∂w| − {pair_label(base)}"] = cells
     out = pd.DataFrame(cols).T
     out.columns.name = "weights remaining"
@@ -593,8 +595,27 @@ def paired_gain(rounds: pd.DataFrame, criterion: str, metric: str = "test_accura
     rem = b["remaining"].groupby("round").mean()
     g = d.groupby("round").gain.agg(["mean", "std", "count"]).reset_index()
     g["se"] = g["std"] / np.sqrt(g["count"])
+    # half-width of the 95 % t interval (n - 1 degrees of freedom); NaN below 2 seeds
+    g["half"] = [claims.t_interval(d.loc[d["round"] == rd, "gain"]).high - m if n > 1 else np.nan
+                 for rd, m, n in zip(g["round"], g["mean"], g["count"])]
     g["remaining"] = g["round"].map(rem)
     return g
+
+
+def gain_rounds(cfg: Config, results: Results, metric: str = "test_accuracy_early_stop") -> dict:
+    """Per criterion with a data-dependent variant: the fractions of weights left (rounds with at most
+    ``sparse_below`` left) where the variant's gain has a 95 % t interval above 0 (``better``) or below 0
+    (``worse``), from at least 3 seeds. Descriptive, one round at a time; the claims pool rounds."""
+    setup = cfg.setups[0]
+    r = results.rounds[results.rounds.setup == setup]
+    out = {}
+    for base in [c for c in cfg.criteria if not c.endswith(crit.DATA_DEPENDENT_SUFFIX)
+                 and c + crit.DATA_DEPENDENT_SUFFIX in cfg.criteria]:
+        g = paired_gain(r, base, metric)
+        g = g[(g.remaining <= cfg.sparse_below + 1e-9) & (g["count"] >= claims.MIN_REPLICATES)]
+        out[base] = {"better": g[g["mean"] - g["half"] > 0].remaining.tolist(),
+                     "worse": g[g["mean"] + g["half"] < 0].remaining.tolist()}
+    return out
 
 
 def match_fraction(rounds: pd.DataFrame, setup: str, criterion: str, control: str, tol: float,
@@ -615,37 +636,58 @@ def match_fraction(rounds: pd.DataFrame, setup: str, criterion: str, control: st
     return pd.Series(out, dtype=float)
 
 
+def settled_rounds(cfg: Config, rounds: pd.DataFrame) -> pd.Series:
+    """Per row of ``rounds``: did the round settle? Its measured quantities are read at early stop (the
+    evaluation of lowest validation loss), so a round has settled when that minimum lies at least a
+    quarter of its training (or the early-stop patience, if shorter) before the round ended: the
+    validation loss found no new minimum over the last quarter. A round whose minimum is at its last
+    evaluations was still improving when its iterations ran out."""
+    out = []
+    for _, row in rounds.iterrows():
+        cap = cfg.setting(row["setup"])["iterations"] if "setup" in row else cfg.iterations
+        window = 0.25 * cap if cfg.patience is None else min(cfg.patience, 0.25 * cap)
+        out.append(bool(row["end_iteration"] - row["early_stop_iteration"] >= window))
+    return pd.Series(out, index=rounds.index, dtype=bool)
+
+
+SETTLE_TEXT = "validation loss still falling in the last quarter of a round"
+
+
 def claims_table(cfg: Config, results: Results) -> pd.DataFrame:
-    """The chapter's claims, measured on the first setup of ``cfg`` and judged by :func:`claims.ledger`."""
+    """The chapter's claims, measured on the first setup of ``cfg`` and judged by :func:`claims.ledger`.
+    Every measurement is one value per seed (rounds pooled by their mean within a seed), judged only
+    when every round it uses has settled (:func:`settled_rounds`)."""
     setup = cfg.setups[0]
     r = results.rounds[results.rounds.setup == setup]
+    r = r.assign(settled=settled_rounds(cfg, r)) if len(r) else r.assign(settled=True)
     where = f"{setup.replace('/', ' on ')}"
+
+    def evidence(value, used: pd.DataFrame):
+        return claims.Evidence(value, used["settled"].tolist(), SETTLE_TEXT)
+
     rows = []
     improved = []
     for base in [c for c in cfg.criteria if not c.endswith(crit.DATA_DEPENDENT_SUFFIX)]:
         if base + crit.DATA_DEPENDENT_SUFFIX not in cfg.criteria:
             continue
         t = r[(r.control == "ticket") & (r["round"] > 0) & (r.remaining <= cfg.sparse_below + 1e-9)]
-        per_seed = lambda c: (t[t.criterion == c].groupby("seed").test_accuracy_early_stop.mean()  # noqa
-                              * 100)
-        a, b = per_seed(base + crit.DATA_DEPENDENT_SUFFIX), per_seed(base)
-        g = paired_gain(r, base)
-        sig = g[(g["mean"] - 2 * g["se"].fillna(0) > 0) & (g.remaining <= cfg.sparse_below + 1e-9)]
-        worse = g[(g["mean"] + 2 * g["se"].fillna(0) < 0) & (g.remaining <= cfg.sparse_below + 1e-9)]
-        where_txt = ", ".join(f"{100 * x:.3g} %" for x in sig.remaining) or "none"
-        worse_txt = ", ".join(f"{100 * x:.3g} %" for x in worse.remaining) or "none"
-        rule = claims.Exceeds(fmt="{:+.2f} pp", a_name=f"{base}×|g|", b_name=base)
-        rows.append((claims.Claim(
+        seed_mean = lambda c: (t[t.criterion == c].groupby("seed").test_accuracy_early_stop.mean()  # noqa
+                               * 100)
+        a, b = seed_mean(base + crit.DATA_DEPENDENT_SUFFIX), seed_mean(base)
+        used = t[t.criterion.isin([base, base + crit.DATA_DEPENDENT_SUFFIX])]
+        rule = claims.Exceeds(fmt="{:+.2f}", unit="pp", a_name=f"{base}×|g|", b_name=base)
+        claim = claims.Claim(
             f"The gradient factor improves {pair_label(base)}",
             "Lévai & Zombori 2020, abstract",
-            f"test accuracy at early stop (pp), mean over rounds with ≤ {100 * cfg.sparse_below:.3g} % of "
-            f"weights left, paired by seed; better beyond 2 s.e. at: {where_txt}; worse at: {worse_txt}",
-            rule, paper="improves (no number in the abstract)"), (a.values, b.values)))
-        improved.append(rule((a.values, b.values))[0] == claims.HELD)
+            f"test accuracy at early stop (pp), per seed the mean over rounds with ≤ "
+            f"{100 * cfg.sparse_below:.3g} % of weights left; paired by seed",
+            rule, paper="improves (no number in the abstract)")
+        rows.append((claim, evidence((a, b), used)))
+        improved.append(claims.judge(claim, evidence((a, b), used), cfg.profile))
     if improved:
         rows.append((claims.Claim("The gradient factor improves the criteria consistently",
                                   "Lévai & Zombori 2020, abstract",
-                                  "criteria whose gain above held",
+                                  "the verdicts of the per-criterion claims above",
                                   claims.Fraction(share=1.0, what="criteria"),
                                   paper="consistently"), improved))
     ticket_c = "magnitude" if "magnitude" in cfg.criteria else cfg.criteria[0]
@@ -660,7 +702,8 @@ def claims_table(cfg: Config, results: Results) -> pd.DataFrame:
         # nearest 3.6 % with the seed spread, and report where the mean curve leaves dense - tol
         near = int((fractions - 0.036).abs().idxmin())
         diff = (per(t, near)[metric] - dense[metric]).dropna() * 100
-        mean_curve = (r.assign(seed=0).groupby(["criterion", "control", "round"], as_index=False)
+        mean_curve = (r.drop(columns="settled").assign(seed=0)
+                      .groupby(["criterion", "control", "round"], as_index=False)
                       .mean(numeric_only=True).assign(setup=setup))
         y_mean = match_fraction(mean_curve, setup, ticket_c, "ticket", tol)
         rows.append((claims.Claim(
@@ -669,8 +712,9 @@ def claims_table(cfg: Config, results: Results) -> pd.DataFrame:
             "test accuracy at early stop, ticket minus dense (pp, paired by seed) at "
             f"{100 * fractions[near]:.3g} % of weights left, {where}; the mean curve stays within "
             f"{100 * tol:.2g} pp of dense down to {100 * float(y_mean.iloc[0]):.3g} %",
-            claims.AtLeast(limit=-100 * tol, fmt="{:+.2f} pp"), paper="3.6 % (LeNet-300-100, full MNIST)"),
-            diff.values))
+            claims.AtLeast(limit=-100 * tol, fmt="{:+.2f}", unit="pp"),
+            paper="3.6 % (LeNet-300-100, full MNIST)"),
+            evidence(diff, t[t["round"].isin([0, near])])))
         if ticket_c in cfg.reinit_criteria and (r.control == "reinit").any():
             rt = r[(r.criterion == ticket_c) & (r["round"] > 0) & (r.remaining <= cfg.sparse_below + 1e-9)]
             ticket_mean = rt[rt.control == "ticket"].groupby("seed")[metric].mean() * 100
@@ -678,11 +722,11 @@ def claims_table(cfg: Config, results: Results) -> pd.DataFrame:
             rows.append((claims.Claim(
                 "Randomly re-initialised tickets lose accuracy earlier than tickets",
                 "Frankle & Carbin 2019, Sec. 2 / Fig. 4",
-                "test accuracy at early stop (pp), mean over rounds with ≤ "
+                "test accuracy at early stop (pp), per seed the mean over rounds with ≤ "
                 f"{100 * cfg.sparse_below:.3g} % of weights left, paired by seed",
-                claims.Exceeds(fmt="{:+.2f} pp", a_name="ticket", b_name="reinit"),
+                claims.Exceeds(fmt="{:+.2f}", unit="pp", a_name="ticket", b_name="reinit"),
                 paper="re-initialised tickets degrade far earlier"),
-                (ticket_mean.values, reinit_mean.loc[ticket_mean.index].values)))
+                evidence((ticket_mean, reinit_mean), rt)))
         # learns faster: from the dense network down to about 21 % left (F&C, Fig. 3)
         early = [int(rd) for rd, f in fractions.items() if f >= 0.211 - 0.03]
         if early:
@@ -694,9 +738,10 @@ def claims_table(cfg: Config, results: Results) -> pd.DataFrame:
                 "early-stop iteration (minimum validation loss), dense minus ticket, ticket averaged over "
                 f"rounds with {', '.join(f'{100 * fractions[rd]:.3g} %' for rd in early)} left, "
                 "paired by seed",
-                claims.Exceeds(fmt="{:+.0f} it.", a_name="dense", b_name="ticket"),
+                claims.Exceeds(fmt="{:+.0f}", unit="iterations", a_name="dense", b_name="ticket"),
                 paper="fastest near 21.1 % (LeNet-300-100, full MNIST)"),
-                (dense.early_stop_iteration.loc[tick_es.index].values.astype(float), tick_es.values)))
+                evidence((dense.early_stop_iteration.astype(float), tick_es),
+                         t[t["round"].isin([0, *early])])))
     # SNIP one-shot (Lee et al. 2019, Table 1)
     # the increase of error over dense (pp) up to which the published result counts as reproduced: SNIP's
     # published errors are 0.1 pp below (95 %) and 0.7 pp above (98 %) the published dense error; we
@@ -713,7 +758,7 @@ def claims_table(cfg: Config, results: Results) -> pd.DataFrame:
         meas = None
         if len(sd):
             e = 100 * (1 - sd.set_index("seed").test_accuracy_early_stop)
-            meas = (e - dense_err.loc[e.index]).values
+            meas = e - dense_err.loc[e.index]
             ours_err = f"our error {e.mean():.2f} % vs dense {dense_err.loc[e.index].mean():.2f} %"
         else:
             ours_err = "not run"
@@ -721,7 +766,7 @@ def claims_table(cfg: Config, results: Results) -> pd.DataFrame:
             f"SNIP at {100 * (1 - density):.0f} % sparsity costs at most {allowed:g} pp of error over dense",
             "Lee et al. 2019, Table 1",
             f"one-shot SNIP at init, test error at early stop minus dense error (pp), {where}; {ours_err}",
-            claims.AtMost(limit=allowed, fmt="{:+.2f} pp"),
+            claims.AtMost(limit=allowed, fmt="{:+.2f}", unit="pp"),
             paper=f"{err:g} % error (dense {dense_published:g} %), LeNet-300-100, full MNIST"), meas))
     return claims.ledger(CHAPTER, rows, cfg.profile, cfg.results_dir, budget=cfg.budget)
 

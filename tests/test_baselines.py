@@ -43,12 +43,28 @@ def test_paper_profile_needs_full_mnist(tmp_path):
         baselines.run_experiment(cfg, progress=False)
 
 
+def _flat_curves(models, seeds, rising=False):
+    return pd.DataFrame([{"model": m, "seed": s, "step": t, "test_accuracy": 0.9 + (0.002 * t if rising else 0.0)}
+                         for m in models for s in seeds for t in range(0, 100, 10)])
+
+
 @pytest.mark.parametrize("conv_error, verdict", [(0.02, "held"), (0.08, "did not hold")])
 def test_the_ranking_claim_is_judged_on_any_dataset(tmp_path, conv_error, verdict):
-    cfg = baselines.Config.from_profile("smoke", results_dir=str(tmp_path))  # mnist5k, both LeNets
+    cfg = baselines.Config.from_profile("cpu", results_dir=str(tmp_path))  # mnist5k, both LeNets
     final = pd.DataFrame([{"model": m, "seed": s, "test_error": e + 0.001 * s}
                           for s in range(3) for m, e in (("lenet300_100", 0.05), ("lenet5_caffe", conv_error))])
-    table = baselines.claims_table(cfg, {"final": final}).set_index("claim")["verdict"]
+    curves = _flat_curves(["lenet300_100", "lenet5_caffe"], range(3))
+    table = baselines.claims_table(cfg, {"final": final, "curves": curves}).set_index("claim")["verdict"]
     assert table["LeNet-5-Caffe has a lower dense test error than LeNet-300-100"] == verdict
     assert (table.drop("LeNet-5-Caffe has a lower dense test error than LeNet-300-100")
             == "not measured").all()  # the published values themselves: full MNIST only
+
+
+def test_a_run_that_has_not_settled_decides_nothing(tmp_path):
+    cfg = baselines.Config.from_profile("cpu", results_dir=str(tmp_path))
+    final = pd.DataFrame([{"model": m, "seed": s, "test_error": e + 0.001 * s}
+                          for s in range(3) for m, e in (("lenet300_100", 0.05), ("lenet5_caffe", 0.02))])
+    curves = _flat_curves(["lenet300_100", "lenet5_caffe"], range(3), rising=True)
+    table = baselines.claims_table(cfg, {"final": final, "curves": curves}).set_index("claim")
+    row = table.loc["LeNet-5-Caffe has a lower dense test error than LeNet-300-100"]
+    assert row["verdict"] == "inconclusive" and row["why"].startswith("not settled")

@@ -244,7 +244,7 @@ def test_paper_profile_fails_with_missing_dataset_error(tmp_path):
 
 def test_correlations_and_claims(tmp_path):
     rows = []
-    for lr in (1e-3, 1e-2):
+    for lr in (1e-4, 1e-3, 1e-2):
         for step in range(6):
             rows.append({"lr": lr, "sparsity": 0.0, "step": step, "weight_distance": step * (1 + 10 * lr),
                          "learning_gap": 1.0 / (1 + step), "test_accuracy": 0.5 + 0.05 * step})
@@ -253,10 +253,13 @@ def test_correlations_and_claims(tmp_path):
     assert cor.set_index("run").loc["all runs", "rho_learning_gap"] == pytest.approx(-1.0)
     acc = pd.DataFrame([{"student": "m", "method": m, "sparsity": s, "seed": seed,
                          "test_accuracy": {"lnpt": 0.9, "supervised": 0.8, "snip": 0.85, "random": 0.5}[m] + 0.01 * seed}
-                        for m in lnpt.METHODS for s in (0.9, 0.98) for seed in (0, 1)])
-    cfg = lnpt.Config.from_profile("smoke", results_dir=str(tmp_path))
-    table = lnpt.claims_table(cfg, {"trajectories": traj, "accuracy": acc})
-    assert (tmp_path / "claims" / "smoke" / "06_lnpt.csv").exists()
+                        for m in lnpt.METHODS for s in (0.9, 0.98) for seed in (0, 1, 2)])
+    hist = pd.DataFrame([{"student": "m", "method": m, "sparsity": s, "seed": seed, "step": t,
+                          "test_accuracy": 0.9} for m in lnpt.METHODS for s in (0.9, 0.98) for seed in (0, 1, 2)
+                         for t in range(0, 50, 5)])
+    cfg = lnpt.Config.from_profile("cpu", results_dir=str(tmp_path))
+    table = lnpt.claims_table(cfg, {"trajectories": traj, "accuracy": acc, "histories": hist})
+    assert (tmp_path / "claims" / "cpu" / "06_lnpt.csv").exists()
     v = dict(zip(table["claim"], table["verdict"]))
     assert v["m: label-free LNPT beats supervised training"] == "held"
     assert v["The learning gap (penultimate features, mature vs learning network) aligns with generalization"] == "held"

@@ -122,7 +122,7 @@ def test_run_experiment_frames_controls_and_claims(tmp_path):
     assert res.snip.remaining.iloc[0] == pytest.approx(0.1, abs=1e-3)
     table = L.claims_table(cfg, res)
     assert (tmp_path / "claims" / cfg.profile / f"{L.CHAPTER}.csv").exists()
-    assert table.verdict.isin(["held", "did not hold", "inconclusive", "not measured"]).all()
+    assert table.verdict.isin(["held", "did not hold", "inconclusive", "not measured", "not judged"]).all()
     for fig in (L.plot_accuracy(res), L.plot_early_stop(res), L.plot_layer_density(res, at=(0.6, 0.4))):
         assert fig.axes
 

@@ -14,6 +14,8 @@ import contextlib
 import gzip
 import os
 import pickle
+import shutil
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -212,15 +214,43 @@ def _missing(name: str, root: Path, expected: Path) -> DatasetNotFoundError:
 
 
 @contextlib.contextmanager
-def _clear_errors(name: str, root: Path, expected: Path):
-    """Turn torchvision's "Dataset not found or corrupted" (and unreadable files) into an error that
-    names the expected path and layout."""
+def _clear_errors(name: str, root: Path, expected: Path, file: Path | None = None):
+    """Turn torchvision's "Dataset not found or corrupted" (and unreadable files: cut short, bad
+    headers) into an error that names the expected path and layout, and ``file`` when it is known."""
     try:
         yield
-    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, ValueError, AssertionError,
+            IndexError, zlib.error) as exc:
+        where = f"{file}" if file is not None else f"{expected}"
         raise DatasetNotFoundError(
-            f"dataset {name!r} at {expected} could not be read ({type(exc).__name__}: {exc}).\n"
-            f"Expected this layout: {LAYOUTS[name]}.\nSee data/README.md.") from exc
+            f"dataset {name!r}: {where} could not be read ({type(exc).__name__}: {exc}).\n"
+            f"Expected this layout under {expected}: {LAYOUTS[name]}.\nSee data/README.md.") from exc
+
+
+def _same_length(name: str, data_file: Path, data, labels_file: Path, labels) -> None:
+    """Images and labels must pair up one to one: a label file shorter or longer than its images would
+    shift every label after the gap."""
+    if len(data) != len(labels):
+        labels_where = "" if labels_file == data_file else f"{labels_file} holds "
+        raise DatasetNotFoundError(
+            f"dataset {name!r}: {data_file} holds {len(data)} images but {labels_where}{len(labels)} "
+            f"labels; they must pair up one to one.\nExpected this layout: {LAYOUTS[name]}.")
+
+
+def _gunzip(gz: Path) -> None:
+    """Decompress ``gz`` beside itself, atomically (a temporary file renamed into place), when the
+    uncompressed file is missing, empty, or older than ``gz`` (a replaced download)."""
+    from .runs import _atomic
+
+    out = gz.with_suffix("")
+    if out.exists() and out.stat().st_size > 0 and out.stat().st_mtime >= gz.stat().st_mtime:
+        return
+
+    def write(tmp):
+        with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+
+    _atomic(out, write)
 
 
 def _holdout(dataset: Dataset, val_size: int, seed: int):
@@ -241,14 +271,15 @@ def mnist(root=None, seed=0, val_size=5000, as_tensors=True) -> DataSplits:
         raise _missing("mnist", root, raw)
     # torchvision reads the uncompressed IDX files (its download step gunzips them): do the same for
     # files given as .gz only, once, beside them
-    for gz in raw.glob("*-ubyte.gz"):
-        if not gz.with_suffix("").exists():
-            from torchvision.datasets.utils import extract_archive
-
-            extract_archive(str(gz), str(raw))
+    for gz in sorted(raw.glob("*-ubyte.gz")):
+        with _clear_errors("mnist", root, raw, file=gz):
+            _gunzip(gz)
     with _clear_errors("mnist", root, raw):
         tr = MNIST(str(root), train=True, download=False)
         te = MNIST(str(root), train=False, download=False)
+    for split, ds in (("train", tr), ("t10k", te)):
+        _same_length("mnist", raw / f"{split}-images-idx3-ubyte", ds.data,
+                     raw / f"{split}-labels-idx1-ubyte", ds.targets)
     x = torch.cat([tr.data, te.data]).float().div(255).unsqueeze(1)
     y = torch.cat([tr.targets, te.targets])
     x = (x - MNIST_STATS[0][0]) / MNIST_STATS[1][0]
@@ -271,6 +302,8 @@ def _cifar(name, cls, folder, stats, num_classes, root, seed, val_size):
         train_full = cls(str(root), train=True, download=False, transform=train_tf)
         val_full = cls(str(root), train=True, download=False, transform=test_tf)
         test = cls(str(root), train=False, download=False, transform=test_tf)
+    for ds, files in ((train_full, "data_batch_*"), (test, "test_batch")):
+        _same_length(name, root / folder / files, ds.data, root / folder / files, ds.targets)
     train, _ = _holdout(train_full, val_size, seed)
     _, val = _holdout(val_full, val_size, seed)
     return DataSplits(name, train, val, test, num_classes, (3, 32, 32), {"source": str(root / folder)})

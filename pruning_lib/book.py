@@ -103,9 +103,12 @@ def select_chapters(available: Sequence[Path], spec: str | Iterable[str] | None)
     name (``lottery_tickets``). The verdicts notebook always runs, so naming it selects nothing."""
     if spec is None:
         return list(available)
-    tokens = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec)]
-    tokens = [t for t in tokens if t]
+    raw = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec)]
+    tokens = [t for t in raw if t]
     if not tokens:
+        if isinstance(spec, str) and spec.strip() and not spec.strip(", "):
+            raise BookError(f"--chapters {spec!r} names no chapter; give names or numbers separated by "
+                            f"commas, or leave it out for every chapter")
         return list(available)
     chosen: set[Path] = set()
     unknown = []
@@ -121,8 +124,58 @@ def select_chapters(available: Sequence[Path], spec: str | Iterable[str] | None)
     return [p for p in available if p in chosen]
 
 
+_YAML12 = None
+
+
+def _yaml12_loader():
+    """A safe YAML loader with the YAML 1.2 core schema's plain scalars: ``1e-4`` is a float (YAML 1.1
+    reads it as a string), ``010`` is ten (not octal eight), ``2024-01-01`` is a string (not a date),
+    ``yes``/``on`` are strings. Explicit tags that build other types (``!!set``, ``!!timestamp``,
+    ``!!binary``) are refused after loading by :func:`pruning_lib.runs.check_json_value`."""
+    global _YAML12
+    if _YAML12 is not None:
+        return _YAML12
+    import re
+
+    import yaml
+
+    core = {"tag:yaml.org,2002:" + t for t in ("bool", "int", "float", "null", "timestamp")}
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        ch: [(tag, rx) for tag, rx in resolvers if tag not in core]
+        for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:null", re.compile(r"^(?:~|null|Null|NULL|)$"),
+                                 ["~", "n", "N", ""])
+    Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                                 re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                   r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+.0123456789"))
+
+    def construct_int(loader, node):
+        return int(loader.construct_scalar(node), 10)  # decimal: no octal, no sexagesimal
+
+    def construct_float(loader, node):
+        text = loader.construct_scalar(node).lower()
+        return {".inf": float("inf"), "+.inf": float("inf"), "-.inf": float("-inf"),
+                ".nan": float("nan")}.get(text) or float(text)
+
+    Loader.add_constructor("tag:yaml.org,2002:int", construct_int)
+    Loader.add_constructor("tag:yaml.org,2002:float", construct_float)
+    _YAML12 = Loader
+    return Loader
+
+
 def parse_value(text: str) -> Any:
-    """A ``-p`` value, read as Papermill's CLI reads ``-p`` values; ``[..]``/``{..}``/``(..)`` as YAML."""
+    """A ``-p`` value, read as Papermill's CLI reads ``-p`` values; ``[..]``/``{..}``/``(..)`` as YAML
+    1.2 (see :func:`_yaml12_loader`). Whether the value is a JSON value with finite numbers is checked
+    with its name, by :func:`plan`."""
     if text.lstrip()[:1] in "[{(" and text.strip():
         import yaml
 
@@ -130,9 +183,10 @@ def parse_value(text: str) -> Any:
         if s.startswith("(") and s.endswith(")"):
             s = "[" + s[1:-1] + "]"
         try:
-            return yaml.safe_load(s)
-        except yaml.YAMLError as exc:
-            raise BookError(f"cannot read {text!r} as a list or mapping: {exc}") from None
+            return yaml.load(s, Loader=_yaml12_loader())
+        except (yaml.YAMLError, ValueError) as exc:
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise BookError(f"cannot read {text!r} as a list or mapping: {why}") from None
     if text == "True":
         return True
     if text == "False":
@@ -173,6 +227,12 @@ def plan(root: str | Path = ".", profile: str = DEFAULT_PROFILE, chapters: str |
             raise BookError("give the profile with --profile (make: PROFILE=...), not -p profile")
         if not name.isidentifier():
             raise BookError(f"parameter name {name!r} is not a Python identifier")
+        from .runs import ConfigError, check_json_value
+
+        try:
+            check_json_value(name, value)
+        except ConfigError as exc:
+            raise BookError(str(exc)) from None
         extra[name] = value
     if not (root / NOTEBOOKS).is_dir():
         raise BookError(f"no {NOTEBOOKS}/ folder in {root.resolve()}: run from the repository root")
@@ -191,6 +251,7 @@ def plan(root: str | Path = ".", profile: str = DEFAULT_PROFILE, chapters: str |
                 f"its parameters are: {', '.join(declared)}"
                 + ("" if chapters else " (use --chapters / CHAPTERS= to pass a parameter that only "
                                        "some chapters have)"))
+        validate_parameters(nb, profile, extra)
         jobs.append(Job(nb.stem, nb, out / nb.name, {"profile": profile, **extra}))
     verdicts = verdicts_notebook(root)
     if include_verdicts and verdicts.exists():
@@ -201,6 +262,68 @@ def plan(root: str | Path = ".", profile: str = DEFAULT_PROFILE, chapters: str |
     if not jobs:
         raise BookError(f"nothing to run: no notebooks in {(root / NOTEBOOKS).resolve()}")
     return jobs
+
+
+def chapter_config(notebook: str | Path):
+    """The Config class a chapter notebook builds with ``<Config>.from_namespace(globals())``, found in
+    its code (``from pruning_lib.x import Config`` or ``from pruning_lib import x`` ... ``x.Config``);
+    None when the notebook has no such call into ``pruning_lib``."""
+    import ast
+    import importlib
+
+    import nbformat
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    names: dict[str, tuple[str, ...]] = {}  # local name -> (module, attribute, ...)
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        try:
+            tree = ast.parse(cell.source)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pruning_lib"):
+                for a in node.names:
+                    names[a.asname or a.name] = (node.module, a.name)
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.startswith("pruning_lib"):
+                        names[a.asname or a.name] = (a.name,)
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr == "from_namespace"):
+                target = node.func.value
+                if isinstance(target, ast.Name) and target.id in names:
+                    ref = names[target.id]
+                elif (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name)
+                      and target.value.id in names):
+                    ref = names[target.value.id] + (target.attr,)
+                else:
+                    continue
+                try:
+                    obj = importlib.import_module(ref[0])
+                    for part in ref[1:]:
+                        obj = (getattr(obj, part) if hasattr(obj, part)
+                               else importlib.import_module(f"{obj.__name__}.{part}"))
+                    return obj
+                except (ImportError, AttributeError):
+                    continue
+    return None
+
+
+def validate_parameters(notebook: Path, profile: str, params: dict[str, Any]) -> None:
+    """Check ``params`` with the chapter's own Config (the validation its notebook applies again):
+    one line naming the chapter and the parameter, before anything runs."""
+    from .runs import ConfigError
+
+    cls = chapter_config(notebook)
+    if cls is None:
+        return
+    fields = set(cls.parameter_names())
+    try:
+        cls.from_profile(profile, **{k: v for k, v in params.items() if k in fields})
+    except ConfigError as exc:
+        raise BookError(f"{Path(notebook).stem}: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,9 +16,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import sys
 import tempfile
+import time
 import typing
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -31,6 +35,40 @@ PROFILES = ("smoke", "cpu", "paper")
 
 class ConfigError(ValueError):
     """An unknown parameter, or a parameter value outside what the chapter accepts."""
+
+
+# One range per parameter name, the same in every chapter that has it: it stands in for the chapter's
+# own ``low``/``high`` (so ``seeds -1`` is refused everywhere, not only where a chapter said so).
+COMMON_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "seeds": (0, 2**32 - 1), "conv_seeds": (0, 2**32 - 1), "resnet_seeds": (0, 2**32 - 1),
+    "lr": (0.0, 10.0), "gate_lr": (0.0, 10.0),
+    "epochs": (0.01, 10000.0), "conv_epochs": (0.01, 10000.0), "teacher_epochs": (0.01, 10000.0),
+    "trajectory_epochs": (0.01, 10000.0), "finetune_epochs": (0.0, 10000.0),
+    "batch_size": (1, 4096), "workers": (1, 64), "threads": (1, 256), "num_threads": (1, 256),
+}
+
+
+def check_json_value(name: str, value: Any) -> None:
+    """Refuse what JSON cannot say (sets, dates, bytes, objects) and numbers that are not finite: the
+    values a parameter may take, at the runner and in a chapter's Config alike."""
+    if value is None or isinstance(value, (bool, str, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigError(f"parameter {name!r}: {value!r} is not a finite number")
+        return
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            check_json_value(name, v)
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"parameter {name!r}: mapping key {k!r} is not a string")
+            check_json_value(name, v)
+        return
+    raise ConfigError(f"parameter {name!r}: {value!r} ({type(value).__name__}) is not a JSON value "
+                      f"(give numbers, strings, true/false, null, lists or mappings)")
 
 
 def param(default: Any, *, choices: typing.Iterable | None = None, low: float | None = None,
@@ -56,9 +94,14 @@ def _coerce(name: str, value: Any, annotation) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"parameter {name!r}: {value!r} is not a {annotation}")
+    check_json_value(name, value)
     if origin is tuple:
-        if isinstance(value, (str, bytes)) or not isinstance(value, typing.Iterable):
+        if not isinstance(value, (list, tuple)):
+            if isinstance(value, dict):
+                raise ConfigError(f"parameter {name!r}: expected a list, got {value!r}")
             value = (value,)
+        if not value:
+            raise ConfigError(f"parameter {name!r}: the list is empty; give at least one value")
         item_t = args[0] if args else Any
         return tuple(_coerce(name, v, item_t) for v in value)
     if origin is dict:
@@ -130,11 +173,13 @@ class RunConfig:
             if value is None:
                 continue
             choices = meta.get("choices")
+            lo, hi = COMMON_RANGES.get(f.name, (meta.get("low"), meta.get("high")))
             for item in _flatten(value):
                 if choices is not None and item not in choices:
                     raise ConfigError(f"parameter {f.name!r}: {item!r} is not one of {list(choices)}")
                 if isinstance(item, (int, float)) and not isinstance(item, bool):
-                    lo, hi = meta.get("low"), meta.get("high")
+                    if not math.isfinite(item):  # NaN passes `x < lo or x > hi`
+                        raise ConfigError(f"parameter {f.name!r}: {item!r} is not a finite number")
                     if lo is not None and item < lo or hi is not None and item > hi:
                         raise ConfigError(f"parameter {f.name!r}: {item!r} is outside [{lo}, {hi}]")
         self.check()
@@ -160,7 +205,8 @@ class RunConfig:
         values = {**cls.PROFILES.get(profile, {}), "profile": profile}
         values.update({k: v for k, v in overrides.items() if v is not None})
         budget = values.get("budget", 1.0)
-        if budget != 1.0 and isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        if (budget != 1.0 and isinstance(budget, (int, float)) and not isinstance(budget, bool)
+                and math.isfinite(budget)):  # NaN is refused by the range check, not scaled
             defaults = {f.name: f.default for f in dataclasses.fields(cls)}
             for name in cls.BUDGETED:
                 value = values.get(name, defaults[name])

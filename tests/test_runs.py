@@ -30,7 +30,7 @@ def test_unknown_parameter_is_named():
         DemoConfig.from_profile("cpu", learning_rate=0.1)
 
 
-@pytest.mark.parametrize("kw, word", [({"lr": 5.0}, "lr"), ({"model": "vgg"}, "model"),
+@pytest.mark.parametrize("kw, word", [({"lr": 50.0}, "lr"), ({"model": "vgg"}, "model"),
                                       ({"seeds": [-1]}, "seeds"), ({"epochs": "ten"}, "epochs"),
                                       ({"profile": "gpu"}, "profile")])
 def test_invalid_values_are_named(kw, word):

@@ -36,7 +36,7 @@ from torch import nn
 
 from . import data as data_mod
 from .data import DataSplits, Split
-from .runs import atomic_torch_save, progress_bar
+from .runs import atomic_torch_save, load_checkpoint, progress_bar
 
 
 def default_device() -> torch.device:
@@ -156,8 +156,8 @@ def fit(model: nn.Module, data: DataSplits, *,
     state = TrainState(model, optimizers, schedulers, total_steps=total)
 
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    if ckpt is not None and ckpt.exists():
-        saved = torch.load(ckpt, map_location=device, weights_only=False)
+    saved = load_checkpoint(ckpt, map_location=device) if ckpt is not None else None  # weights_only
+    if saved is not None:
         from .masks import load_masked_state
         load_masked_state(model, saved["model"])
         for o, s in zip(optimizers, saved["optimizers"]):

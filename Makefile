@@ -2,7 +2,8 @@
 #
 #   make book                    run every chapter (PROFILE=cpu), then build _build/html/index.html
 #   make book PROFILE=smoke CHAPTERS=02_lottery_tickets PARAMS="-p seeds 3"
-#   make test                    unit tests, every chapter in smoke, nbval, strict book build
+#   make test                    unit tests, every chapter in smoke, nbval, strict book build, then the
+#                                smoke book opened in headless Chromium (tests/test_browser.py)
 #                                (all in _build/smoke: the book's own chapters are left alone)
 #
 # Both create .venv (python3.11 -m venv) when it is missing and install the package with its pinned
@@ -43,12 +44,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # the steps of `make test` and `make book` run in order, even under -j
 .NOTPARALLEL:
 
-.PHONY: help book run html test unit smoke smoke-html nbval clean venv
+.PHONY: help book run html test unit smoke smoke-html nbval browser clean venv
 
 help:
 	@echo "make book   [PROFILE=smoke|cpu|paper] [CHAPTERS=02,03] [BUDGET=2] [PARAMS='-p name value ...']"
 	@echo "            run the chapters into book/chapters/, then build _build/html/index.html"
-	@echo "make test   unit tests, every chapter with PROFILE=smoke, nbval, strict book build"
+	@echo "make test   unit tests, every chapter with PROFILE=smoke, nbval, strict book build, browser test"
 	@echo "make clean  remove _build/ and the executed notebooks (results/ is kept: rm -rf results)"
 
 $(PY):
@@ -71,10 +72,11 @@ html: $(STAMP)
 	$(PY) -m pruning_lib.book build
 
 # ---- the tests -----------------------------------------------------------------------------------
-test: unit smoke nbval smoke-html
+test: unit smoke nbval smoke-html browser
 
+# the browser test needs the built smoke book: it runs last (make browser)
 unit: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not browser"
 
 smoke: $(STAMP)
 	rm -rf $(SMOKE)
@@ -83,6 +85,12 @@ smoke: $(STAMP)
 smoke-html: $(STAMP)
 	$(PY) -m pruning_lib.book build --stage $(SMOKE)
 	@echo "The smoke book: $(SMOKE)/_build/html/index.html"
+
+# the smoke book opened in Debian's headless chromium (Playwright): console errors, requests leaving the
+# page, raw LaTeX, progress bars, images, links, search, verdicts at 1280 px. Skips, saying so, without
+# chromium (.ci/run installs it with apt).
+browser: $(STAMP)
+	PRUNING_BOOK_HTML=$(SMOKE)/_build/html $(PY) -m pytest -m browser tests/test_browser.py
 
 # nbval re-executes the executed notebooks (finished runs come from the results/ cache) and compares
 # the outputs of cells marked `# NBVAL_CHECK_OUTPUT`; kernels start in the repository root.

@@ -10,13 +10,20 @@ Usage (from the repository root, with the project's environment)::
 ``run`` executes the source notebooks ``notebooks/NN_name.ipynb`` with Papermill into
 ``book/chapters/NN_name.ipynb`` (kernel ``python3``, working directory = the repository root), passing
 ``profile`` and every ``-p`` parameter, then runs ``notebooks/99_verdicts.ipynb`` last. Before running
-anything it checks the profile and that every ``-p`` name is a parameter declared by every selected
-chapter (its cell tagged ``parameters``); a mistake stops the run with a message that names it. A
-chapter that fails does not stop the others (its executed notebook, with the traceback, is still
-written); the command then exits with status 1 and names the failed chapters.
+anything it checks the profile, that every ``-p`` name is a parameter declared by every selected
+chapter (its cell tagged ``parameters``), and every value with the chapter's own Config (the validation
+the notebook applies again); a mistake stops the run with a message that names it. Each chapter
+executes into a temporary notebook (in ``_build/executing/`` of the book or stage) that replaces
+``book/chapters/NN_name.ipynb`` only when the whole run succeeded (no error, every cell executed,
+figures with images, no warnings, see :func:`check_publishable`); a failed run keeps the book's previous
+copy and leaves its own notebook, with the traceback, in ``_build/failed/``. A chapter that fails does
+not stop the others; the command then
+exits with status 1 and names the failed chapters. Each chapter's run is recorded in
+``<results_dir>/runs/<profile key>/<chapter>.json`` (see :func:`write_run_record`).
 
 ``-p`` values are read as Papermill's own ``-p`` reads them (``True``/``False``/``None``, ints, floats,
-else a string), and a value starting with ``[``, ``{`` or ``(`` is read as YAML (``-p seeds "[0, 1]"``).
+else a string), and a value starting with ``[``, ``{`` or ``(`` is read as YAML 1.2 (``-p seeds "[0,
+1]"``; ``1e-4`` is a float, ``010`` is ten), JSON types only; numbers must be finite.
 ``results_dir`` given with ``-p`` is passed to the verdicts notebook too.
 
 ``--stage DIR`` keeps a run apart from the book: ``run --stage DIR`` writes the executed notebooks to
@@ -330,14 +337,87 @@ def validate_parameters(notebook: Path, profile: str, params: dict[str, Any]) ->
 # running
 
 
+EXECUTING = Path("_build") / "executing"  # where a chapter runs before it is published
+FAILED = Path("_build") / "failed"  # where a failed run's notebook (with its traceback) is kept
+
+
+def build_base(output: Path) -> Path:
+    """The folder whose ``_build/`` holds a run's working and failed notebooks: the book (or the stage)
+    that ``output`` (``<base>/book/chapters/NN.ipynb``) belongs to; else the output's own folder."""
+    chapters = output.parent
+    return chapters.parent.parent if (chapters.name, chapters.parent.name) == ("chapters", "book") \
+        else chapters
+
+
+def _git_commit(root: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def run_record_path(root: str | Path, job: Job) -> Path:
+    """``<results_dir>/runs/<profile key>/<chapter>.json``: ``results_dir`` as the job passes it (else the
+    notebooks' default ``results``), relative to ``root``; the key is the claims tables' own
+    (:func:`pruning_lib.claims.budget_key`: ``cpu``, ``cpu-budget2``)."""
+    from .claims import budget_key
+
+    p = job.parameters
+    results = Path(p.get("results_dir") or "results")
+    return Path(root) / results / "runs" / budget_key(p.get("profile", DEFAULT_PROFILE),
+                                                     float(p.get("budget", 1.0) or 1.0)) / f"{job.name}.json"
+
+
+def write_run_record(root: str | Path, job: Job, status: str, start: float, seconds: float | None,
+                     commit: str | None, error: str | None = None, notebook: Path | None = None) -> Path:
+    """Record one chapter run, atomically: ``{"chapter", "status", "profile", "budget", "parameters",
+    "start", "seconds", "git_commit", "error", "notebook"}``. ``status`` is ``running`` (written when it
+    starts: a run killed mid-way leaves it so), ``ok``, ``failed`` or ``interrupted``; only ``ok`` means
+    the book's notebook and the claims table come from this run. ``start`` is UTC ISO 8601, ``seconds``
+    the wall time."""
+    from .runs import atomic_write_text
+
+    record = {"chapter": job.name, "status": status,
+              "profile": job.parameters.get("profile", DEFAULT_PROFILE),
+              "budget": float(job.parameters.get("budget", 1.0) or 1.0),
+              "parameters": job.parameters,
+              "start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)),
+              "seconds": None if seconds is None else round(seconds, 1), "git_commit": commit,
+              "error": error, "notebook": None if notebook is None else str(notebook)}
+    path = run_record_path(root, job)
+    atomic_write_text(json.dumps(record, indent=1, default=str) + "\n", path)
+    return path
+
+
+def read_run_records(results_dir: str | Path, profile: str, budget: float = 1.0) -> dict[str, dict]:
+    """Every chapter's last run record for ``profile`` at ``budget``: ``{chapter: record}`` (unreadable
+    records are left out). A chapter counts as run only when its record's ``status`` is ``ok``."""
+    from .claims import budget_key
+
+    out = {}
+    for path in sorted((Path(results_dir) / "runs" / budget_key(profile, budget)).glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict):
+            out[path.stem] = record
+    return out
+
+
 def execute(jobs: Sequence[Job], root: str | Path = ".") -> dict[str, Any]:
     """Execute ``jobs`` in order with Papermill (cwd = ``root``). Returns ``{"failed": [...],
-    "seconds": {name: s}}``; a failed notebook is still written, with its error, and the rest run."""
+    "seconds": {name: s}}``. Each runs into ``_build/executing/`` and replaces its ``job.output`` only
+    when it succeeded (see :func:`check_publishable`); a failed notebook, with its error, goes to
+    ``_build/failed/``, and the rest run. Each chapter's run is recorded (:func:`write_run_record`)."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
     from tqdm import tqdm
 
     root = Path(root).resolve()
+    commit = _git_commit(root)
     failed: list[str] = []
     seconds: dict[str, float] = {}
     # a kernel started with MPLBACKEND=Agg (say) shows figures as "<Figure size ...>" text only: the
@@ -348,20 +428,52 @@ def execute(jobs: Sequence[Job], root: str | Path = ".") -> dict[str, Any]:
         for job in bar:
             bar.set_postfix_str(job.name)
             job.output.parent.mkdir(parents=True, exist_ok=True)
-            start = time.perf_counter()
+            base = build_base(job.output)
+            # a name of its own: two runs at once (a book and a stage) never write the same file
+            work = base / EXECUTING / f"{job.output.stem}.{os.getpid()}{job.output.suffix}"
+            work.parent.mkdir(parents=True, exist_ok=True)
+            work.unlink(missing_ok=True)
+            chapter = job.name != VERDICTS
+            started, start = time.time(), time.perf_counter()
+            if chapter:
+                write_run_record(root, job, "running", started, None, commit)
+            error = None
             try:
-                papermill.execute_notebook(str(job.source), str(job.output), parameters=job.parameters,
+                papermill.execute_notebook(str(job.source), str(work), parameters=job.parameters,
                                            kernel_name=KERNEL, cwd=str(root), progress_bar=False,
                                            log_output=False)
-                blank = text_only_figures(job.output)
-                status = "ok" if not blank else (
-                    f"FAILED (figures without an image in cell(s) {', '.join(map(str, blank))}: "
-                    f"display a figure made by pruning_lib.plotting.figure, in matplotlib's inline backend)")
+                blank = text_only_figures(work)
+                if blank:
+                    error = (f"figures without an image in cell(s) {', '.join(map(str, blank))}: display a "
+                             f"figure made by pruning_lib.plotting.figure, in matplotlib's inline backend")
+                else:
+                    check_publishable(work)
             except PapermillExecutionError as exc:
-                status = f"FAILED ({exc.ename}: {exc.evalue})"
-            if status != "ok":
+                error = f"{exc.ename}: {exc.evalue}"
+            except BookError as exc:
+                error = str(exc)
+            except KeyboardInterrupt:
+                if chapter:
+                    write_run_record(root, job, "interrupted", started, time.perf_counter() - start, commit,
+                                     "interrupted")
+                raise
+            except Exception as exc:  # the kernel died, the notebook could not be read, ...
+                error = f"{type(exc).__name__}: {exc}"
+            elapsed = time.perf_counter() - start
+            if error is None:
+                os.replace(work, job.output)  # publish: the whole run succeeded
+                status, kept = "ok", job.output
+            else:
+                status, kept = f"FAILED ({error})", None
+                if work.exists():
+                    kept = base / FAILED / job.output.name
+                    kept.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(work, kept)
                 failed.append(job.name)
-            seconds[job.name] = round(time.perf_counter() - start, 1)
+            if chapter:
+                write_run_record(root, job, "ok" if error is None else "failed", started, elapsed, commit,
+                                 error, kept)
+            seconds[job.name] = round(elapsed, 1)
             shown = ", ".join(f"{k}={v!r}" for k, v in job.parameters.items())
             tqdm.write(f"[{seconds[job.name]:7.1f} s] {job.name} ({shown}): {status}", file=sys.stderr)
     finally:
@@ -369,6 +481,55 @@ def execute(jobs: Sequence[Job], root: str | Path = ".") -> dict[str, Any]:
         if backend is not None:
             os.environ["MPLBACKEND"] = backend
     return {"failed": failed, "seconds": seconds}
+
+
+_WARNING = None
+
+
+def check_publishable(notebook_path: str | Path) -> None:
+    """Raise :class:`BookError`, naming the notebook, when an executed chapter notebook must not reach
+    the book: a cell with an error output, a code cell that was not executed (a run stopped half-way),
+    or a Python warning printed into an output (``FutureWarning: ...``): the book shows no warnings."""
+    global _WARNING
+    import re
+
+    import nbformat
+
+    if _WARNING is None:
+        _WARNING = re.compile(r"(?m)(?:^|: )(?:[A-Z]\w*)?Warning: ")
+    path = Path(notebook_path)
+    try:
+        nb = nbformat.read(str(path), as_version=4)
+    except Exception as exc:
+        raise BookError(f"{path}: not a readable notebook ({type(exc).__name__}: {exc})") from None
+    problems = []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        if cell.source.strip() and cell.get("execution_count") is None:
+            problems.append(f"cell {i} was not executed")
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                problems.append(f"cell {i} raised {out.get('ename')}: {str(out.get('evalue'))[:200]}")
+            elif out.get("output_type") == "stream" and _WARNING.search(str(out.get("text", ""))):
+                line = next(l for l in str(out["text"]).splitlines() if _WARNING.search(l))
+                problems.append(f"cell {i} printed a warning: {line.strip()[:200]}")
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise BookError(f"{path} cannot be published: {shown}")
+
+
+def check_chapters(root: str | Path) -> None:
+    """:func:`check_publishable` on every executed notebook in ``<root>/book/chapters/``; one error
+    naming each that fails (the build calls it)."""
+    problems = []
+    for nb in sorted((Path(root) / CHAPTERS_OUT).glob("*.ipynb")):
+        try:
+            check_publishable(nb)
+        except BookError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise BookError("\n".join(problems))
 
 
 def text_only_figures(notebook: str | Path) -> list[int]:
@@ -509,6 +670,7 @@ def build(root: str | Path = ".", strict: bool = True, stage: str | Path | None 
             raise BookError("not listed in _toc.yml (add `- file: book/chapters/NAME` for each): "
                             + ", ".join(unlisted))
         root = stage_sources(root, stage)
+    check_chapters(root)  # no chapter with an error, unexecuted cells or warnings reaches the book
     toc, dropped = toc_for_build(root)
     if dropped:
         print(f"note: building without chapters that have not been executed: {', '.join(dropped)}",
@@ -610,9 +772,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     total = sum(result["seconds"].values())
     print(f"ran {len(jobs)} notebook(s) in {total:.0f} s (profile {args.profile})", file=sys.stderr)
     if result["failed"]:
-        where = jobs[0].output.parent
-        print("error: failed: " + ", ".join(result["failed"]) + f" (see the executed notebooks in "
-              f"{where}/ for the traceback)", file=sys.stderr)
+        where = build_base(jobs[0].output) / FAILED
+        print("error: failed: " + ", ".join(result["failed"]) + f" (not published; the executed "
+              f"notebooks with the traceback are in {where}/)", file=sys.stderr)
         return 1
     return 0
 

@@ -9,7 +9,10 @@ names them.
 Results (as in open_lth) live in a folder named by a hash of the canonical JSON of what produced them, so
 a rerun with the same settings finds and loads them, and a run stopped half-way resumes from the units it
 had finished. Every write is atomic (write to a temporary file in the same folder, then ``os.replace``),
-so an interrupted run never leaves a half-written file that a later run would trust.
+and each unit's ``manifest.json`` (its spec, and the size and SHA-256 digest of every file, written last)
+is its commit mark: a unit is reused only when its files match it, so a file cut short or edited is
+recomputed, never trusted (see :class:`Store`). ``.pt`` files are read with ``weights_only=True``.
+``python -m pruning_lib.runs adopt results/`` verifies a cache written before manifests, once.
 """
 from __future__ import annotations
 
@@ -265,13 +268,32 @@ def digest(obj: Any, length: int = 16) -> str:
 
 # --- atomic writes --------------------------------------------------------------------------------
 
+def _umask() -> int:
+    """The process's umask, read from /proc where Linux has it (setting it to read it is not
+    thread-safe), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: Path, write: Callable[[str], None]) -> Path:
+    """Write ``path`` with ``write(tmp)`` into a temporary file beside it, then rename it into place.
+
+    ``mkstemp`` creates ``-rw-------``; the file gets the mode an ordinary ``open`` would give it (0666
+    less the umask), so a team sharing a results folder can read it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -293,75 +315,584 @@ def atomic_write_frame(df: pd.DataFrame, path: str | Path) -> Path:
     return _atomic(Path(path), lambda tmp: df.to_csv(tmp, index=False))
 
 
+# --- safe loading of .pt files ----------------------------------------------------------------------
+#
+# Every .pt file is read with ``torch.load(weights_only=True)``: tensors, numbers, strings and plain
+# containers only, so a crafted file cannot run code. What the chapters save besides (pandas frames,
+# ``Mask``, NumPy values) is written as tagged plain containers by :func:`to_safe` and rebuilt by
+# :func:`from_safe`.
+
+_TAG = "__pruning_lib_type__"
+_LEAVES = (type(None), bool, int, float, str, torch.Tensor, torch.Size, torch.dtype, torch.device)
+
+
+def to_safe(obj: Any) -> Any:
+    """``obj`` with every value ``weights_only`` loading refuses turned into a tagged plain container;
+    the same object when nothing needs it (a state_dict keeps its ``_metadata``). Raises TypeError for
+    what has no safe form."""
+    import numpy as np
+
+    from .masks import Mask
+
+    if isinstance(obj, np.generic):  # before the leaves: np.float64 is a float
+        return obj.item()
+    if isinstance(obj, _LEAVES):
+        return obj
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind in "biuf":
+            return {_TAG: "ndarray", "tensor": torch.from_numpy(np.ascontiguousarray(obj).copy())}
+        return {_TAG: "ndarray", "list": to_safe(obj.tolist()), "dtype": str(obj.dtype)}
+    if isinstance(obj, pd.DataFrame):
+        default = isinstance(obj.index, pd.RangeIndex) and obj.index.start == 0 and obj.index.step == 1
+        return {_TAG: "DataFrame", "columns": to_safe(list(obj.columns)),
+                "dtypes": [str(t) for t in obj.dtypes],
+                "data": [to_safe(obj.iloc[:, i].tolist()) for i in range(obj.shape[1])],
+                "index": None if default else to_safe(obj.index.tolist())}
+    if isinstance(obj, pd.Series):
+        return {_TAG: "Series", "name": to_safe(obj.name), "dtype": str(obj.dtype),
+                "data": to_safe(obj.tolist()), "index": to_safe(obj.index.tolist())}
+    if isinstance(obj, Mask):
+        return {_TAG: "Mask", "items": to_safe(dict(obj))}
+    if type(obj) in (dict, OrderedDict):
+        items = {k: to_safe(v) for k, v in obj.items()}
+        if all(items[k] is v for k, v in obj.items()):
+            return obj
+        out = type(obj)(items)
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata
+        return out
+    if type(obj) in (list, tuple, set, frozenset):
+        items = [to_safe(v) for v in obj]
+        return obj if all(a is b for a, b in zip(items, obj)) else type(obj)(items)
+    raise TypeError(f"cannot save a {type(obj).__module__}.{type(obj).__qualname__} in a results file "
+                    f"(tensors, numbers, strings, containers, NumPy arrays, pandas frames and masks only)")
+
+
+def from_safe(obj: Any) -> Any:
+    """Undo :func:`to_safe`."""
+    if type(obj) in (dict, OrderedDict):
+        tag = obj.get(_TAG)
+        if tag == "DataFrame":
+            columns = from_safe(obj["columns"])
+            data = {i: _series(from_safe(values), dt)
+                    for i, (values, dt) in enumerate(zip(obj["data"], obj["dtypes"]))}
+            df = pd.DataFrame(data)
+            df.columns = pd.Index(columns) if columns else df.columns
+            if obj["index"] is not None:
+                df.index = pd.Index(from_safe(obj["index"]))
+            return df
+        if tag == "Series":
+            return _series(from_safe(obj["data"]), obj["dtype"], index=from_safe(obj["index"]),
+                           name=obj["name"])
+        if tag == "ndarray":
+            import numpy as np
+
+            if "tensor" in obj:
+                return obj["tensor"].numpy()
+            return np.array(from_safe(obj["list"]), dtype=obj["dtype"])
+        if tag == "Mask":
+            from .masks import Mask
+
+            return Mask(from_safe(obj["items"]))
+        items = {k: from_safe(v) for k, v in obj.items()}
+        if all(items[k] is v for k, v in obj.items()):
+            return obj
+        out = type(obj)(items)
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata
+        return out
+    if type(obj) in (list, tuple, set, frozenset):
+        items = [from_safe(v) for v in obj]
+        return obj if all(a is b for a, b in zip(items, obj)) else type(obj)(items)
+    return obj
+
+
+def read_csv(path: str | Path) -> pd.DataFrame:
+    """A cached CSV; an empty file (a frame with no columns, which ``to_csv`` writes as one newline) is
+    an empty frame, not an error."""
+    if not Path(path).read_text().strip():
+        return pd.DataFrame()
+    return pd.read_csv(path)
+
+
+def _series(values: list, dtype: str, **kw) -> pd.Series:
+    try:
+        return pd.Series(values, dtype=dtype, **kw)
+    except (TypeError, ValueError):  # a dtype this pandas does not know by that name
+        return pd.Series(values, **kw)
+
+
+def safe_torch_save(obj: Any, path: str | Path) -> Path:
+    """Save ``obj`` atomically in a form :func:`safe_torch_load` reads back."""
+    safe = to_safe(obj)
+    return _atomic(Path(path), lambda tmp: torch.save(safe, tmp))
+
+
+def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
+    """Load a .pt file with ``weights_only=True`` (no code runs) and rebuild what :func:`to_safe` wrote."""
+    return from_safe(torch.load(path, map_location=map_location, weights_only=True))
+
+
+def load_checkpoint(path: str | Path, map_location: Any = None) -> Any:
+    """A resumable training checkpoint (``weights_only=True``), or None when there is none. One that
+    cannot be read (cut short, or not a checkpoint) is reported in one line and moved aside, and
+    training starts from the beginning."""
+    p = Path(path)
+    if not p.exists():
+        return None
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        dest = p.with_name(f"{p.name}.unreadable-{_stamp()}")
+        os.replace(p, dest)
+        print(f"results cache: {p} cannot be read ({_why(exc)}); moved aside to {dest.name}, "
+              f"training from the start", file=sys.stderr, flush=True)
+        return None
+
+
 # --- the results store ----------------------------------------------------------------------------
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+# Files a unit writes itself (``store.path(name)``) while it runs, e.g. the resumable checkpoint of
+# ``fit``: never part of a finished unit, never in its manifest.
+TRANSIENT = ("checkpoint.pt",)
+# Where units whose files do not match their manifest are moved (never deleted): <root>/_corrupt/...
+ASIDE = "_corrupt"
+_UNIT_NAME = "[0-9a-f]" * 16
+
+
+class CacheError(RuntimeError):
+    """A cached file that cannot be used (it is named in the message and has been moved aside)."""
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+
+
+def _why(exc: BaseException) -> str:
+    """One line about ``exc`` (for torch's weights_only refusal, its line that says what it refused)."""
+    lines = [l.strip() for l in str(exc).strip().splitlines() if l.strip()]
+    line = next((l for l in lines if "WeightsUnpickler error:" in l), lines[0] if lines else "")
+    return f"{type(exc).__name__}: {line[:200]}" if line else type(exc).__name__
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _entry(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def check_unit(folder: str | Path) -> tuple[dict | None, str | None]:
+    """``(manifest, None)`` when ``folder``'s manifest is whole, its spec hashes to the folder's name,
+    and every file it lists is there with its size and SHA-256 digest; else ``(None, what is wrong)``."""
+    folder = Path(folder)
+    try:
+        m = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None, f"no {MANIFEST}"
+    except (OSError, ValueError) as exc:
+        return None, f"{MANIFEST} cannot be read ({_why(exc)})"
+    if (not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT or "spec" not in m
+            or not isinstance(m.get("files"), dict)):
+        return None, f"{MANIFEST} is not a results manifest of format {MANIFEST_FORMAT}"
+    if digest(m["spec"]) != folder.name:
+        return None, f"the spec in {MANIFEST} hashes to {digest(m['spec'])}, not to the folder's name"
+    for name, e in m["files"].items():
+        p = folder / name
+        if Path(name).name != name or name == MANIFEST or not isinstance(e, dict):
+            return None, f"{MANIFEST} lists {name!r}, which is not a file of the unit"
+        if not p.is_file():
+            return None, f"{name} is missing"
+        size = p.stat().st_size
+        if size != e.get("size"):
+            return None, f"{name} has {size} bytes, its manifest says {e.get('size')}"
+        if _sha256(p) != e.get("sha256"):
+            return None, f"{name} does not match its SHA-256 digest in the manifest"
+    return m, None
+
+
+def set_aside(folder: str | Path, root: str | Path, why: str, report: bool = True) -> Path | None:
+    """Move a unit ``folder`` to ``<root>/_corrupt/<its path under root>-<time>`` (never deleted) and, with
+    ``report``, say so in one line on stderr. Returns where it went (None when it was already gone)."""
+    folder, root = Path(folder), Path(root)
+    try:
+        rel = folder.resolve().relative_to(root.resolve())
+    except ValueError:
+        rel = Path(folder.name)
+    dest = root / ASIDE / rel.parent / f"{rel.name}-{_stamp()}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(folder, dest)
+    except FileNotFoundError:
+        return None
+    if report:
+        print(f"results cache: {folder}: {why}; moved aside to {dest}, recomputing", file=sys.stderr,
+              flush=True)
+    return dest
+
+
+_LEGACY_NOTED: set[str] = set()
+
+
+def _note_legacy(folder: Path, root: Path) -> None:
+    """Say once per results folder that units without a manifest (an older cache) are recomputed."""
+    key = str(root.resolve())
+    if key in _LEGACY_NOTED:
+        return
+    if any(p.is_file() and not p.name.startswith(".") and p.name not in TRANSIENT
+           for p in folder.iterdir()):
+        _LEGACY_NOTED.add(key)
+        print(f"results cache: {folder} has no {MANIFEST} (written by an older version, or never "
+              f"finished): recomputed, like every such unit in {root}; `python -m pruning_lib.runs adopt "
+              f"{root}` verifies and keeps them", file=sys.stderr, flush=True)
+
+
+class _Lock:
+    """An exclusive lock on one unit (a file beside its folder), held while a file and the manifest are
+    written, so that two runs writing the same unit never leave a manifest that misdescribes it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - not POSIX
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # closing releases the lock
+
 
 class Store:
     """A folder of results for one unit of work, named by the hash of what produced it.
 
-    ``Store(root, kind, spec)`` -> ``root/kind/<digest(spec)>/`` with ``spec.json`` beside the results.
+    ``Store(root, kind, spec)`` -> ``root/kind/<digest(spec)>/``. Every file saved through the store is
+    written atomically and then recorded, with its size and SHA-256 digest, in the unit's
+    ``manifest.json`` (rewritten atomically, last): the manifest is the commit mark. It also holds the
+    spec (``spec.json`` beside it is a readable copy, itself checked). A file counts as finished
+    (:meth:`exists`, and what the loaders read) only when the manifest lists it and every file of the
+    unit matches the manifest; a unit that does not match is reported in one line, moved aside to
+    ``root/_corrupt/`` and recomputed. A folder without a manifest (an older cache, see ``adopt``) is not
+    finished. ``.pt`` files are read with ``weights_only=True``.
     """
 
     def __init__(self, root: str | Path, kind: str, spec: dict[str, Any]):
+        self.root = Path(root)
+        self.kind = kind
         self.spec = json.loads(canonical(spec))
         self.key = digest(self.spec)
-        self.dir = Path(root) / kind / self.key
-        self._spec_written = False
+        self.dir = self.root / kind / self.key
+        self._files: dict[str, dict] | None = None
 
     def path(self, name: str) -> Path:
         return self.dir / name
 
     def exists(self, name: str) -> bool:
-        return self.path(name).exists()
+        """Whether ``name`` is a finished, verified file of this unit (a transient file such as
+        ``checkpoint.pt``: whether it is there)."""
+        if name in TRANSIENT:
+            return self.path(name).exists()
+        return name in self._committed()
 
-    def _write_spec(self):
-        if not self._spec_written:
-            p = self.path("spec.json")
-            if not p.exists():
-                atomic_write_text(json.dumps(self.spec, indent=1, sort_keys=True), p)
-            self._spec_written = True
+    # --- the manifest ---------------------------------------------------------------------------
+    def _committed(self) -> dict[str, dict]:
+        if self._files is None:
+            self._files = self._verify()
+        return self._files
 
-    def frame(self, name: str, compute: Callable[[], pd.DataFrame] | None = None) -> pd.DataFrame:
-        """Load ``name.csv`` if it exists, else ``compute()`` it, save atomically and return it."""
-        p = self.path(f"{name}.csv")
-        if p.exists():
-            return pd.read_csv(p)
+    def _verify(self) -> dict[str, dict]:
+        if not (self.dir / MANIFEST).exists():
+            if self.dir.is_dir():
+                _note_legacy(self.dir, self.root)
+            return {}
+        m, problem = check_unit(self.dir)
+        if problem is None:
+            return dict(m["files"])
+        with self._lock():
+            m, problem = check_unit(self.dir)  # another run may have rewritten it meanwhile
+            if problem is None:
+                return dict(m["files"])
+            set_aside(self.dir, self.root, problem)
+        return {}
+
+    def _set_aside(self, why: str) -> None:
+        with self._lock():
+            set_aside(self.dir, self.root, why)
+        self._files = {}
+
+    def _lock(self) -> _Lock:
+        return _Lock(self.dir.parent / f".{self.key}.lock")
+
+    def _recorded(self) -> dict[str, dict]:
+        """The manifest's entries whose files are still there with their size (under the lock)."""
+        try:
+            m = json.loads((self.dir / MANIFEST).read_text())
+            files = dict(m["files"]) if m.get("format") == MANIFEST_FORMAT else {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
+        return {n: e for n, e in files.items() if isinstance(e, dict) and (self.dir / n).is_file()
+                and (self.dir / n).stat().st_size == e.get("size")}
+
+    def _commit(self, name: str, write: Callable[[str], None]) -> Path:
+        """Write file ``name`` atomically, then the manifest listing it (atomically, last)."""
+        p = self.path(name)
+        with self._lock():
+            files = self._recorded()
+            if "spec.json" not in files:
+                _atomic(self.path("spec.json"),
+                        lambda tmp: Path(tmp).write_text(json.dumps(self.spec, indent=1, sort_keys=True)))
+                files["spec.json"] = _entry(self.path("spec.json"))
+            _atomic(p, write)
+            files[name] = _entry(p)
+            manifest = {"format": MANIFEST_FORMAT, "kind": self.kind, "key": self.key, "spec": self.spec,
+                        "files": dict(sorted(files.items()))}
+            atomic_write_text(json.dumps(manifest, indent=1, sort_keys=True), self.dir / MANIFEST)
+        self._files = files
+        return p
+
+    def _load(self, name: str, read: Callable[[Path], Any], compute: Callable[[], Any] | None):
+        """``(True, value)`` from the verified file, else ``(False, None)`` when ``compute`` can make it.
+        A listed file that cannot be read sets the unit aside."""
+        p = self.path(name)
+        if name in self._committed():
+            try:
+                return True, read(p)
+            except Exception as exc:
+                why = f"{name} cannot be read ({_why(exc)})"
+                self._set_aside(why)
+                if compute is None:
+                    raise CacheError(f"{p}: {why}; the unit was moved aside to {self.root / ASIDE}: "
+                                     f"rerun to recompute it") from exc
         if compute is None:
             raise FileNotFoundError(p)
+        return False, None
+
+    # --- the files ------------------------------------------------------------------------------
+    def frame(self, name: str, compute: Callable[[], pd.DataFrame] | None = None) -> pd.DataFrame:
+        """Load ``name.csv`` if it is finished, else ``compute()`` it, save it and return it."""
+        done, df = self._load(f"{name}.csv", read_csv, compute)
+        if done:
+            return df
         df = compute()
-        self._write_spec()
-        atomic_write_frame(df, p)
+        self.save_frame(name, df)
         return df
 
     def save_frame(self, name: str, df: pd.DataFrame) -> Path:
-        self._write_spec()
-        return atomic_write_frame(df, self.path(f"{name}.csv"))
+        return self._commit(f"{name}.csv", lambda tmp: df.to_csv(tmp, index=False))
 
     def torch(self, name: str, compute: Callable[[], Any] | None = None) -> Any:
-        """Load ``name.pt`` if it exists, else compute, save atomically and return it."""
-        p = self.path(f"{name}.pt")
-        if p.exists():
-            return torch.load(p, map_location="cpu", weights_only=False)
-        if compute is None:
-            raise FileNotFoundError(p)
+        """Load ``name.pt`` (``weights_only``) if it is finished, else compute, save and return it."""
+        done, obj = self._load(f"{name}.pt", safe_torch_load, compute)
+        if done:
+            return obj
         obj = compute()
-        self._write_spec()
-        atomic_torch_save(obj, p)
+        self.save_torch(name, obj)
         return obj
 
     def save_torch(self, name: str, obj: Any) -> Path:
-        self._write_spec()
-        return atomic_torch_save(obj, self.path(f"{name}.pt"))
+        safe = to_safe(obj)
+        return self._commit(f"{name}.pt", lambda tmp: torch.save(safe, tmp))
 
     def json(self, name: str, compute: Callable[[], Any] | None = None) -> Any:
-        p = self.path(f"{name}.json")
-        if p.exists():
-            return json.loads(p.read_text())
-        if compute is None:
-            raise FileNotFoundError(p)
+        done, obj = self._load(f"{name}.json", lambda p: json.loads(p.read_text()), compute)
+        if done:
+            return obj
         obj = compute()
-        self._write_spec()
-        atomic_write_text(json.dumps(obj, indent=1, default=float), p)
+        text = json.dumps(obj, indent=1, default=float)
+        self._commit(f"{name}.json", lambda tmp: Path(tmp).write_text(text))
         return obj
+
+
+# --- adopting a cache written before manifests ----------------------------------------------------
+
+_LEGACY_GLOBALS = {
+    ("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state"),
+    ("torch", "Size"), ("torch", "device"), ("builtins", "set"), ("builtins", "frozenset"),
+    ("builtins", "slice"), ("_codecs", "encode"), ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar"),
+    ("pandas.core.frame", "DataFrame"), ("pandas.core.series", "Series"), ("pandas", "DataFrame"),
+    ("pandas", "Series"), ("pandas", "Index"), ("pandas", "RangeIndex"),
+    ("pandas._libs.internals", "_unpickle_block"), ("pandas.core.internals.managers", "BlockManager"),
+    ("pandas.core.internals.managers", "SingleBlockManager"), ("pandas.core.indexes.base", "_new_Index"),
+    ("pandas.core.indexes.base", "Index"), ("pandas.core.indexes.range", "RangeIndex"),
+    ("pandas", "StringDtype"), ("pandas.arrays", "StringArray"),
+    ("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked"),
+    ("pruning_lib.masks", "Mask"),
+}
+
+
+def _legacy_pickle_module():
+    """A pickle module whose unpickler builds only the types this project ever saved (tensors, NumPy
+    arrays, pandas frames, ``Mask``) and refuses any other global: how ``adopt`` reads .pt files written
+    before they were saved in ``weights_only`` form (a ``Mask``, a dict subclass, cannot be read with
+    ``weights_only=True`` at all). Nothing else uses it."""
+    import pickle
+    import types
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            import _compat_pickle
+
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)  # protocol 2 names (__builtin__)
+            allowed = ((module, name) in _LEGACY_GLOBALS
+                       or (module == "numpy.dtypes" and name.endswith("DType"))
+                       or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+            if not allowed:
+                raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a results file")
+            return super().find_class(module, name)
+
+    mod = types.ModuleType("pruning_lib_restricted_pickle")
+    mod.Unpickler = Unpickler
+    mod.load = lambda f, **kw: Unpickler(f, **kw).load()
+    mod.__version__ = "restricted"
+    return mod
+
+
+def _load_legacy_pt(path: Path) -> Any:
+    """A .pt file of an older cache: with ``weights_only=True`` when it allows, else with the restricted
+    unpickler of :func:`_legacy_pickle_module` (``adopt`` then rewrites it in the safe form)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), False
+    except Exception:
+        pass
+    return torch.load(path, map_location="cpu", weights_only=False,  # restricted: see above
+                      pickle_module=_legacy_pickle_module()), True
+
+
+def unit_folders(root: str | Path) -> list[Path]:
+    """Every unit folder (``<kind>/<16 hex digits>/``) under ``root``, outside ``_corrupt/``."""
+    root = Path(root)
+    found = []
+    for p in sorted(root.rglob(_UNIT_NAME)):
+        rel = p.relative_to(root).parts
+        if p.is_dir() and rel[0] != ASIDE and not any(part.startswith(".") for part in rel):
+            found.append(p)
+    return found
+
+
+def adopt_unit(folder: str | Path, root: str | Path) -> tuple[str, str]:
+    """Verify one unit folder and make it part of the verified cache. Returns ``(status, detail)``:
+
+    * ``verified``: it has a manifest, and every file matches it;
+    * ``adopted``: an older unit (no manifest) whose ``spec.json`` hashes to the folder's name, every
+      ``.json`` parses, every ``.csv`` parses with pandas and every ``.pt`` loads (``weights_only``, or
+      with the restricted unpickler, then rewritten in the safe form); its manifest is written;
+    * ``unfinished``: nothing but a resumable checkpoint, left as it is;
+    * ``moved``: it failed a check and was moved aside to ``<root>/_corrupt/``.
+    """
+    folder, root = Path(folder), Path(root)
+    if (folder / MANIFEST).exists():
+        m, problem = check_unit(folder)
+        if problem is None:
+            return "verified", f"{len(m['files'])} file(s)"
+        return "moved", f"{problem} -> {set_aside(folder, root, problem, report=False)}"
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    kept = [p for p in files if p.name not in TRANSIENT]
+    if not kept:
+        return "unfinished", "no results yet" + (" (a resumable checkpoint)" if files else "")
+    problem = None
+    rewrite: dict[str, Any] = {}
+    spec_file = folder / "spec.json"
+    try:
+        spec = json.loads(spec_file.read_text())
+        if digest(spec) != folder.name:
+            problem = f"spec.json hashes to {digest(spec)}, not to the folder's name"
+    except FileNotFoundError:
+        problem = "no spec.json"
+    except (OSError, ValueError) as exc:
+        problem = f"spec.json cannot be read ({_why(exc)})"
+    for p in files if problem is None else ():
+        try:
+            if p.suffix == ".json":
+                json.loads(p.read_text())
+            elif p.suffix == ".csv":
+                read_csv(p)
+            elif p.suffix == ".pt":
+                obj, legacy = _load_legacy_pt(p)
+                if legacy and p.name not in TRANSIENT:
+                    rewrite[p.name] = to_safe(obj)
+                elif legacy:
+                    problem = f"{p.name} is a checkpoint that weights_only loading cannot read"
+        except Exception as exc:
+            problem = f"{p.name} cannot be read ({_why(exc)})"
+        if problem is not None:
+            break
+    if problem is not None:
+        return "moved", f"{problem} -> {set_aside(folder, root, problem, report=False)}"
+    for name, safe in rewrite.items():
+        _atomic(folder / name, lambda tmp, safe=safe: torch.save(safe, tmp))
+        from_safe(torch.load(folder / name, map_location="cpu", weights_only=True))  # it now loads safely
+    entries = {p.name: _entry(p) for p in kept}
+    manifest = {"format": MANIFEST_FORMAT, "kind": folder.parent.relative_to(root).as_posix(),
+                "key": folder.name, "spec": spec, "files": entries, "adopted": True}
+    atomic_write_text(json.dumps(manifest, indent=1, sort_keys=True), folder / MANIFEST)
+    note = f", {len(rewrite)} .pt file(s) rewritten in weights_only form" if rewrite else ""
+    return "adopted", f"{len(entries)} file(s){note}"
+
+
+def adopt(root: str | Path, out=None) -> dict[str, int]:
+    """``python -m pruning_lib.runs adopt results/``: verify every unit under ``root`` and write the
+    manifest of each older one that passes (:func:`adopt_unit`); those that fail are moved aside and
+    listed. Run it once, while nothing else writes to ``root``. Returns the count of each status."""
+    out = out or sys.stdout
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no results folder {root}")
+    counts = {"verified": 0, "adopted": 0, "unfinished": 0, "moved": 0}
+    for folder in unit_folders(root):
+        status, detail = adopt_unit(folder, root)
+        counts[status] += 1
+        if status != "verified":
+            print(f"{status:10s} {folder}: {detail}", file=out)
+    print(", ".join(f"{v} {k}" for k, v in counts.items()) + f" (under {root})", file=out)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m pruning_lib.runs",
+                                 description="Maintain the results cache.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("adopt", help="verify an older cache (no manifests) once and write its manifests; "
+                                     "units that fail are moved aside to <root>/_corrupt/")
+    a.add_argument("root", nargs="?", default="results")
+    v = sub.add_parser("verify", help="check every unit against its manifest; move aside those that fail")
+    v.add_argument("root", nargs="?", default="results")
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "adopt":
+            counts = adopt(args.root)
+        else:
+            counts = {"verified": 0, "moved": 0, "no manifest": 0}
+            for folder in unit_folders(args.root):
+                if not (folder / MANIFEST).exists():
+                    counts["no manifest"] += 1
+                    continue
+                status, detail = adopt_unit(folder, args.root)
+                counts[status] += 1
+                if status == "moved":
+                    print(f"moved      {folder}: {detail}")
+            print(", ".join(f"{v} {k}" for k, v in counts.items()) + f" (under {args.root})")
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 1 if counts.get("moved") else 0
 
 
 def cached_frame(root: str | Path, kind: str, spec: dict[str, Any],
@@ -456,3 +987,7 @@ def _PageBar(*args, **kwargs):
 
 
 _PAGE_BAR = None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -155,10 +155,9 @@ def verdict_matrix(table: pd.DataFrame, titles: Mapping[str, str] | None = None)
         ax.spines[side].set_visible(False)
     ax.grid(False)
     n = counts(table)
-    ax.legend(handles=[Patch(facecolor=COLOURS[v][1], edgecolor=COLOURS[v][0], label=f"{v} ({n[v]})")
-                       for v in ORDER if n.get(v)],
-              loc="upper center", bbox_to_anchor=(0.5, -0.22 - 0.9 / max(len(chapters), 1)),
-              ncols=5, frameon=False)
+    fig.legend(handles=[Patch(facecolor=COLOURS[v][1], edgecolor=COLOURS[v][0], label=f"{v} ({n[v]})")
+                        for v in ORDER if n.get(v)],
+               loc="outside lower center", ncols=5, frameon=False)
     ax.set_title(f"{len(table)} claims: {counts_sentence(table)}", loc="left")
     return fig
 

@@ -425,6 +425,23 @@ def figure_html(fig, name: str | None = None) -> str:
     return f'<figure class="pr-figure">{img}<figcaption>{link}</figcaption></figure>'
 
 
+def timing_noise_note(times: pd.DataFrame, same_work: Iterable[str], value: str = "seconds") -> str:
+    """A caption for a figure of wall-clock times: how noisy they were on the machine that ran the page.
+
+    ``times`` holds repeated timings of the same work (e.g. every epoch of a dense network, which does
+    the same work each epoch), grouped by the columns ``same_work``; within a group, the slowest over
+    the fastest is pure noise (other jobs on a shared machine, caches, frequency scaling)."""
+    groups = [g[value].dropna() for _, g in times.groupby(list(same_work))] if len(times) else []
+    ratios = pd.Series([g.max() / g.min() for g in groups if len(g) > 1 and g.min() > 0], dtype=float)
+    if not len(ratios):
+        return ("These are wall-clock times on the machine that ran this page; no work was timed twice, "
+                "so their noise is unknown: read them as rough.")
+    return (f"These are wall-clock times on the machine that ran this page, which may be shared with other "
+            f"jobs. The same work timed repeatedly ({len(ratios)} series: {', '.join(same_work)} fixed) "
+            f"took up to {ratios.max():.1f}× as long at its slowest as at its fastest (median "
+            f"{ratios.median():.1f}×): differences smaller than that are noise, not the method.")
+
+
 def use_book_display(ip=None) -> None:
     """Show DataFrames with :func:`table_html` and matplotlib figures with :func:`figure_html` in this
     IPython session (no-op outside one)."""

@@ -168,6 +168,13 @@ def test_figure_html_embeds_the_image_and_a_csv_download():
     assert csv.splitlines()[0] == "panel,series,kind,x,y,x_label,y_label" and len(csv.splitlines()) == 8
 
 
+def test_timing_noise_note_says_how_noisy_the_clock_was():
+    times = pd.DataFrame({"seed": [0, 0, 0, 1, 1], "seconds": [1.0, 1.2, 4.0, 2.0, 3.0]})
+    note = report.timing_noise_note(times, ["seed"])
+    assert "up to 4.0× " in note and "median 2.8×" in note and "2 series" in note
+    assert "unknown" in report.timing_noise_note(times.iloc[:1], ["seed"])
+
+
 # ---- the summary box and provenance (at build time) --------------------------------------------------
 
 def executed_notebook() -> dict:

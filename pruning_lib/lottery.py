@@ -698,23 +698,29 @@ def claims_table(cfg: Config, results: Results) -> pd.DataFrame:
     dense = per(t, 0)
     fractions = t[t["round"] > 0].groupby("round").remaining.mean()
     if len(fractions):
-        # Frankle & Carbin read "matches dense down to 3.6 %" off the mean curve: we test the round
-        # nearest 3.6 % with the seed spread, and report where the mean curve leaves dense - tol
-        near = int((fractions - 0.036).abs().idxmin())
-        diff = (per(t, near)[metric] - dense[metric]).dropna() * 100
+        # Frankle & Carbin read "matches dense down to 3.6 %" off the mean curve: we test the rounds
+        # nearest 3.6 % on either side (at or above, and below), each with the seed spread, and report
+        # where the mean curve leaves dense - tol
+        above = fractions[fractions >= 0.036 - 1e-9]
+        below = fractions[fractions < 0.036 - 1e-9]
+        nearest = ([int((above - 0.036).abs().idxmin())] if len(above) else []) + (
+            [int((below - 0.036).abs().idxmin())] if len(below) else [])
         mean_curve = (r.drop(columns="settled").assign(seed=0)
                       .groupby(["criterion", "control", "round"], as_index=False)
                       .mean(numeric_only=True).assign(setup=setup))
         y_mean = match_fraction(mean_curve, setup, ticket_c, "ticket", tol)
-        rows.append((claims.Claim(
-            f"Tickets ({ticket_c} pruning, rewound) match the dense network down to 3.6 % of weights",
-            "Frankle & Carbin 2019, Sec. 2 / Fig. 3",
-            "test accuracy at early stop, ticket minus dense (pp, paired by seed) at "
-            f"{100 * fractions[near]:.3g} % of weights left, {where}; the mean curve stays within "
-            f"{100 * tol:.2g} pp of dense down to {100 * float(y_mean.iloc[0]):.3g} %",
-            claims.AtLeast(limit=-100 * tol, fmt="{:+.2f}", unit="pp"),
-            paper="3.6 % (LeNet-300-100, full MNIST)"),
-            evidence(diff, t[t["round"].isin([0, near])])))
+        for near in nearest:
+            diff = (per(t, near)[metric] - dense[metric]).dropna() * 100
+            rows.append((claims.Claim(
+                f"Tickets ({ticket_c} pruning, rewound) match the dense network down to 3.6 % of weights "
+                f"(tested at {100 * fractions[near]:.3g} %)",
+                "Frankle & Carbin 2019, Sec. 2 / Fig. 3",
+                "test accuracy at early stop, ticket minus dense (pp, paired by seed) at "
+                f"{100 * fractions[near]:.3g} % of weights left, {where}; the mean curve stays within "
+                f"{100 * tol:.2g} pp of dense down to {100 * float(y_mean.iloc[0]):.3g} %",
+                claims.AtLeast(limit=-100 * tol, fmt="{:+.2f}", unit="pp"),
+                paper="3.6 % (LeNet-300-100, full MNIST)"),
+                evidence(diff, t[t["round"].isin([0, near])])))
         if ticket_c in cfg.reinit_criteria and (r.control == "reinit").any():
             rt = r[(r.criterion == ticket_c) & (r["round"] > 0) & (r.remaining <= cfg.sparse_below + 1e-9)]
             ticket_mean = rt[rt.control == "ticket"].groupby("seed")[metric].mean() * 100

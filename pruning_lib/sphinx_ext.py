@@ -12,8 +12,10 @@ As each executed chapter notebook (``book/chapters/NN_name.ipynb``) is read, bef
 
 It also writes the book's stylesheet (verdict chips, tables, figures: ``pruning_lib.report.CSS``) and
 drops script tags that a page would load twice (sphinx-thebe adds its settings twice, a console error).
-The executed notebooks themselves are not changed. The run record ``results/runs/<key>/<chapter>.json``
-that ``pruning_lib.book run`` writes is used when present.
+The executed notebooks themselves are not changed. The claims tables and run records
+(``results/runs/<key>/<chapter>.json``, written by ``pruning_lib.book run``; used when present and
+``ok``) are read from the notebook's ``results_dir`` parameter, relative to the directory the build runs
+in (the repository root), or from ``$PRUNING_RESULTS_DIR``.
 """
 from __future__ import annotations
 

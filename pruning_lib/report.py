@@ -10,9 +10,10 @@ sets how the page shows tables (no pandas index, full cell text, numbers in a fi
 settings as a short table (:func:`settings_frame`: profile, models, seeds, epochs..., and which values
 were set for this run). It also records, in that output's metadata (``pruning_lib/run``), the settings
 and the facts of the run (:func:`run_facts`: git commit, package versions, machine), which the book's
-build reads back (``pruning_lib.sphinx_ext``) to open the chapter with a summary box (:func:`summary_markdown`:
-the paper, the claims with coloured verdicts, what ran, the cost) and close it with the run's
-provenance (:func:`provenance_markdown`, with the start time and duration Papermill recorded).
+build reads back (``pruning_lib.sphinx_ext``) to open the chapter with a summary box
+(:func:`summary_markdown`: the paper, the claims with coloured verdicts, what ran, the cost) and close
+it with the run's provenance (:func:`provenance_markdown`, with the start time and duration Papermill
+recorded).
 
 The verdicts page uses :func:`verdict_matrix` (chapters x claims, coloured) and
 :func:`verdicts_markdown` (one line per claim, the detail one click away).
@@ -262,8 +263,9 @@ def settings_frame(cfg) -> pd.DataFrame:
         if f.name in HIDDEN_SETTINGS:
             continue
         value = getattr(cfg, f.name)
+        factory = f.default_factory  # type: ignore[misc]
         default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+            factory() if factory is not dataclasses.MISSING else None)
         if f.name == "profile":
             source = "chosen"
         elif f.name in profile_values and _same(value, profile_values[f.name]):
@@ -477,8 +479,8 @@ def open_chapter(cfg, root: str | Path = ".") -> None:
     meta = {"settings": dict(zip(frame["setting"], frame["value"])),
             "set_for_this_run": list(frame.loc[frame["from"] == "set for this run", "setting"]),
             "facts": run_facts(root)}
-    display({"text/html": table_html(frame, caption="The settings of this run"), "text/plain": frame.to_string(index=False)},
-            raw=True, metadata={META_KEY: meta})
+    display({"text/html": table_html(frame, caption="The settings of this run"),
+             "text/plain": frame.to_string(index=False)}, raw=True, metadata={META_KEY: meta})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -636,7 +638,8 @@ def _md(text: Any, code_ok: bool = False) -> str:
     return s.replace("<", "&lt;").replace(">", "&gt;")
 
 
-def claims_for(chapter: str, results_dir: str | Path, profile: str, budget: float = 1.0) -> pd.DataFrame | None:
+def claims_for(chapter: str, results_dir: str | Path, profile: str,
+               budget: float = 1.0) -> pd.DataFrame | None:
     """The claims table a chapter wrote for ``profile`` at ``budget`` (``None`` if there is none)."""
     from .claims import claims_dir
 

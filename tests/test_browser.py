@@ -30,9 +30,8 @@ import os
 import re
 import shutil
 import threading
-import time
 from pathlib import Path
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -280,7 +279,8 @@ VERDICT_CLIPPING = """() => {
             const s = getComputedStyle(a);
             if (s.overflowX !== 'visible' || s.overflow !== 'visible') {
                 const r = a.getBoundingClientRect();
-                if (box.right > r.right + 1 || box.left < r.left - 1) why = 'cut by ' + a.tagName + '.' + a.className;
+                if (box.right > r.right + 1 || box.left < r.left - 1)
+                    why = 'cut by ' + a.tagName + '.' + a.className;
             }
         }
         if (why) clipped.push(el.innerText.trim() + ': ' + why);

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
 import pandas as pd
-import pytest
 import yaml
 
 from pruning_lib import report, sphinx_ext
@@ -194,7 +191,8 @@ def executed_notebook() -> dict:
                           "facts": {"commit": "0123456789ab", "versions": {"torch": "2.14.1"},
                                     "machine": {"cpu": "Toy CPU", "cores": 2, "torch threads": 2,
                                                 "gpu": None}}}})]
-    nb.cells = [nbformat.v4.new_markdown_cell("# Toy chapter\n\nToy et al. (2020) prune toys. They say more.\n"),
+    title = "# Toy chapter\n\nToy et al. (2020) prune toys. They say more.\n"
+    nb.cells = [nbformat.v4.new_markdown_cell(title),
                 params, injected, settings, nbformat.v4.new_markdown_cell("## Results")]
     return json.loads(nbformat.writes(nb))
 

@@ -193,6 +193,49 @@ def gather_verdicts(results_dir: str | Path, profile: str, budget: float = 1.0
     return table.reindex(columns=CLAIM_COLUMNS + extra, fill_value=""), unreadable
 
 
+def last_good_runs(table: pd.DataFrame, results_dir: str | Path, profile: str, budget: float = 1.0
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Keep the claims of chapters whose last run succeeded: a chapter whose run record (written by
+    ``pruning_lib.book run``) says anything but ``ok`` is dropped, since its claims table is the previous
+    run's. Returns the kept claims and a table of each chapter's last run (status, start, duration,
+    parameters given), for the verdicts page."""
+    from .book import read_run_records
+
+    records = read_run_records(results_dir, profile, budget)
+    bad = {c for c, r in records.items() if r.get("status") != "ok"}
+    kept = table[~table["chapter"].isin(bad)] if len(table) else table
+    rows = []
+    for chapter in sorted(set(records) | set(table["chapter"] if len(table) else [])):
+        r = records.get(chapter)
+        if r is None:
+            rows.append({"chapter": chapter, "last run": "no run record", "started (UTC)": "—",
+                         "duration": "—", "parameters given": "—", "counted": "yes"})
+            continue
+        params = {k: v for k, v in (r.get("parameters") or {}).items() if k not in ("profile",)}
+        rows.append({"chapter": chapter, "last run": str(r.get("status", "?")),
+                     "started (UTC)": _when(r.get("start")), "duration": _duration(r.get("seconds")),
+                     "parameters given": ", ".join(f"{k} = {v}" for k, v in params.items()) or "—",
+                     "counted": "yes" if chapter not in bad else "no: its last run did not succeed"})
+    return kept, pd.DataFrame(rows, columns=["chapter", "last run", "started (UTC)", "duration",
+                                             "parameters given", "counted"])
+
+
+def budget_stability(results_dir: str | Path, profile: str, budget: float = 1.0) -> pd.DataFrame | None:
+    """Per claim of the chapters run at budget 1 and at another budget (2 when this page is at budget 1,
+    else this page's budget): its verdict at each and whether they agree. None when no chapter has
+    both."""
+    from .claims import stability
+
+    other = 2.0 if float(budget) == 1.0 else float(budget)
+    s = stability(results_dir, profile, other)
+    if not len(s):
+        return None
+    high = f"verdict at budget {other:g}"
+    out = s.rename(columns={"verdict": "verdict at budget 1"})
+    out["same verdict"] = ["yes" if ok else "⚠ no: sensitive to training length" for ok in out["stable"]]
+    return out[["chapter", "claim", "verdict at budget 1", high, "same verdict"]]
+
+
 def chapter_titles(root: str | Path = ".") -> dict[str, str]:
     """``{"01_dense_baselines": "1 Dense baselines", ...}``: each source notebook's number and title."""
     titles = {}

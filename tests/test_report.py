@@ -299,3 +299,38 @@ def test_progress_bars_leave_one_line_on_the_page(tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "%|" not in text and "inner" not in text and "quiet" not in text
     assert re.fullmatch(r"units: 20 of 20 done in 00:0\d\n", text), text
+
+
+def test_verdicts_count_only_chapters_whose_last_run_succeeded(tmp_path):
+    import json
+
+    from pruning_lib import claims
+
+    c = claims.Claim("y holds", "P", "m", claims.AtLeast(limit=0.0))
+    for ch in ("01_a", "02_b", "03_c"):
+        claims.ledger(ch, [(c, [1.0, 1.1, 0.9])], "cpu", tmp_path)
+    runs = tmp_path / "runs" / "cpu"
+    runs.mkdir(parents=True)
+    (runs / "01_a.json").write_text(json.dumps({"status": "ok", "start": "2026-12-01T10:00:00+00:00",
+                                                "seconds": 61.0, "parameters": {"profile": "cpu",
+                                                                               "seeds": [0, 1, 2]}}))
+    (runs / "02_b.json").write_text(json.dumps({"status": "failed", "seconds": 3.0, "parameters": {}}))
+    table, _ = report.gather_verdicts(tmp_path, "cpu")
+    kept, last = report.last_good_runs(table, tmp_path, "cpu")
+    assert sorted(kept["chapter"]) == ["01_a", "03_c"]  # 03_c has no record: counted, and said so
+    row = last.set_index("chapter")
+    assert row.loc["02_b", "counted"].startswith("no") and row.loc["03_c", "last run"] == "no run record"
+    assert "seeds = [0, 1, 2]" in row.loc["01_a", "parameters given"]
+
+
+def test_budget_stability_marks_changed_verdicts(tmp_path):
+    from pruning_lib import claims
+
+    c = claims.Claim("y holds", "P", "m", claims.AtLeast(limit=0.0))
+    d = claims.Claim("z holds", "P", "m", claims.AtLeast(limit=0.0))
+    claims.ledger("ch", [(c, [1.0, 1.1, 0.9]), (d, [1.0, 1.1, 0.9])], "cpu", tmp_path)
+    assert report.budget_stability(tmp_path, "cpu") is None
+    claims.ledger("ch", [(c, [-1.0, -1.1, -0.9]), (d, [1.0, 1.1, 0.9])], "cpu", tmp_path, budget=2)
+    s = report.budget_stability(tmp_path, "cpu").set_index("claim")
+    assert s.loc["y holds", "same verdict"].startswith("⚠") and s.loc["z holds", "same verdict"] == "yes"
+    assert s.loc["y holds", "verdict at budget 2"] == claims.NOT_HELD

@@ -25,7 +25,7 @@ CHAPTER = "01_dense_baselines"
 PUBLISHED_ERROR = {"lenet300_100": "snip_dense_lenet300_100", "lenet5_caffe": "snip_dense_lenet5_caffe"}
 MODEL_CHOICES = ("lenet300_100", "lenet5_caffe", "conv2", "conv4", "conv6", "small_vgg", "vgg16_bn",
                  "resnet20", "resnet56", "resnet50")
-DATASET_CHOICES = ("mnist5k", "digits", "mnist", "cifar10", "cifar100", "tiny-imagenet", "imagenet",
+DATASET_CHOICES = ("mnist5k", "digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "tiny-imagenet", "imagenet",
                    "synthetic-mnist")
 
 
@@ -51,6 +51,34 @@ class Config(RunConfig):
     BUDGETED = ("epochs",)
 
 
+def dense_spec(model_name: str, dataset: str, seed: int, *, epochs: float, batch_size: int = 60,
+               lr: float = 1.2e-3, evals_per_epoch: int = 2) -> dict:
+    """What a dense network's cache folder (``results/dense/<hash>/``) is named by."""
+    return dict(model=model_name, dataset=dataset, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
+                evals_per_epoch=evals_per_epoch, optimizer="adam")
+
+
+def work_units(cfg: Config) -> list:
+    """Every (model, seed) network of :func:`run_experiment` for the command line (:mod:`pruning_lib.units`),
+    with the hash :func:`train_dense` caches it under."""
+    from .units import Unit
+
+    out = []
+    for model_name in cfg.models:
+        for seed in cfg.seeds:
+            kw = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, evals_per_epoch=cfg.evals_per_epoch)
+            store = Store(cfg.results_dir, "dense", dense_spec(model_name, cfg.dataset, seed, **kw))
+            done = store.exists("model.pt") and store.exists("history.csv")
+
+            def run(results_dir, model_name=model_name, seed=seed, kw=kw):
+                train_dense(model_name, cfg.dataset, seed, results_dir=results_dir, data_root=cfg.data_root,
+                            progress=True, **kw)
+
+            out.append(Unit(store.key, "dense", f"{model_name} on {cfg.dataset}, seed {seed}: {cfg.epochs:g} "
+                            f"epochs, batch {cfg.batch_size}, Adam {cfg.lr:g}", done, (cfg.dataset,), run))
+    return out
+
+
 def train_dense(model_name: str, dataset: str, seed: int, *, epochs: float, batch_size: int = 60,
                 lr: float = 1.2e-3, evals_per_epoch: int = 2, results_dir: str = "results",
                 data_root: str = "data", progress: bool = True, data=None):
@@ -59,9 +87,8 @@ def train_dense(model_name: str, dataset: str, seed: int, *, epochs: float, batc
     Cached under ``results/dense/<hash>/`` by everything that determines the result, so a rerun, or
     another chapter asking for the same network, loads it.
     """
-    spec = dict(model=model_name, dataset=dataset, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
-                evals_per_epoch=evals_per_epoch, optimizer="adam")
-    store = Store(results_dir, "dense", spec)
+    store = Store(results_dir, "dense", dense_spec(model_name, dataset, seed, epochs=epochs, batch_size=batch_size,
+                                                   lr=lr, evals_per_epoch=evals_per_epoch))
     data = data if data is not None else load_dataset(dataset, root=data_root)
     torch.manual_seed(seed)
     model = build_model(model_name, **data.model_kwargs())

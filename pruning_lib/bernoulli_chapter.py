@@ -24,7 +24,7 @@ from .train import fit
 CHAPTER = "04_bernoulli_gates"
 CONV_MODELS = ("lenet5_caffe", "vgg16_bn")
 MODEL_CHOICES = ("lenet300_100",) + CONV_MODELS
-DATASET_CHOICES = ("mnist5k", "mnist", "digits")
+DATASET_CHOICES = ("mnist5k", "mnist", "fashion_mnist", "digits")
 
 # Published structured-pruning results on full MNIST (60k training digits), in data/reference/
 # published.csv; architectures list input features (LeNet-300-100) or kept filters/units per layer.

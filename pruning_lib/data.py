@@ -196,6 +196,10 @@ def synthetic_cifar(root=None, seed=0, n=600, **kw) -> DataSplits:
 LAYOUTS = {
     "mnist": "data/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] "
              "(torchvision.datasets.MNIST layout)",
+    "fashion_mnist": "data/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] "
+                     "(torchvision.datasets.FashionMNIST layout), or Debian's package dataset-fashion-mnist "
+                     "(sudo apt-get install dataset-fashion-mnist), which puts the four .gz files in "
+                     "/usr/share/datasets/fashion-mnist/",
     "cifar10": "data/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta} "
                "(the python version of CIFAR-10, extracted)",
     "cifar100": "data/cifar-100-python/{train,test,meta} (the python version of CIFAR-100, extracted)",
@@ -288,6 +292,68 @@ def mnist(root=None, seed=0, val_size=5000, as_tensors=True) -> DataSplits:
     test = torch.arange(len(tr), len(y))
     return DataSplits("mnist", TensorSplit(x[train], y[train]), TensorSplit(x[val], y[val]),
                       TensorSplit(x[test], y[test]), 10, (1, 28, 28), {"source": str(root / "MNIST")})
+
+
+FASHION_MNIST_STATS = ((0.2860,), (0.3530,))
+# where Debian's package dataset-fashion-mnist installs the four gzipped IDX files
+FASHION_MNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (MNIST's format), plain or gzipped, as an array; its header must match its size."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    body = raw[4 + 4 * ndim:]
+    if len(body) != int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(f"{path}: the header announces {shape} but the file holds {len(body)} bytes of data")
+    return np.frombuffer(body, dtype=dtype).reshape(shape)
+
+
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+@register_dataset("fashion_mnist")
+def fashion_mnist(root=None, seed=0, val_size=5000) -> DataSplits:
+    """Fashion-MNIST (60k/10k, 28x28, 10 classes; Xiao et al. 2017), held in memory as tensors. Read from
+    ``<root>/FashionMNIST/raw/`` (plain or gzipped IDX files) when they are there, else from where
+    Debian's ``dataset-fashion-mnist`` package installs them; the error says how to get it."""
+    stems = [f"{s}-{k}-ubyte" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]
+    local = root / "FashionMNIST" / "raw"
+    folder = next((f for f in (local, FASHION_MNIST_SYSTEM)
+                   if f.is_dir() and all(_idx_file(f, st) for st in stems)), None)
+    if folder is None:
+        raise _missing("fashion_mnist", root, local)
+    arrays = {}
+    for st in stems:
+        path = _idx_file(folder, st)
+        with _clear_errors("fashion_mnist", root, folder, file=path):
+            arrays[st] = read_idx(path)
+    for split in ("train", "t10k"):
+        _same_length("fashion_mnist", _idx_file(folder, f"{split}-images-idx3-ubyte"),
+                     arrays[f"{split}-images-idx3-ubyte"], _idx_file(folder, f"{split}-labels-idx1-ubyte"),
+                     arrays[f"{split}-labels-idx1-ubyte"])
+    images = np.concatenate([arrays["train-images-idx3-ubyte"], arrays["t10k-images-idx3-ubyte"]])
+    labels = np.concatenate([arrays["train-labels-idx1-ubyte"], arrays["t10k-labels-idx1-ubyte"]])
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    x = (x - FASHION_MNIST_STATS[0][0]) / FASHION_MNIST_STATS[1][0]
+    y = torch.from_numpy(labels.astype(np.int64))
+    n_train = len(arrays["train-images-idx3-ubyte"])
+    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
+    val, train = perm[:val_size], perm[val_size:]
+    test = torch.arange(n_train, len(y))
+    return DataSplits("fashion_mnist", TensorSplit(x[train], y[train]), TensorSplit(x[val], y[val]),
+                      TensorSplit(x[test], y[test]), 10, (1, 28, 28), {"source": str(folder)})
 
 
 def _cifar(name, cls, folder, stats, num_classes, root, seed, val_size):

@@ -28,13 +28,14 @@ from .hard_concrete import (ClampLogAlpha, CostModel, GateMonitor, attach_dep_l0
                             compact_gated, gate_parameters, gate_probabilities, keep_and_scale, set_fixed)
 from .models import build_model
 from .runs import RunConfig, Store, param, progress_bar
-from .train import evaluate, fit
+from .train import evaluate, fit, last_run
 
 CHAPTER = "03_dep_l0"
 METHODS = ("l0_hc", "dep_l0_forward", "dep_l0_backward")
 METHOD_LABELS = {"l0_hc": "L0-HC", "dep_l0_forward": "Dep-L0 (forward)", "dep_l0_backward": "Dep-L0 (backward)",
                  "dense": "dense (no gates)"}
-EXPERIMENTS = ("lenet5_caffe/mnist5k", "small_vgg/mnist5k", "vgg16_bn/cifar10", "resnet56/cifar10",
+EXPERIMENTS = ("lenet5_caffe/mnist5k", "small_vgg/mnist5k", "lenet5_caffe/fashion_mnist", "small_vgg/fashion_mnist",
+               "vgg16_bn/cifar10", "resnet56/cifar10",
                "vgg16_bn/cifar100", "resnet56/cifar100", "resnet50/imagenet", "small_vgg/synthetic-mnist",
                "lenet5_caffe/synthetic-mnist")
 
@@ -218,28 +219,76 @@ def units(cfg: Config) -> list[tuple[str, str, str, float, int]]:
     return out
 
 
+def unit_spec(cfg: Config, model: str, dataset: str, method: str, lam: float, seed: int) -> dict[str, Any]:
+    """What one unit's cache folder is named by (its hash): the hashed settings of ``cfg`` that act on a
+    single run, the unit's own identity and the model's training settings. One function for the notebook's
+    :func:`run_experiment` and the command line (:mod:`pruning_lib.units`), so both find the same folder."""
+    hashed = {k: v for k, v in cfg.to_dict(hashed_only=True).items()
+              if k not in ("experiments", "methods", "lambda_scales", "seeds", "dense_baseline", "eval_per_epoch")}
+    spec = dict(hashed, model=model, dataset=dataset, method=method, lam=lam, seed=seed,
+                eval_per_epoch=cfg.eval_per_epoch, settings=cfg.settings(model))
+    if method == "dense":  # gate settings do not change a dense run
+        spec = {k: v for k, v in spec.items() if k not in ("gate_lr", "init_log_alpha", "penalty")}
+    return spec
+
+
+def unit_store(cfg: Config, unit: tuple[str, str, str, float, int], results_dir: str | None = None) -> Store:
+    """The results folder of ``unit`` (an item of :func:`units`) under ``results_dir`` (default: the config's)."""
+    return Store(cfg.results_dir if results_dir is None else results_dir, CHAPTER, unit_spec(cfg, *unit))
+
+
+def unit_done(store: Store) -> bool:
+    return store.exists("result.json")  # frames first, result last: a finished result means all is there
+
+
+def run_unit(cfg: Config, unit: tuple[str, str, str, float, int], data=None, results_dir: str | None = None,
+             progress: bool = False) -> Store:
+    """Train ``unit`` and write its files (frames first, ``result.json`` last) into its results folder."""
+    model, dataset, method, lam, seed = unit
+    store = unit_store(cfg, unit, results_dir)
+    data = data if data is not None else load_dataset(dataset, root=cfg.data_root)
+    out = train_unit(model, dataset, method, lam, seed, cfg, data=data, progress=progress)
+    for name in ("history", "gates", "architecture", "trace"):
+        store.save_frame(name, out[name])
+    store.json("provenance", lambda: dict(last_run(), unit_seconds=out["result"]["seconds"]))
+    store.json("result", lambda: out["result"])
+    return store
+
+
+def work_units(cfg: Config) -> list:
+    """Every unit of :func:`run_experiment` for the command line (:mod:`pruning_lib.units`): its hash (the
+    notebook's, from :func:`unit_spec`), what it trains, whether it is done, and ``run(results_dir)``."""
+    from .units import Unit
+
+    out = []
+    for unit in units(cfg):
+        model, dataset, method, lam, seed = unit
+        s = cfg.settings(model)
+        store = unit_store(cfg, unit)
+        what = (f"{model} on {dataset}, {_label(method)}" + ("" if method == "dense" else f", λ={lam:g}")
+                + f", seed {seed}: {s['epochs']:g} epochs" + (f" + {s['finetune_epochs']:g} fine-tune"
+                                                              if s["finetune_epochs"] else "")
+                + f", batch {s['batch_size']}")
+        out.append(Unit(store.key, CHAPTER, what, unit_done(store), (dataset,),
+                        lambda results_dir, unit=unit: run_unit(cfg, unit, results_dir=results_dir,
+                                                                 progress=True)))
+    return out
+
+
 def run_experiment(cfg: Config, progress: bool = True) -> dict[str, pd.DataFrame]:
     """Run (or load from the results cache) every unit; returns frames ``results``, ``history``, ``gates``,
     ``architecture``, ``trace`` with columns model, dataset, method, lam, seed identifying the unit."""
-    hashed = {k: v for k, v in cfg.to_dict(hashed_only=True).items()
-              if k not in ("experiments", "methods", "lambda_scales", "seeds", "dense_baseline", "eval_per_epoch")}
     frames: dict[str, list[pd.DataFrame]] = {"results": [], "history": [], "gates": [], "architecture": [],
                                              "trace": []}
     cache: dict[str, Any] = {}
-    for model, dataset, method, lam, seed in progress_bar(units(cfg), desc="Dep-L0 units", progress=progress):
-        spec = dict(hashed, model=model, dataset=dataset, method=method, lam=lam, seed=seed,
-                    eval_per_epoch=cfg.eval_per_epoch, settings=cfg.settings(model))
-        if method == "dense":  # gate settings do not change a dense run
-            spec = {k: v for k, v in spec.items() if k not in ("gate_lr", "init_log_alpha", "penalty")}
-        store = Store(cfg.results_dir, CHAPTER, spec)
-        if not store.exists("result.json"):  # frames first, result last: a finished result means all is there
+    for unit in progress_bar(units(cfg), desc="Dep-L0 units", progress=progress):
+        model, dataset, method, lam, seed = unit
+        store = unit_store(cfg, unit)
+        if not unit_done(store):
             if dataset not in cache:
                 cache.clear()
                 cache[dataset] = load_dataset(dataset, root=cfg.data_root)
-            out = train_unit(model, dataset, method, lam, seed, cfg, data=cache[dataset])
-            for name in ("history", "gates", "architecture", "trace"):
-                store.save_frame(name, out[name])
-            store.json("result", lambda: out["result"])
+            store = run_unit(cfg, unit, data=cache[dataset])
         result = store.json("result")
         ident = dict(model=model, dataset=dataset, method=method, lam=lam, seed=seed)
         frames["results"].append(pd.DataFrame([result]))

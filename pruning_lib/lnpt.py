@@ -73,7 +73,7 @@ METHOD_LABELS = {
     "dense_label_free": "dense, label-free training",
     "dense_supervised": "dense, supervised training",
 }
-DATASET_CHOICES = ("mnist5k", "digits", "mnist", "cifar10", "cifar100", "synthetic-mnist", "synthetic-cifar")
+DATASET_CHOICES = ("mnist5k", "digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "synthetic-mnist", "synthetic-cifar")
 
 
 # --- withheld labels ---------------------------------------------------------------------------------

@@ -407,7 +407,7 @@ class TrainFlops(Callback):
 # --------------------------------------------------------------------------------------------------------
 
 MODEL_CHOICES = ("lenet5_caffe", "resnet20", "resnet56", "small_vgg", "vgg16_bn", "conv2", "conv4")
-DATASET_CHOICES = ("mnist5k", "digits", "mnist", "cifar10", "cifar100", "tiny-imagenet", "synthetic-mnist",
+DATASET_CHOICES = ("mnist5k", "digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "tiny-imagenet", "synthetic-mnist",
                    "synthetic-cifar")
 
 

@@ -163,19 +163,23 @@ class GateGenerator(nn.Module):
         self.register_buffer("ones", torch.ones(chain[0]), persistent=False)
         self._cache: tuple | None = None
         self._caching = False  # on only while the model's forward runs (see attach_dep_l0_gates)
+        self._params: tuple | None = None  # the parameters, listed once per forward (see _key)
 
     def clear_cache(self) -> None:
         self._cache = None
 
     def begin_forward(self) -> None:
         self._cache, self._caching = None, True
+        self._params = tuple(self.parameters())
 
     def end_forward(self) -> None:
-        self._cache, self._caching = None, False
+        self._cache, self._caching, self._params = None, False, None
 
     def _key(self) -> tuple:
-        return (torch.is_grad_enabled(),) + tuple(p._version for p in self.parameters()) + tuple(
-            id(p) for p in self.parameters())
+        # Every gate asks once per forward: walk the module tree once per forward, not twice per gate
+        # (issue 15: Python overhead of the Dep-L0 step).
+        params = self._params if self._caching and self._params is not None else tuple(self.parameters())
+        return (torch.is_grad_enabled(),) + tuple(p._version for p in params) + tuple(id(p) for p in params)
 
     def log_alphas(self) -> list[torch.Tensor]:
         """``log_alpha`` of every gated layer, in network order (computed once, then cached)."""
@@ -197,7 +201,7 @@ class GateGenerator(nn.Module):
 
     def __getstate__(self):  # the cache holds autograd graphs: never pickle / deepcopy it
         state = self.__dict__.copy()
-        state["_cache"] = None
+        state["_cache"], state["_params"] = None, None
         return state
 
     def extra_repr(self) -> str:

@@ -10,8 +10,20 @@ step (``torch.nn.utils.prune`` recomputes ``weight = orig * mask`` at each forwa
 * the weight is multiplied by the mask once, in place, when the mask is applied;
 * a gradient hook zeroes the gradient at pruned entries, so no optimizer sees a signal there;
 * an optimizer step post-hook (registered once, for every optimizer) multiplies the masked parameters
-  of that optimizer by their mask again after each ``step()``, because optimizer state built before
+  of that optimizer by their mask again after a ``step()``, because optimizer state built before
   pruning (Adam's moments, momentum buffers) would otherwise revive pruned weights.
+
+The re-multiplication is skipped when it cannot change a bit (issue 15: on LeNet-300-100 these passes over
+the weights were a large share of the masked step): for SGD, Adam and AdamW, whose update of an entry depends
+only on that entry's gradient, value and state, an entry whose gradient (masked by the hook), value and
+optimizer state are all zero stays exactly zero (``±0``, the value ``p * 0`` would have). So once a
+multiplication has left a parameter zero at its pruned entries *and* its optimizer state is zero there,
+later steps skip it, as long as nothing else changed the parameter or that state in between (their version
+counters, storages and the mask are compared before each step; anything else triggers the multiplication,
+and the check, again). Stale state (an optimizer that stepped before the mask was applied) keeps the
+multiplication on, re-checked every 64 steps. Values are bit-identical to multiplying after every step.
+Weights must be changed in place through the parameter (``p.copy_``, ``load_state_dict``) or by applying
+the mask again, not through ``p.data`` (whose writes no version counter sees).
 
 The mask is also registered as a buffer ``<param>_mask`` on the owning module, so it is saved and loaded
 with the model's ``state_dict``. :func:`make_permanent` removes hooks and buffers and leaves the (already
@@ -19,13 +31,12 @@ zero) weights as plain parameters: the forward is unchanged.
 """
 from __future__ import annotations
 
-import weakref
 from pathlib import Path
 from typing import Iterable
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -94,29 +105,99 @@ def prunable_names(model: nn.Module, include_bias: bool = False) -> list[str]:
 
 # --- enforcement --------------------------------------------------------------------------------
 
-# Parameter -> mask for every parameter under an applied mask. Weak keys: a model that is garbage
+# Parameter -> float mask for every parameter under an applied mask. Weak keys: a model that is garbage
 # collected leaves nothing behind.
 # Keyed by identity (tensors compare elementwise, so a plain WeakKeyDictionary would not work).
 _ACTIVE = WeakIdKeyDictionary()
 _HOOKS = WeakIdKeyDictionary()
-_POST_HOOK = None
+_HOOKS_REGISTERED = False
+
+# Optimizers whose update of an entry depends only on that entry's gradient, value and state, so that an
+# entry that is zero in all three stays exactly zero (exact type: a subclass may change the update).
+_ELEMENTWISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+_RECHECK_EVERY = 64  # steps between re-checks of stale optimizer state at pruned entries
+
+# Optimizer -> {id(param): record}. A record (mask, param version, param storage, state key) says: after the
+# last step the parameter was zero at its pruned entries and its optimizer state was zero there; a record
+# (mask, None, step of the next check) says the state was not (stale moments): multiply after every step.
+_CLEAN = WeakIdKeyDictionary()
+_PENDING = WeakIdKeyDictionary()  # optimizer -> [(param, mask)] to multiply after the step under way
+_STEPS = WeakIdKeyDictionary()  # optimizer -> steps seen
+
+
+def _state_key(optimizer, p) -> tuple:
+    state = optimizer.state.get(p)
+    if not state:
+        return ()
+    return tuple((id(t), t._version, t.data_ptr()) for t in state.values()
+                 if isinstance(t, torch.Tensor) and t.shape == p.shape)
+
+
+def _masked_params(optimizer):
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            m = _ACTIVE.get(p)
+            if m is not None:
+                yield p, m
+
+
+def _before_step(optimizer, args, kwargs) -> None:
+    """Pre-step hook: list the masked parameters of ``optimizer`` whose pruned entries this step may move."""
+    if not _ACTIVE:
+        _PENDING.pop(optimizer, None)
+        return
+    clean = _CLEAN.get(optimizer, {})
+    todo = []
+    for p, m in _masked_params(optimizer):
+        rec = clean.get(id(p))
+        if rec is None or rec[0] is not m:
+            todo.append((p, m))
+        elif rec[1] is None:  # stale state: always multiply
+            todo.append((p, m))
+        elif rec[1] != p._version or rec[2] != p.data_ptr() or rec[3] != _state_key(optimizer, p):
+            todo.append((p, m))
+    _PENDING[optimizer] = todo
 
 
 def _reapply_after_step(optimizer, args, kwargs) -> None:
-    if not _ACTIVE:
+    """Post-step hook: multiply by their mask the parameters :func:`_before_step` listed."""
+    todo = _PENDING.pop(optimizer, None)
+    if todo is None:  # no pre-step record (hooks registered mid-step): multiply all
+        if not _ACTIVE:
+            return
+        todo = list(_masked_params(optimizer))
+    step = _STEPS[optimizer] = _STEPS.get(optimizer, 0) + 1
+    if not todo:
         return
+    elementwise = type(optimizer) in _ELEMENTWISE
+    clean = _CLEAN.setdefault(optimizer, {})
     with torch.no_grad():
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                m = _ACTIVE.get(p)
-                if m is not None:
-                    p.mul_(m)
+        for p, m in todo:
+            p.mul_(m)
+            if not elementwise:
+                continue
+            rec = clean.get(id(p))
+            if rec is not None and rec[0] is m and rec[1] is None and step < rec[2]:
+                continue  # stale state, next check later
+            if _state_zero_where_pruned(optimizer, p, m):
+                clean[id(p)] = (m, p._version, p.data_ptr(), _state_key(optimizer, p))
+            else:
+                clean[id(p)] = (m, None, step + _RECHECK_EVERY)
+
+
+def _state_zero_where_pruned(optimizer, p, m) -> bool:
+    pruned = m == 0
+    state = optimizer.state.get(p) or {}
+    return all(not bool(t.masked_select(pruned).any()) for t in state.values()
+               if isinstance(t, torch.Tensor) and t.shape == p.shape)
 
 
 def _ensure_post_hook() -> None:
-    global _POST_HOOK
-    if _POST_HOOK is None:
-        _POST_HOOK = register_optimizer_step_post_hook(_reapply_after_step)
+    global _HOOKS_REGISTERED
+    if not _HOOKS_REGISTERED:
+        register_optimizer_step_pre_hook(_before_step)
+        register_optimizer_step_post_hook(_reapply_after_step)
+        _HOOKS_REGISTERED = True
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -146,6 +227,7 @@ def apply_mask(model: nn.Module, mask: Mask) -> nn.Module:
             module._buffers[bname] = buf
         else:
             module.register_buffer(bname, buf)
+        # A float copy, multiplied (not masked_fill): p * 1 = p and p * 0 = ±0 bit for bit, as before.
         fmask = buf.to(p.dtype)
         with torch.no_grad():
             p.mul_(fmask)
@@ -153,16 +235,15 @@ def apply_mask(model: nn.Module, mask: Mask) -> nn.Module:
         old = _HOOKS.pop(p, None)
         if old is not None:
             old.remove()
-        _HOOKS[p] = p.register_hook(_grad_hook(p))
+        _HOOKS[p] = p.register_hook(_grad_hook(fmask))
     return model
 
 
-def _grad_hook(p: nn.Parameter):
-    ref = weakref.ref(p)
-
+def _grad_hook(fmask: torch.Tensor):
+    # The hook holds its mask: applying another mask or make_permanent removes the hook, so no look-up
+    # (weak dictionary) is needed per backward.
     def hook(grad):
-        m = _ACTIVE.get(ref())
-        return grad if m is None else grad * m
+        return grad * fmask
     return hook
 
 

@@ -161,3 +161,111 @@ def test_remaining_fraction_closed_form_lenet300_100():
     # papers.md: Pm = 51.3, 21.1, 7.0, 3.6, 1.85 % at n = 3, 7, 12, 15, 18
     for n, pm in [(3, 51.3), (7, 21.1), (12, 7.0), (15, 3.6), (18, 1.85)]:
         assert 100 * remaining_fraction_per_layer(rates, sizes, n) == pytest.approx(pm, abs=0.06)
+
+
+# --- the cheaper masked step (issue 15): same bits as multiplying after every step --------------------
+
+OPTIMIZERS = {"adam": lambda p: torch.optim.Adam(p, 1e-2),
+              "adamw": lambda p: torch.optim.AdamW(p, 1e-2, weight_decay=0.1),
+              "sgd_momentum": lambda p: torch.optim.SGD(p, 1e-2, momentum=0.9, weight_decay=1e-3)}
+
+
+def _bits(t):
+    return t.detach().view(torch.int32)
+
+
+def _reference_masked_training(model, mask, make_opt, x, steps, warm=0, write_at=None):
+    """What the masked step computed before issue 15, with plain torch: grad * mask in a tensor hook and
+    the weights multiplied by the mask after every step."""
+    params = dict(model.named_parameters())
+    opt = make_opt(model.parameters())
+    for _ in range(warm):
+        opt.zero_grad(); model(x).pow(2).sum().backward(); opt.step()
+    fm = {n: mask[n].float() for n in mask}
+    with torch.no_grad():
+        for n in mask:
+            params[n].mul_(fm[n])
+    hooks = [params[n].register_hook(lambda g, m=fm[n]: g * m) for n in mask]
+    for i in range(steps):
+        if i == write_at:
+            with torch.no_grad():
+                params["0.weight"].add_(1.0)  # an outside write to pruned entries
+        opt.zero_grad(); model(x).pow(2).sum().backward(); opt.step()
+        with torch.no_grad():
+            for n in mask:
+                params[n].mul_(fm[n])
+    for h in hooks:
+        h.remove()
+    return model, opt
+
+
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("warm", [0, 5], ids=["fresh_state", "stale_state"])
+def test_masked_step_is_bit_identical_to_multiplying_after_every_step(opt, warm):
+    x = torch.randn(16, 8)
+    ref, ref_opt = _reference_masked_training(net(), random_mask(net()), OPTIMIZERS[opt], x, 12, warm,
+                                              write_at=7)
+    m = net()
+    mask = random_mask(m)
+    o = OPTIMIZERS[opt](m.parameters())
+    for _ in range(warm):
+        o.zero_grad(); m(x).pow(2).sum().backward(); o.step()
+    apply_mask(m, mask)
+    for i in range(12):
+        if i == 7:
+            with torch.no_grad():
+                m[0].weight.add_(1.0)
+        o.zero_grad(); m(x).pow(2).sum().backward(); o.step()
+        params = dict(m.named_parameters())
+        for n, keep in mask.items():
+            assert torch.all(params[n][~keep] == 0), (i, n)  # pruned weights exactly zero
+            assert torch.all(params[n].grad[~keep] == 0)  # zero gradients at pruned entries
+    for (n, p), q in zip(m.named_parameters(), ref.parameters()):
+        assert torch.equal(_bits(p), _bits(q)), n  # same bits, signs of zeros included
+        assert torch.equal(_bits(p.grad), _bits(q.grad)), n
+    make_permanent(m)
+
+
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+def test_masked_training_survives_state_dict_round_trip(opt):
+    x = torch.randn(16, 8)
+    m = net()
+    mask = random_mask(m)
+    apply_mask(m, mask)
+    o = OPTIMIZERS[opt](m.parameters())
+    for _ in range(3):
+        o.zero_grad(); m(x).pow(2).sum().backward(); o.step()
+    buf = io.BytesIO()
+    torch.save({"model": m.state_dict(), "opt": o.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    m2 = net()
+    load_masked_state(m2, saved["model"])
+    o2 = OPTIMIZERS[opt](m2.parameters())
+    o2.load_state_dict(saved["opt"])
+    for _ in range(4):
+        for model, optim in ((m, o), (m2, o2)):
+            optim.zero_grad(); model(x).pow(2).sum().backward(); optim.step()
+    for (n, p), q in zip(m.named_parameters(), m2.parameters()):
+        assert torch.equal(_bits(p), _bits(q)), n
+    for n, keep in mask.items():
+        assert torch.all(dict(m2.named_parameters())[n][~keep] == 0)
+
+
+def test_reapplying_or_loading_weights_after_steps_keeps_pruned_entries_zero():
+    x = torch.randn(16, 8)
+    m = net()
+    mask = random_mask(m)
+    apply_mask(m, mask)
+    o = torch.optim.Adam(m.parameters(), 1e-2)
+    for _ in range(3):
+        o.zero_grad(); m(x).pow(2).sum().backward(); o.step()
+    m.load_state_dict(net().state_dict(), strict=False)  # dense weights written into the live parameters
+    o.zero_grad(); m(x).pow(2).sum().backward(); o.step()
+    for n, keep in mask.items():
+        assert torch.all(dict(m.named_parameters())[n][~keep] == 0)
+    tighter = Mask({n: k & random_mask(m, seed=1)[n] for n, k in mask.items()})
+    apply_mask(m, tighter)
+    o.zero_grad(); m(x).pow(2).sum().backward(); o.step()
+    for n, keep in tighter.items():
+        assert torch.all(dict(m.named_parameters())[n][~keep] == 0)

@@ -1,0 +1,120 @@
+"""Inference latency of compacted networks against the dense one, side by side, with their FLOPs reduction.
+
+Every structured method of the book ends with ``pruning_lib.compact.compact``: a physically smaller dense
+network.  This script builds, for each model at a chapter's setting, the compacted networks that keep a given
+fraction of the channels of every channel group (the channels with the largest filter L1 norm, as the
+magnitude baseline of chapter 5 keeps them; which channels are kept does not change the cost, only how many),
+and times them against the dense network on CPU in eval mode under ``torch.no_grad``:
+
+  batch 1 and batch 256, the networks interleaved, best of ``--repeats`` rounds of ``--inner`` forwards.
+
+It prints the measured speed-up (dense time / compacted time), the FLOPs reduction (dense FLOPs / compacted
+FLOPs of the conv and linear layers, ``pruning_lib.metrics.layer_flops``) and their ratio, the *efficiency*
+(1.0 is the physical limit; issue 15 asks for at least 0.8).
+
+Settings (``--settings``):
+  lenet5        LeNet-5-Caffe, width 1, 1x28x28 (chapters 4 and 5, ``cpu`` profile)
+  resnet20      ResNet-20, width 0.25, 1x28x28 (chapter 5, ``cpu`` profile: 4 / 8 / 16 channels)
+  resnet20_w1   ResNet-20, width 1, 3x32x32 (CIFAR-10 width, for comparison: 16 / 32 / 64 channels)
+
+Options for finding where time goes: ``--threads``, ``--channels-last`` (NHWC memory layout for the conv nets).
+Usage:
+  python benchmarks/compact_latency.py [--settings lenet5,resnet20,resnet20_w1] [--keep 0.5,0.25]
+                                       [--batches 1,256] [--threads 2] [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch import nn
+
+from pruning_lib.compact import compact
+from pruning_lib.metrics import layer_flops
+from pruning_lib.models import build_model
+
+SETTINGS = {
+    "lenet5": dict(model="lenet5_caffe", width=1.0, shape=(1, 28, 28)),
+    "resnet20": dict(model="resnet20", width=0.25, shape=(1, 28, 28)),
+    "resnet20_w1": dict(model="resnet20", width=1.0, shape=(3, 32, 32)),
+}
+
+
+def magnitude_keep(model: nn.Module, fraction: float) -> dict[str, torch.Tensor]:
+    """Per channel group, the ``round(fraction * C)`` channels (at least 1) whose producer filters have the
+    largest L1 norm."""
+    keep = {}
+    for g in model.channel_groups():
+        w = model.get_submodule(g.producer).weight.detach()
+        score = w.abs().flatten(1).sum(1)
+        k = max(1, int(round(fraction * score.numel())))
+        mask = torch.zeros(score.numel(), dtype=torch.bool)
+        mask[score.topk(k).indices] = True
+        keep[g.name] = mask
+    return keep
+
+
+def flops(model: nn.Module, shape) -> int:
+    return sum(layer_flops(model, shape).values())
+
+
+def channels(model: nn.Module) -> str:
+    return "/".join(str(model.get_submodule(g.slot).channels) for g in model.channel_groups())
+
+
+@torch.no_grad()
+def best_times(models: list[nn.Module], x: torch.Tensor, repeats: int, inner: int) -> list[float]:
+    """Best (over ``repeats`` interleaved rounds) mean time of one forward over ``inner`` calls, per model."""
+    for m in models:
+        for _ in range(3):
+            m(x)
+    best = [float("inf")] * len(models)
+    for _ in range(repeats):
+        for i, m in enumerate(models):
+            t = time.perf_counter()
+            for _ in range(inner):
+                m(x)
+            best[i] = min(best[i], (time.perf_counter() - t) / inner)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--settings", default="lenet5,resnet20,resnet20_w1")
+    ap.add_argument("--keep", default="0.5,0.25", help="fractions of channels kept per group")
+    ap.add_argument("--batches", default="1,256")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--channels-last", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    keeps = [float(k) for k in args.keep.split(",")]
+    print(f"CPU, {args.threads} threads, eval mode, no_grad, best of {args.repeats} interleaved rounds"
+          + (", channels_last" if args.channels_last else ""))
+    print(f"{'setting':12s} {'keep':>5s} {'channels kept':>16s} {'batch':>5s} {'dense ms':>9s} {'compact ms':>10s} "
+          f"{'speed-up':>8s} {'FLOPs red.':>10s} {'efficiency':>10s}")
+    for name in args.settings.split(","):
+        s = SETTINGS[name]
+        torch.manual_seed(0)
+        dense = build_model(s["model"], width=s["width"], in_channels=s["shape"][0], image_size=s["shape"][1:])
+        dense.eval()
+        nets = [compact(dense, magnitude_keep(dense, k)).eval() for k in keeps]
+        f0 = flops(dense, s["shape"])
+        reductions = [f0 / flops(n, s["shape"]) for n in nets]
+        for batch in (int(b) for b in args.batches.split(",")):
+            x = torch.randn(batch, *s["shape"])
+            models = [dense, *nets]
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+                models = [m.to(memory_format=torch.channels_last) for m in models]
+            inner = max(1, int(64 / batch ** 0.5))  # batch 1: 64 forwards per round, batch 256: 4
+            t = best_times(models, x, args.repeats, inner)
+            for k, net, red, tc in zip(keeps, nets, reductions, t[1:]):
+                speed = t[0] / tc
+                print(f"{name:12s} {k:5.2f} {channels(net):>16s} {batch:5d} {1e3 * t[0]:9.3f} {1e3 * tc:10.3f} "
+                      f"{speed:8.2f} {red:10.2f} {speed / red:10.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -121,7 +121,7 @@ _RECHECK_EVERY = 64  # steps between re-checks of stale optimizer state at prune
 # last step the parameter was zero at its pruned entries and its optimizer state was zero there; a record
 # (mask, None, step of the next check) says the state was not (stale moments): multiply after every step.
 _CLEAN = WeakIdKeyDictionary()
-_PENDING = WeakIdKeyDictionary()  # optimizer -> [(param, mask)] to multiply after the step under way
+_PENDING = WeakIdKeyDictionary()  # optimizer -> ([(param, mask)] to multiply, [param] to skip) this step
 _STEPS = WeakIdKeyDictionary()  # optimizer -> steps seen
 
 
@@ -147,7 +147,7 @@ def _before_step(optimizer, args, kwargs) -> None:
         _PENDING.pop(optimizer, None)
         return
     clean = _CLEAN.get(optimizer, {})
-    todo = []
+    todo, skip = [], []
     for p, m in _masked_params(optimizer):
         rec = clean.get(id(p))
         if rec is None or rec[0] is not m:
@@ -156,21 +156,26 @@ def _before_step(optimizer, args, kwargs) -> None:
             todo.append((p, m))
         elif rec[1] != p._version or rec[2] != p.data_ptr() or rec[3] != _state_key(optimizer, p):
             todo.append((p, m))
-    _PENDING[optimizer] = todo
+        else:
+            skip.append(p)
+    _PENDING[optimizer] = (todo, skip)
 
 
 def _reapply_after_step(optimizer, args, kwargs) -> None:
     """Post-step hook: multiply by their mask the parameters :func:`_before_step` listed."""
-    todo = _PENDING.pop(optimizer, None)
+    todo, skip = _PENDING.pop(optimizer, (None, ()))
     if todo is None:  # no pre-step record (hooks registered mid-step): multiply all
         if not _ACTIVE:
             return
         todo = list(_masked_params(optimizer))
     step = _STEPS[optimizer] = _STEPS.get(optimizer, 0) + 1
+    clean = _CLEAN.setdefault(optimizer, {})
+    for p in skip:  # still zero at pruned entries (see module docstring): note the versions this step left
+        rec = clean[id(p)]
+        clean[id(p)] = (rec[0], p._version, p.data_ptr(), _state_key(optimizer, p))
     if not todo:
         return
     elementwise = type(optimizer) in _ELEMENTWISE
-    clean = _CLEAN.setdefault(optimizer, {})
     with torch.no_grad():
         for p, m in todo:
             p.mul_(m)

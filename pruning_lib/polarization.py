@@ -83,7 +83,9 @@ class _BinaryGate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (a,) = ctx.saved_tensors
-        s = torch.sigmoid(a.clamp(-ctx.bound, ctx.bound))
+        if ctx.bound != math.inf:  # clamp(a, -inf, inf) is a (NaN and -0.0 included): skip that pass
+            a = a.clamp(-ctx.bound, ctx.bound)
+        s = torch.sigmoid(a)
         return grad * s * (1 - s), None
 
 

@@ -44,13 +44,15 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # the steps of `make test` and `make book` run in order, even under -j
 .NOTPARALLEL:
 
-.PHONY: help book run html test unit smoke smoke-html nbval browser clean venv
+.PHONY: help book run html test unit smoke smoke-html nbval browser clean venv gpu-check
 
 help:
 	@echo "make book   [PROFILE=smoke|cpu|paper] [CHAPTERS=02,03] [BUDGET=2] [PARAMS='-p name value ...']"
 	@echo "            run the chapters into book/chapters/, then build _build/html/index.html"
 	@echo "make test   unit tests, every chapter with PROFILE=smoke, nbval, strict book build, browser test"
 	@echo "make clean  remove _build/ and the executed notebooks (results/ is kept: rm -rf results)"
+	@echo "make gpu-check  on a GPU machine, in under 8 minutes: throughput benchmarks, every chapter's paper"
+	@echo "            profile on stand-ins, one torchrun unit on all GPUs; report in _build/gpu_check/"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -98,6 +100,12 @@ nbval: $(STAMP)
 	TQDM_DISABLE=1 $(PY) -m pytest -p pruning_lib.book --nbval-lax \
 	    --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-kernel-name python3 \
 	    --nbval-cell-timeout 1800 $(EXECUTED)
+
+# ---- a GPU machine ---------------------------------------------------------------------------------
+# benchmarks/gpu_throughput.py, every chapter's paper profile on stand-ins, one chapter-3 unit under torchrun
+# on all visible GPUs, and a text report (_build/gpu_check/report.txt); says so and exits 0 without a GPU
+gpu-check: $(STAMP)
+	$(PY) scripts/gpu_check.py
 
 clean:
 	rm -rf _build book/_generated

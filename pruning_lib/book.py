@@ -6,6 +6,7 @@ Usage (from the repository root, with the project's environment)::
                                    [-p NAME VALUE ...] [--stage DIR] [--dry-run]
     python -m pruning_lib.book build [--no-strict] [--stage DIR]
     python -m pruning_lib.book list
+    python -m pruning_lib.book units CHAPTER [--profile P] [-p NAME VALUE ...] [--list | --run HASH | --missing]
 
 ``run`` executes the source notebooks ``notebooks/NN_name.ipynb`` with Papermill into
 ``book/chapters/NN_name.ipynb`` (kernel ``python3``, working directory = the repository root), passing
@@ -742,11 +743,17 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--root", default=".", help=argparse.SUPPRESS)
     ls = sub.add_parser("list", help="list the chapters and the parameters each declares")
     ls.add_argument("--root", default=".", help=argparse.SUPPRESS)
+    from .units import add_arguments  # a chapter's units outside its notebook (torchrun): pruning_lib.units
+    add_arguments(sub.add_parser("units", help="list a chapter's units, or run one (or all missing) "
+                                               "outside the notebook, also under torchrun"))
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "units":
+        from .units import cli
+        return cli(args, list(sys.argv[2:] if argv is None else argv[1:]))
     try:
         if args.command == "list":
             for nb in chapter_notebooks(args.root) + [verdicts_notebook(args.root)]:

@@ -15,12 +15,24 @@ atomically at the end of every epoch and resumes from it, so an interrupted run 
 Distributed: run the same script under ``torchrun``; ``fit`` initialises the process group from the
 environment, wraps the model in ``DistributedDataParallel`` and gives each process its slice of every
 global batch, so N processes compute the same updates as one (up to float rounding; batch norm
-statistics are per process, as in plain DDP).
+statistics are per process, as in plain DDP). Stochastic layers (dropout, gates sampled per example)
+draw from one random stream per process (seeded ``seed + rank``, so rank 0 draws what one process
+would): the processes' noises are independent, as one process's per-example noise is, but a run with
+such layers matches one process in distribution, not number for number.
+
+GPU run settings (:class:`RunSettings`, set per call or for a block with :func:`run_settings`): bf16
+autocast, channels-last memory format, and a data loader that keeps a GPU fed (loader processes, pinned
+memory, persistent workers). They say how a run uses its device, not what it computes, so they are not
+part of any unit's hash; they act on CUDA only (on CPU ``fit`` computes exactly what it always did) and
+every ``fit`` records what it used, with the device, in :func:`last_run` (a unit's provenance). The device
+is chosen once per process (:func:`default_device`: ``cuda:LOCAL_RANK`` under torchrun).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -39,8 +51,107 @@ from .data import DataSplits, Split
 from .runs import atomic_torch_save, load_checkpoint, progress_bar
 
 
+_DEVICE: torch.device | None = None
+
+
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The process's device, chosen once: ``cuda:LOCAL_RANK`` (one GPU per torchrun process) when CUDA
+    is available, else the CPU."""
+    global _DEVICE
+    if _DEVICE is None:
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+            _DEVICE = torch.device("cuda", local)
+            torch.cuda.set_device(_DEVICE)
+        else:
+            _DEVICE = torch.device("cpu")
+    return _DEVICE
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a run uses a GPU; every field is off on CPU, where ``fit`` computes what it always did.
+
+    * ``precision``: ``"fp32"`` or ``"bf16"`` (forward and loss under ``torch.autocast(dtype=bfloat16)``;
+      weights, gradients and optimizer state stay fp32, so no loss scaling is needed);
+    * ``channels_last``: the model and 4-d inputs in channels-last memory format (faster convolutions on
+      tensor cores);
+    * ``workers``, ``pin_memory``, ``persistent_workers``: the training loader of on-disk datasets
+      (ImageNet, CIFAR), built once per ``fit`` and kept across epochs; ``workers`` None = one per core,
+      at most 8 (per process).
+    """
+
+    precision: str = "fp32"
+    channels_last: bool = False
+    workers: int | None = None
+    pin_memory: bool = True
+    persistent_workers: bool = True
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision {self.precision!r}: give fp32 or bf16")
+
+
+_SETTINGS = RunSettings()
+_LAST_RUN: dict[str, Any] = {}
+
+
+def current_settings() -> RunSettings:
+    return _SETTINGS
+
+
+@contextlib.contextmanager
+def run_settings(settings: RunSettings | None = None, **changes):
+    """``with run_settings(precision="bf16", channels_last=True): ...``: every ``fit`` inside uses them
+    (the unit runner of :mod:`pruning_lib.units` sets them from its command line)."""
+    global _SETTINGS
+    before = _SETTINGS
+    _SETTINGS = dataclasses.replace(settings or before, **changes)
+    try:
+        yield _SETTINGS
+    finally:
+        _SETTINGS = before
+
+
+def last_run() -> dict[str, Any]:
+    """What the last ``fit`` of this process ran on: device (and GPU name), world size, precision,
+    channels-last, loader settings, torch and CUDA versions (a unit's ``provenance.json``)."""
+    return dict(_LAST_RUN)
+
+
+def _provenance(device: torch.device, world: int, amp: bool, channels_last: bool, loader: dict) -> dict:
+    return {"device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "world_size": world, "precision": "bf16" if amp else "fp32", "channels_last": channels_last,
+            "loader": loader, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "threads": torch.get_num_threads()}
+
+
+def _cuda_train_batches(split, batch_size: int, gen: torch.Generator, device: torch.device, rank: int,
+                        world: int, settings: RunSettings) -> tuple[Callable[[int], Iterable], dict]:
+    """One DataLoader for the whole ``fit`` (on-disk data, CUDA): loader processes that persist across
+    epochs, pinned memory, prefetching; a DistributedSampler reshuffled by ``set_epoch`` under DDP."""
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+    workers = settings.workers if settings.workers is not None else min(8, os.cpu_count() or 1)
+    if world > 1:
+        sampler = DistributedSampler(split, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
+        batch_size //= world
+    else:
+        sampler = RandomSampler(split, generator=gen)
+    loader = DataLoader(split, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        pin_memory=settings.pin_memory, persistent_workers=settings.persistent_workers
+                        and workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+    def epoch(e: int):
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(e)
+        for x, y in loader:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    return epoch, {"workers": workers, "pin_memory": settings.pin_memory,
+                   "persistent_workers": settings.persistent_workers and workers > 0}
 
 
 def seed_everything(seed: int) -> None:
@@ -55,17 +166,21 @@ def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, batch_size: int = 1000, device: torch.device | None = None,
-             max_batches: int | None = None) -> dict[str, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``split`` (eval mode; mode restored after)."""
+             max_batches: int | None = None, amp: bool = False) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``split`` (eval mode; mode restored after);
+    ``amp``: the forward under bf16 autocast (CUDA only)."""
     device = device or next(model.parameters()).device
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda"
+                else contextlib.nullcontext())
     was_training = model.training
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
     for i, (x, y) in enumerate(data_mod.batches(split, batch_size, device=device)):
         if max_batches is not None and i >= max_batches:
             break
-        out = model(x)
-        loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+        with autocast:
+            out = model(x)
+        loss_sum += float(F.cross_entropy(out.float(), y, reduction="sum"))
         correct += int((out.argmax(1) == y).sum())
         n += len(y)
     model.train(was_training)
@@ -128,20 +243,29 @@ def fit(model: nn.Module, data: DataSplits, *,
         eval_batch_size: int = 1000, max_eval_batches: int | None = None,
         seed: int = 0, device: torch.device | str | None = None,
         checkpoint: str | Path | None = None, progress: bool = True, desc: str = "train",
-        grad_clip: float | None = None) -> pd.DataFrame:
+        grad_clip: float | None = None, settings: RunSettings | None = None) -> pd.DataFrame:
     """Train ``model`` on ``data.train`` and return the history as a tidy DataFrame.
 
     Give the length as ``epochs`` or ``iterations`` (optimizer steps). Validation (and test, with
     ``eval_test``) metrics are recorded every ``eval_every`` steps (default: once an epoch) and at the
     end; rows have ``step, epoch, train_loss, val_loss, val_accuracy, test_loss, test_accuracy,
     seconds`` plus penalty values and callback columns. ``optimizer`` defaults to Adam(lr).
+    ``settings`` (default: :func:`current_settings`) are the GPU run settings; they act on CUDA only.
     """
     if (epochs is None) == (iterations is None):
         raise ValueError("give exactly one of epochs or iterations")
     device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     rank, world = _distributed()
-    seed_everything(seed)
+    seed_everything(seed + rank)  # rank 0 (and a single process): `seed`; the data order comes from `gen`
+    settings = settings or current_settings()
+    on_cuda = device.type == "cuda"
+    amp = on_cuda and settings.precision == "bf16"
+    channels_last = on_cuda and settings.channels_last
     model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     data = data.to(device)
     steps_per_epoch = data_mod.num_batches(data.train, batch_size)
     if world > 1 and not data.in_memory:  # DistributedSampler: each process sees 1/world of the data
@@ -153,6 +277,13 @@ def fit(model: nn.Module, data: DataSplits, *,
     callbacks = list(callbacks)
     penalties = dict(penalties or {})
     gen = torch.Generator().manual_seed(seed)
+    train_batches, loader_info = None, {"workers": "in memory" if data.in_memory else "default"}
+    if on_cuda and not data.in_memory:
+        train_batches, loader_info = _cuda_train_batches(data.train, batch_size, gen, device, rank, world,
+                                                         settings)
+    _LAST_RUN.clear()
+    _LAST_RUN.update(_provenance(device, world, amp, channels_last, loader_info))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     state = TrainState(model, optimizers, schedulers, total_steps=total)
 
     ckpt = Path(checkpoint) if checkpoint is not None else None
@@ -185,16 +316,26 @@ def fit(model: nn.Module, data: DataSplits, *,
 
     net = model
     if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                  else None)
+        # parameters that no optimizer of this fit updates (gates held fixed during a fine-tune) get no
+        # gradient, and DDP would wait for it: it leaves them out (set on every fit: the list stays on
+        # the model)
+        updated = {id(p) for o in optimizers for g in o.param_groups for p in g["params"]}
+        frozen = [n for n, p in model.named_parameters() if id(p) not in updated]
+        DDP = nn.parallel.DistributedDataParallel
+        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def record(train_loss: float):
+        if world > 1:  # the loss of the global batch, not of this process's slice (every rank records)
+            t = torch.tensor([train_loss], dtype=torch.float64, device=device)
+            dist.all_reduce(t)
+            train_loss = float(t) / world
         row = {"step": state.step, "epoch": state.epoch, "train_loss": train_loss,
                "seconds": elapsed + time.perf_counter() - t0}
-        m = evaluate(model, data.val, eval_batch_size, device, max_eval_batches)
+        m = evaluate(model, data.val, eval_batch_size, device, max_eval_batches, amp=amp)
         row.update(val_loss=m["loss"], val_accuracy=m["accuracy"])
         if eval_test:
-            m = evaluate(model, data.test, eval_batch_size, device, max_eval_batches)
+            m = evaluate(model, data.test, eval_batch_size, device, max_eval_batches, amp=amp)
             row.update(test_loss=m["loss"], test_accuracy=m["accuracy"])
         row.update(state.penalties)
         for cb in callbacks:
@@ -211,9 +352,15 @@ def fit(model: nn.Module, data: DataSplits, *,
     running, count = 0.0, 0
     while state.step < total and not state.stop:
         epoch_done = True
-        for i, (x, y) in enumerate(data_mod.batches(data.train, batch_size, shuffle=True, generator=gen,
-                                                    device=device, shard=(rank, world))):
-            loss = loss_fn(net, x, y)
+        epoch_batches = (train_batches(state.epoch) if train_batches is not None else
+                         data_mod.batches(data.train, batch_size, shuffle=True, generator=gen, device=device,
+                                          shard=(rank, world)))
+        for i, (x, y) in enumerate(epoch_batches):
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                loss = loss_fn(net, x, y)
+            loss = loss.float()
             state.penalties = {}
             for name, pen in penalties.items():
                 value = pen(model)

@@ -211,3 +211,22 @@ def test_gpu_run_settings_change_nothing_on_cpu(tiny_data):
     assert not last_run()["channels_last"]
     with pytest.raises(ValueError):
         RunSettings(precision="fp16")
+
+
+def test_chapter_1_dense_units_from_the_command_line(tmp_path, monkeypatch, capsys):
+    from pruning_lib import baselines
+
+    cfg = baselines.Config.from_profile("smoke", models=("lenet300_100",), epochs=0.05,
+                                        results_dir=str(tmp_path))
+    listed = baselines.work_units(cfg)
+    spec = baselines.dense_spec("lenet300_100", "mnist5k", 0, epochs=0.05, batch_size=60, lr=1.2e-3,
+                                evals_per_epoch=2)
+    assert [u.key for u in listed] == [Store(tmp_path, "dense", spec).key]
+    argv = ["units", "01", "--profile", "smoke", "-p", "models", "[lenet300_100]", "-p", "epochs", "0.05",
+            "-p", "results_dir", str(tmp_path)]
+    torch.set_num_threads(1)
+    assert book.main(argv + ["--missing"]) == 0
+    assert book.main(argv + ["--list"]) == 0
+    assert f"{listed[0].key}  done" in capsys.readouterr().out
+    monkeypatch.setattr(baselines, "fit", lambda *a, **k: pytest.fail("trained instead of reading the cache"))
+    assert len(baselines.run_experiment(cfg, progress=False)["final"]) == 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -119,11 +120,26 @@ def _gate_frame(model: torch.nn.Module) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+class _ResumableMonitor(GateMonitor):
+    """A :class:`~pruning_lib.hard_concrete.GateMonitor` whose trace is saved in ``fit``'s checkpoint."""
+
+    def state_dict(self) -> dict:
+        return {"trace": [dict(r) for r in self.trace]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trace = [dict(r) for r in state["trace"]]
+
+
 def train_unit(model_name: str, dataset: str, method: str, lam: float, seed: int, cfg: Config,
-               data=None, progress: bool = False) -> dict[str, Any]:
+               data=None, progress: bool = False, checkpoint=None) -> dict[str, Any]:
     """Train and compact one gated network; returns ``{"result": dict, "history": frame, "gates": frame,
     "architecture": frame, "trace": frame}`` (the last three empty for the dense baseline).  ``trace`` holds
-    the gate statistics of :class:`~pruning_lib.hard_concrete.GateMonitor` about 20 times an epoch."""
+    the gate statistics of :class:`~pruning_lib.hard_concrete.GateMonitor` about 20 times an epoch.
+    With ``checkpoint`` (a folder), each phase saves ``fit``'s checkpoint there at every epoch's end
+    (``checkpoint.pt``, ``checkpoint_finetune.pt``) and resumes from it: a unit stopped half-way loses at
+    most one epoch (the caller deletes them once the unit is saved)."""
+    ckpt = {phase: None if checkpoint is None else Path(checkpoint) / name
+            for phase, name in (("train", "checkpoint.pt"), ("finetune", "checkpoint_finetune.pt"))}
     s = cfg.settings(model_name)
     data = data if data is not None else load_dataset(dataset, root=cfg.data_root)
     torch.manual_seed(seed)
@@ -153,13 +169,13 @@ def train_unit(model_name: str, dataset: str, method: str, lam: float, seed: int
             penalties["penalty"] = lambda m: lam * cost.expected_params(m)
         else:
             penalties["penalty"] = lambda m: lam * cost.louizos_l0(m, n_train)
-        monitor = GateMonitor(cost, every=max(2, steps_per_epoch // 20))  # about 20 points an epoch
+        monitor = _ResumableMonitor(cost, every=max(2, steps_per_epoch // 20))  # about 20 points an epoch
         callbacks = [ClampLogAlpha(), monitor]
     eval_every = max(1, steps_per_epoch // cfg.eval_per_epoch)
     t0 = time.perf_counter()
     hist = fit(model, data, optimizer=optimizers, iterations=total, batch_size=s["batch_size"], scheduler=sched,
                penalties=penalties, callbacks=callbacks, eval_every=eval_every, seed=seed, progress=progress,
-               desc=f"{method} λ={lam:g} seed={seed}")
+               desc=f"{method} λ={lam:g} seed={seed}", checkpoint=ckpt["train"])
     hist["phase"] = "train"
     hist["epochs_done"] = hist["step"] / steps_per_epoch
     trace = pd.DataFrame()
@@ -174,7 +190,7 @@ def train_unit(model_name: str, dataset: str, method: str, lam: float, seed: int
         ft_opt = torch.optim.SGD(weights, lr=s["lr"] * 0.1, momentum=0.9, weight_decay=s["weight_decay"])
         ft = fit(model, data, optimizer=ft_opt, iterations=ft_steps, batch_size=s["batch_size"],
                  callbacks=[GateMonitor(cost)] if gates else [], eval_every=eval_every, seed=seed + 1000,
-                 progress=progress, desc="fine-tune")
+                 progress=progress, desc="fine-tune", checkpoint=ckpt["finetune"])
         ft["phase"], ft["step"] = "finetune", ft["step"] + total
         ft["epochs_done"] = ft["step"] / steps_per_epoch
         ft["seconds"] += hist["seconds"].iloc[-1]
@@ -246,12 +262,18 @@ def run_unit(cfg: Config, unit: tuple[str, str, str, float, int], data=None, res
     """Train ``unit`` and write its files (frames first, ``result.json`` last) into its results folder."""
     model, dataset, method, lam, seed = unit
     store = unit_store(cfg, unit, results_dir)
+    # the checkpoints live in the unit's own folder under cfg.results_dir on every process of a torchrun
+    # group (rank 0 writes them, every rank resumes from them), whatever results_dir this process writes
+    home = unit_store(cfg, unit).dir
     data = data if data is not None else load_dataset(dataset, root=cfg.data_root)
-    out = train_unit(model, dataset, method, lam, seed, cfg, data=data, progress=progress)
+    out = train_unit(model, dataset, method, lam, seed, cfg, data=data, progress=progress, checkpoint=home)
     for name in ("history", "gates", "architecture", "trace"):
         store.save_frame(name, out[name])
     store.json("provenance", lambda: dict(last_run(), unit_seconds=out["result"]["seconds"]))
     store.json("result", lambda: out["result"])
+    if store.dir == home:  # the unit is saved: its checkpoints are spent
+        for name in ("checkpoint.pt", "checkpoint_finetune.pt"):
+            (home / name).unlink(missing_ok=True)
     return store
 
 

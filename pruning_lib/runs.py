@@ -456,7 +456,7 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 # Files a unit writes itself (``store.path(name)``) while it runs, e.g. the resumable checkpoint of
 # ``fit``: never part of a finished unit, never in its manifest.
-TRANSIENT = ("checkpoint.pt",)
+TRANSIENT = ("checkpoint.pt", "checkpoint_finetune.pt")  # the second: a fine-tune phase's (chapter 3)
 # Where units whose files do not match their manifest are moved (never deleted): <root>/_corrupt/...
 ASIDE = "_corrupt"
 _UNIT_NAME = "[0-9a-f]" * 16

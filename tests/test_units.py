@@ -230,3 +230,39 @@ def test_chapter_1_dense_units_from_the_command_line(tmp_path, monkeypatch, caps
     assert f"{listed[0].key}  done" in capsys.readouterr().out
     monkeypatch.setattr(baselines, "fit", lambda *a, **k: pytest.fail("trained instead of reading the cache"))
     assert len(baselines.run_experiment(cfg, progress=False)["final"]) == 1
+
+
+def test_a_stopped_unit_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """A chapter-3 unit saves fit's checkpoint every epoch in its folder (a 90-epoch ResNet-50 unit must
+    not start over): stopped in its second epoch, it resumes to the result of an uninterrupted run."""
+    from pruning_lib.train import Callback
+
+    torch.set_num_threads(1)
+    cfg = dep_l0.Config.from_profile("smoke", methods=("l0_hc",), lambda_scales=(1.0,), epochs=2.0,
+                                     results_dir=str(tmp_path / "whole"))
+    unit = dep_l0.units(cfg)[0]
+    whole = dep_l0.run_unit(cfg, unit)
+    cfg = cfg.replace(results_dir=str(tmp_path / "stopped"))
+    home = dep_l0.unit_store(cfg, unit).dir
+    real_fit = dep_l0.fit
+
+    class Stop(Callback):
+        def after_step(self, state):
+            if state.step == 40:  # 28 steps an epoch: in the second epoch
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(dep_l0, "fit", lambda *a, callbacks=(), **k: real_fit(*a, callbacks=[*callbacks, Stop()], **k))
+    with pytest.raises(KeyboardInterrupt):
+        dep_l0.run_unit(cfg, unit)
+    assert (home / "checkpoint.pt").exists() and not (home / "manifest.json").exists()
+    monkeypatch.undo()
+    resumed = dep_l0.run_unit(cfg, unit)
+    assert not (home / "checkpoint.pt").exists() and not (home / "checkpoint_finetune.pt").exists()
+    a, b = whole.json("result"), resumed.json("result")
+    assert a.pop("seconds") > 0 and b.pop("seconds") > 0
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k] == (pytest.approx(b[k], rel=1e-6) if isinstance(a[k], float) else b[k]), k
+    for name in ("history", "trace"):
+        pd.testing.assert_frame_equal(whole.frame(name).drop(columns="seconds", errors="ignore"),
+                                      resumed.frame(name).drop(columns="seconds", errors="ignore"), rtol=1e-6)

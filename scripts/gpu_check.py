@@ -1,16 +1,18 @@
 """One check of what a GPU does with the project, in under 8 minutes on one GPU (`make gpu-check`).
 
-Steps, each in its own process with its own time limit, in this order:
+Steps, each in its own process with its own time limit (the most wanted first: a step gets at most what is
+left of the budget, and is skipped, saying so, when too little is left):
   1. the GPUs and the software (torch, CUDA);
-  2. benchmarks/gpu_throughput.py: ResNet-50 at 224 x 224 (bf16, channels-last) and ResNet-20 at 32 x 32:
-     our loop, dense and with each gate family, against a plain torchvision loop, images/s and peak memory;
-  3. every chapter's `paper` profile for a few steps on generated stand-ins at full image size
-     (tests/test_paper_profiles.py, whose loaders then run on the GPU);
-  4. one chapter-3 unit, ResNet-50 with Dep-L0 gates on an ImageNet stand-in (224 x 224), launched by
+  2. benchmarks/gpu_throughput.py, ResNet-50 at 224 x 224 (bf16, channels-last): our loop, dense and with
+     each gate family, against a plain torchvision loop, images/s and peak memory;
+  3. one chapter-3 unit, ResNet-50 with Dep-L0 gates on an ImageNet stand-in (224 x 224), launched by
      `python -m pruning_lib.book units 03 --profile paper ... --nproc N` under torchrun on all visible GPUs
      (bf16, channels-last), then listed as done: the cache `make book` reads;
-  5. a short text report of what ran, how fast, and what failed: printed and written to
-     _build/gpu_check/report.txt (with the benchmarks' JSON beside it).
+  4. every chapter's `paper` profile for a few steps on generated stand-ins at full image size
+     (tests/test_paper_profiles.py, whose loaders then run on the GPU);
+  5. benchmarks/gpu_throughput.py, ResNet-20 at 32 x 32;
+  6. a short text report of what ran, how fast, and what failed: printed and written to
+     _build/gpu_check/report.txt (with the benchmarks' JSON and the unit's results beside it).
 On a machine without a CUDA GPU it says so and exits 0. Exit status 1 when a step failed.
 
     python scripts/gpu_check.py [--out _build/gpu_check] [--budget 470]
@@ -93,12 +95,10 @@ def main(argv=None) -> int:
         rows.append((name, "ok" if ok else f"FAILED ({why})", seconds, note(text) if ok else text.strip()[-300:]))
         return ok, text
 
-    # 2. benchmarks
-    for model, extra, limit in (("resnet50", ["--batch", "256", "--steps", "15", "--repeats", "2"], 170),
-                                ("resnet20", ["--batch", "512", "--steps", "30", "--repeats", "2"], 60)):
+    def bench(model, extra, limit):
         js = out / f"throughput_{model}.json"
-        ok, _ = step(f"throughput {model} (bf16, channels-last)",
-                     [py, "benchmarks/gpu_throughput.py", "--model", model, "--json", str(js), *extra], limit)
+        step(f"throughput {model} (bf16, channels-last)",
+             [py, "benchmarks/gpu_throughput.py", "--model", model, "--json", str(js), *extra], limit)
         if js.exists():
             from importlib import util
 
@@ -107,16 +107,10 @@ def main(argv=None) -> int:
             spec.loader.exec_module(mod)
             lines.append(mod.report(json.loads(js.read_text())))
 
-    # 3. every chapter's paper profile, a few steps on stand-ins at full image size, on the GPU
-    def passed(text):
-        last = [l for l in text.strip().splitlines() if " passed" in l or " failed" in l]
-        return last[-1].strip("= ") if last else ""
+    # the most wanted first: each step gets at most what is left of the budget, later ones may be skipped
+    bench("resnet50", ["--batch", "256", "--steps", "15", "--repeats", "2"], 170)
 
-    step("paper profiles on stand-ins (tests/test_paper_profiles.py, on the GPU)",
-         [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_paper_profiles.py"], 150,
-         note=passed)
-
-    # 4. one chapter-3 unit under torchrun on all visible GPUs, then listed as done
+    # one chapter-3 unit under torchrun on all visible GPUs, then listed as done
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         data, results = Path(tmp) / "data", Path(tmp) / "results"
         write_imagenet_standin(data)
@@ -144,6 +138,16 @@ def main(argv=None) -> int:
             if rows[-1][1] == "ok" and " 1 done" not in rows[-1][3]:
                 rows[-1] = rows[-1][:1] + ("FAILED (not listed as done)",) + rows[-1][2:]
         shutil.copytree(results, out / "unit_results", dirs_exist_ok=True) if results.exists() else None
+
+    # every chapter's paper profile, a few steps on stand-ins at full image size, on the GPU
+    def passed(text):
+        last = [l for l in text.strip().splitlines() if " passed" in l or " failed" in l]
+        return last[-1].strip("= ") if last else ""
+
+    step("paper profiles on stand-ins (tests/test_paper_profiles.py, on the GPU)",
+         [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_paper_profiles.py"], 150,
+         note=passed)
+    bench("resnet20", ["--batch", "512", "--steps", "30", "--repeats", "2"], 60)
 
     lines.append("")
     lines.append(f"{'step':72s} {'status':24s} {'seconds':>8s}")

@@ -257,19 +257,15 @@ def csv_link(frame: pd.DataFrame, filename: str, text: str) -> str:
 def run_seconds(results_dir: str | Path, profile: str, budget: float = 1.0) -> dict[str, float]:
     """The wall time of each chapter's last run, from the run records (``results/runs/<key>/*.json``,
     written by ``pruning_lib.book run``); ``{}`` when there are none."""
-    from .claims import budget_key
+    from .book import read_run_records
 
     out = {}
-    for path in sorted((Path(results_dir) / "runs" / budget_key(profile, budget)).glob("*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(record, dict) or record.get("status", "ok") != "ok":
+    for chapter, record in read_run_records(results_dir, profile, budget).items():
+        if record.get("status", "ok") != "ok":
             continue
         for key in ("seconds", "duration", "wall_seconds"):
             if isinstance(record.get(key), (int, float)):
-                out[path.stem] = float(record[key])
+                out[chapter] = float(record[key])
                 break
     return out
 

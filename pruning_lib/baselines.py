@@ -158,8 +158,8 @@ def claims_table(cfg: Config, results: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
     def evidence(value, models):
         runs = curves[curves["model"].isin(models)]
-        return claims.Evidence(value, claims.settled_runs(runs, "test_accuracy", settle_tol,
-                                                          ["model", "seed"], time),
+        return claims.Evidence(value, claims.settled_table(runs, "test_accuracy", settle_tol,
+                                                           ["model", "seed"], time)["settled"].tolist(),
                                "test accuracy moves ≥ 0.5 pp over the last quarter")
 
     for model_name, key in PUBLISHED_ERROR.items():

@@ -197,10 +197,18 @@ def settled(history: pd.DataFrame, quantity: str, tol: float, time: str = "epoch
     return bool(np.isfinite(change) and change < tol)
 
 
-def settled_runs(history: pd.DataFrame, quantity: str, tol: float, by: Sequence[str] | str,
-                 time: str = "epoch") -> list[bool]:
-    """:func:`settled` for each run of a long history frame, runs told apart by the ``by`` columns."""
-    return [settled(g, quantity, tol, time) for _, g in history.groupby(by, sort=True)]
+def settled_table(history: pd.DataFrame, quantity: str, tol: float, by: Sequence[str],
+                  time: str = "epoch") -> pd.DataFrame:
+    """For each run of a long history frame (runs told apart by the ``by`` columns): the ``change`` of
+    ``quantity`` over its last quarter (:func:`settled_change`) and whether it ``settled`` (change below
+    ``tol``, as :func:`settled`)."""
+    by = list(by)
+    rows = []
+    for key, g in history.groupby(by, sort=True):
+        change = settled_change(g, quantity, time)
+        rows.append({**dict(zip(by, key)), "change": change,
+                     "settled": bool(np.isfinite(change) and change < tol)})
+    return pd.DataFrame(rows, columns=[*by, "change", "settled"])
 
 
 @dataclass(frozen=True)
@@ -243,12 +251,6 @@ class Judgement:
     n: int = 0
     interval: str = "—"
     why: str = ""
-
-    def __iter__(self):  # (verdict, ours), the old tuple form
-        return iter((self.verdict, self.ours))
-
-    def __getitem__(self, i):
-        return (self.verdict, self.ours)[i]
 
 
 def _side(iv: Interval, limit: float, sign: float) -> tuple[str, str]:

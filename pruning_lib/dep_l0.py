@@ -522,14 +522,9 @@ SETTLE_TEXT = "expected FLOPs kept still moving ≥ 2 pp over the last quarter o
 def settled_runs(trace: pd.DataFrame) -> pd.DataFrame:
     """Per gated run (model, method, lam, seed): has it stopped pruning? The expected fraction of FLOPs
     kept must change by less than :data:`SETTLE_TOL` over the last quarter of training
-    (:func:`pruning_lib.claims.settled`)."""
-    rows = []
-    for key, t in trace.groupby(["model", "method", "lam", "seed"]):
-        rows.append(dict(zip(["model", "method", "lam", "seed"], key),
-                         change=claims.settled_change(t, "expected_flops_kept", "epochs_done")))
-    df = pd.DataFrame(rows, columns=["model", "method", "lam", "seed", "change"])
-    df["settled"] = df["change"] < SETTLE_TOL
-    return df
+    (:func:`pruning_lib.claims.settled_table`)."""
+    return claims.settled_table(trace, "expected_flops_kept", SETTLE_TOL, ["model", "method", "lam", "seed"],
+                                "epochs_done")
 
 
 def claims_table(cfg: Config, out: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -538,8 +533,7 @@ def claims_table(cfg: Config, out: dict[str, pd.DataFrame]) -> pd.DataFrame:
     differences) and judged only when every run it uses has stopped pruning (:func:`settled_runs`)."""
     results = out["results"]
     gated = results[results.method != "dense"]
-    settle = settled_runs(out["trace"]) if len(out["trace"]) else pd.DataFrame(
-        columns=["model", "method", "lam", "seed", "settled"])
+    settle = settled_runs(out["trace"])
 
     def evidence(value, methods, models=None):
         s = settle[settle.method.isin(methods)]

@@ -872,9 +872,10 @@ def claims_table(cfg: Config, results: dict[str, pd.DataFrame]) -> pd.DataFrame:
          (per_run["rho_learning_gap"].abs(), per_run["rho_weight_distance"].abs())),
     ]
     hist = results.get("histories")
-    settled = {} if hist is None or hist.empty else {
-        k: claims.settled(g, "test_accuracy", SETTLE_TOL, "step")
-        for k, g in hist.groupby(["student", "method", "sparsity", "seed"])}
+    keys = ["student", "method", "sparsity", "seed"]
+    settled = {} if hist is None or hist.empty else (
+        claims.settled_table(hist, "test_accuracy", SETTLE_TOL, keys, "step")
+        .set_index(keys)["settled"].to_dict())
 
     def paired(student, a, b):
         g = acc[(acc["student"] == student) & (acc["sparsity"] > 0)]

@@ -940,14 +940,12 @@ SETTLE_TEXT = "test accuracy of the gated training still moving ≥ 1 pp over th
 
 def settled_runs(results: dict) -> pd.DataFrame:
     """Per gated run (model, dataset, seed, target, method): did its test accuracy settle over the last
-    quarter of training (:func:`pruning_lib.claims.settled`)?"""
+    quarter of training (:func:`pruning_lib.claims.settled_table`)?"""
     keys = ["model", "dataset", "seed", "target", "method"]
     h = results.get("history")
     if h is None or h.empty:
-        return pd.DataFrame(columns=[*keys, "settled"])
-    rows = [dict(zip(keys, k), settled=claims_mod.settled(g, "test_accuracy", SETTLE_TOL, "step"))
-            for k, g in h.groupby(keys, sort=False)]
-    return pd.DataFrame(rows, columns=[*keys, "settled"])
+        return pd.DataFrame(columns=[*keys, "change", "settled"])
+    return claims_mod.settled_table(h, "test_accuracy", SETTLE_TOL, keys, "step")
 
 
 def claims_table(cfg: Config, results: dict, results_dir: str | None = "results") -> pd.DataFrame:

@@ -353,17 +353,8 @@ def to_safe(obj: Any) -> Any:
                 "data": to_safe(obj.tolist()), "index": to_safe(obj.index.tolist())}
     if isinstance(obj, Mask):
         return {_TAG: "Mask", "items": to_safe(dict(obj))}
-    if type(obj) in (dict, OrderedDict):
-        items = {k: to_safe(v) for k, v in obj.items()}
-        if all(items[k] is v for k, v in obj.items()):
-            return obj
-        out = type(obj)(items)
-        if hasattr(obj, "_metadata"):
-            out._metadata = obj._metadata
-        return out
-    if type(obj) in (list, tuple, set, frozenset):
-        items = [to_safe(v) for v in obj]
-        return obj if all(a is b for a, b in zip(items, obj)) else type(obj)(items)
+    if type(obj) in _CONTAINERS:
+        return _map_container(obj, to_safe)
     raise TypeError(f"cannot save a {type(obj).__module__}.{type(obj).__qualname__} in a results file "
                     f"(tensors, numbers, strings, containers, NumPy arrays, pandas frames and masks only)")
 
@@ -394,17 +385,27 @@ def from_safe(obj: Any) -> Any:
             from .masks import Mask
 
             return Mask(from_safe(obj["items"]))
-        items = {k: from_safe(v) for k, v in obj.items()}
+    if type(obj) in _CONTAINERS:
+        return _map_container(obj, from_safe)
+    return obj
+
+
+_CONTAINERS = (dict, OrderedDict, list, tuple, set, frozenset)
+
+
+def _map_container(obj, fn):
+    """``obj`` (a plain container) with ``fn`` applied to each value: the same object when nothing
+    changed, else a new one of the same type (a state_dict's ``_metadata`` kept)."""
+    if type(obj) in (dict, OrderedDict):
+        items = {k: fn(v) for k, v in obj.items()}
         if all(items[k] is v for k, v in obj.items()):
             return obj
         out = type(obj)(items)
         if hasattr(obj, "_metadata"):
             out._metadata = obj._metadata
         return out
-    if type(obj) in (list, tuple, set, frozenset):
-        items = [from_safe(v) for v in obj]
-        return obj if all(a is b for a, b in zip(items, obj)) else type(obj)(items)
-    return obj
+    items = [fn(v) for v in obj]
+    return obj if all(a is b for a, b in zip(items, obj)) else type(obj)(items)
 
 
 def read_csv(path: str | Path) -> pd.DataFrame:

@@ -24,9 +24,8 @@ from pruning_lib.models import build_model
 KINDS = ("dense", "l0_hc", "dep_l0", "bernoulli", "polarization")
 
 
-def make(kind: str, model_name: str):
-    torch.manual_seed(0)
-    m = build_model(model_name)
+def attach_gates(kind: str, m):
+    """Attach the gate family ``kind`` (one of KINDS; "dense" attaches nothing) to model ``m``."""
     if kind == "l0_hc":
         hard_concrete.attach_l0_gates(m)
     elif kind == "dep_l0":
@@ -35,6 +34,12 @@ def make(kind: str, model_name: str):
         bernoulli.attach_bernoulli_gates(m)
     elif kind == "polarization":
         polarization.add_gating(m)
+    return m
+
+
+def make(kind: str, model_name: str):
+    torch.manual_seed(0)
+    m = attach_gates(kind, build_model(model_name))
     m.train()
     return m, torch.optim.Adam(m.parameters(), 1e-3)
 

@@ -29,16 +29,21 @@ import contextlib
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+# the benchmarks' shared helpers (gate_step), also when this file is loaded by path (scripts/gpu_check.py)
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 KINDS = ("dense", "l0_hc", "dep_l0", "bernoulli", "polarization")
 SHAPES = {"resnet50": (3, 224, 224, 1000), "resnet20": (3, 32, 32, 10)}
 
 
 def build(kind: str, model_name: str, shape):
-    from pruning_lib import bernoulli, hard_concrete, polarization
+    from gate_step import attach_gates
     from pruning_lib.models import build_model
 
     c, h, _, classes = shape
@@ -47,16 +52,7 @@ def build(kind: str, model_name: str, shape):
         import torchvision
 
         return torchvision.models.resnet50(num_classes=classes)
-    m = build_model(model_name, num_classes=classes, in_channels=c, image_size=h)
-    if kind == "l0_hc":
-        hard_concrete.attach_l0_gates(m)
-    elif kind == "dep_l0":
-        hard_concrete.attach_dep_l0_gates(m, "forward")
-    elif kind == "bernoulli":
-        bernoulli.attach_bernoulli_gates(m)
-    elif kind == "polarization":
-        polarization.add_gating(m)
-    return m
+    return attach_gates(kind, build_model(model_name, num_classes=classes, in_channels=c, image_size=h))
 
 
 def _sync(device):

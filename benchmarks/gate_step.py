@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from _timing import arguments, compare
 
-from pruning_lib import bernoulli, hard_concrete, polarization
+from pruning_lib import families
 from pruning_lib.models import build_model
 
 KINDS = ("dense", "l0_hc", "dep_l0", "bernoulli", "polarization")
@@ -26,15 +26,7 @@ KINDS = ("dense", "l0_hc", "dep_l0", "bernoulli", "polarization")
 
 def attach_gates(kind: str, m):
     """Attach the gate family ``kind`` (one of KINDS; "dense" attaches nothing) to model ``m``."""
-    if kind == "l0_hc":
-        hard_concrete.attach_l0_gates(m)
-    elif kind == "dep_l0":
-        hard_concrete.attach_dep_l0_gates(m, "forward")
-    elif kind == "bernoulli":
-        bernoulli.attach_bernoulli_gates(m)
-    elif kind == "polarization":
-        polarization.add_gating(m)
-    return m
+    return m if kind == "dense" else families.attach(kind, m)
 
 
 def make(kind: str, model_name: str):

@@ -13,6 +13,11 @@ and each unit's ``manifest.json`` (its spec, and the size and SHA-256 digest of 
 is its commit mark: a unit is reused only when its files match it, so a file cut short or edited is
 recomputed, never trusted (see :class:`Store`). ``.pt`` files are read with ``weights_only=True``.
 ``python -m pruning_lib.runs adopt results/`` verifies a cache written before manifests, once.
+
+:func:`map_units` runs a sweep's units serially, in a local process pool or on Dask workers (a
+LocalCluster made on the spot, or a running scheduler's address); workers return what they computed and
+the calling process writes it to the Store. ``$PRUNING_EXECUTOR`` chooses the executor for every chapter
+(``python -m pruning_lib.book run --executor``, ``make book DASK=tcp://host:8786``).
 """
 from __future__ import annotations
 
@@ -988,6 +993,493 @@ def _PageBar(*args, **kwargs):
 
 
 _PAGE_BAR = None
+
+
+# --- running units: here, in local processes, or on Dask workers ------------------------------------
+#
+# A chapter's sweep is a list of units, each idempotent by the hash of its spec (a Store folder). The
+# chapter gives ``map_units`` a function ``fn(spec, results_dir)`` that computes one unit, writing its
+# files through ``Store(results_dir, ...)``, and returns a small result. Serially, ``fn`` runs here on the
+# real results folder. Elsewhere (a local process pool, Dask workers on this or other machines) it runs on
+# a scratch results folder of its own, seeded with the finished units it reads (``inputs``); the worker
+# returns the result and the finished units it wrote, and the process that called ``map_units`` writes
+# them into its Store. A worker machine needs the code and the data, no shared disk.
+
+EXECUTOR_ENV = "PRUNING_EXECUTOR"  # serial | process[:N] | dask-local[:N] | a Dask scheduler's address
+RESOURCES_ENV = "PRUNING_RESOURCES"  # Dask worker resources each unit asks for, e.g. "GPU=1"
+EXECUTOR_HELP = ("serial, process[:N] (a local process pool), dask-local[:N] (a Dask LocalCluster made on "
+                 "the spot) or the address of a running Dask scheduler (tcp://host:8786)")
+
+
+@dataclass(frozen=True)
+class Executor:
+    """Where :func:`map_units` runs units: ``kind`` is ``serial``, ``process`` or ``dask``; ``workers``
+    the number of processes (a pool, or a LocalCluster made here); ``address`` a running Dask scheduler
+    (None: a LocalCluster)."""
+
+    kind: str
+    workers: int = 1
+    address: str | None = None
+
+    def __str__(self):
+        if self.kind == "dask":
+            return self.address or f"dask-local:{self.workers}"
+        return self.kind if self.kind == "serial" else f"{self.kind}:{self.workers}"
+
+
+def parse_executor(text: str | None = None, workers: int = 1) -> Executor:
+    """The executor ``text`` names; ``None`` reads ``$PRUNING_EXECUTOR``, and when that is unset or empty
+    the default is what the chapters always did: a process pool of ``workers`` processes when ``workers``
+    > 1, else serial. ``process`` and ``dask-local`` without ``:N`` take ``workers`` processes (the
+    machine's cores when ``workers`` is 1). Raises :class:`ConfigError` naming what it cannot read."""
+    source = "executor"
+    if text is None:
+        text, source = os.environ.get(EXECUTOR_ENV, ""), f"${EXECUTOR_ENV}"
+    text = str(text).strip()
+    if not text:
+        return Executor("process", workers) if workers > 1 else Executor("serial")
+    if "://" in text:
+        address = text.removeprefix("dask://")
+        if "://" not in address:
+            address = "tcp://" + address
+        return Executor("dask", workers, address)
+    name, _, count = text.partition(":")
+    name = {"local": "process", "processes": "process", "pool": "process", "dask": "dask-local",
+            "local-dask": "dask-local"}.get(name, name)
+    if name not in ("serial", "process", "dask-local"):
+        raise ConfigError(f"{source} {text!r}: not an executor; give {EXECUTOR_HELP}")
+    if name == "serial":
+        if count:
+            raise ConfigError(f"{source} {text!r}: serial takes no count")
+        return Executor("serial")
+    if count:
+        if not count.isdigit() or not 1 <= int(count) <= 1024:
+            raise ConfigError(f"{source} {text!r}: the count after ':' must be a whole number from 1")
+        n = int(count)
+    else:
+        n = workers if workers > 1 else (os.cpu_count() or 1)
+    return Executor("dask" if name == "dask-local" else "process", n)
+
+
+def parse_resources(text: str | dict | None) -> dict[str, float]:
+    """Dask worker resources a unit asks for: ``"GPU=1"`` or ``"GPU=1,MEMORY=8e9"`` or a dict; ``None``
+    reads ``$PRUNING_RESOURCES`` (unset: none)."""
+    if isinstance(text, dict):
+        return {str(k): float(v) for k, v in text.items()}
+    source = "resources" if text is not None else f"${RESOURCES_ENV}"
+    text = os.environ.get(RESOURCES_ENV, "") if text is None else text
+    out = {}
+    for item in filter(None, (t.strip() for t in str(text).split(","))):
+        name, eq, value = item.partition("=")
+        try:
+            amount = float(value)
+        except ValueError:
+            amount = float("nan")
+        if not eq or not name.strip() or not math.isfinite(amount) or amount <= 0:
+            raise ConfigError(f"{source} {text!r}: give NAME=AMOUNT pairs separated by commas (GPU=1)")
+        out[name.strip()] = amount
+    return out
+
+
+def check_executor(text: str | None = None) -> Executor:
+    """:func:`parse_executor`, and for Dask that ``distributed`` is installed; raises ConfigError."""
+    ex = parse_executor(text)
+    parse_resources(None)
+    if ex.kind == "dask":
+        try:
+            import distributed  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"executor {str(ex)!r} needs Dask: pip install -e \".[dask]\"") from None
+    return ex
+
+
+class UnitError(RuntimeError):
+    """A unit failed. ``key`` and ``spec`` name it, ``where`` says where it ran, ``remote_traceback`` is
+    the traceback where it ran; the finished units (this one's finished parts included) were stored."""
+
+    def __init__(self, message: str, key: str, spec: Any, where: str, remote_traceback: str):
+        super().__init__(message)
+        self.key, self.spec, self.where, self.remote_traceback = key, spec, where, remote_traceback
+
+
+_UNIT_LOCK = None
+
+
+def in_worker() -> bool:
+    """True inside ``fn`` when :func:`map_units` runs it on a worker (a pool process or a Dask worker),
+    False when it runs serially in the calling process (e.g. to set one thread per worker process)."""
+    return bool(_WORKER_FLAG[0])
+
+
+_WORKER_FLAG = [False]
+
+
+def _pack_unit(folder: Path) -> dict[str, Any] | None:
+    """A finished unit folder as plain data (its manifest's kind, key, spec and every file's bytes), or
+    None when it has no whole manifest."""
+    m, problem = check_unit(folder)
+    if problem is not None:
+        return None
+    files = {name: (folder / name).read_bytes() for name in m["files"]}
+    return {"kind": m["kind"], "key": m["key"], "spec": m["spec"], "entries": m["files"], "files": files}
+
+
+def _unpack_unit(root: Path, unit: dict[str, Any]) -> None:
+    """Write a packed unit under ``root`` exactly as it was (a worker's scratch folder)."""
+    folder = root / unit["kind"] / unit["key"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in unit["files"].items():
+        (folder / name).write_bytes(data)
+    manifest = {"format": MANIFEST_FORMAT, "kind": unit["kind"], "key": unit["key"], "spec": unit["spec"],
+                "files": unit["entries"]}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def install_unit(root: str | Path, unit: dict[str, Any]) -> tuple[Path, int]:
+    """Write a unit a worker returned into the Store under ``root``: every file the unit there does not
+    have yet (checked against the size and SHA-256 digest the worker's manifest gives), then the manifest
+    listing them, under the unit's lock. A file the unit already has is kept, so a duplicated or retried
+    unit changes nothing. Returns ``(folder, files written)``."""
+    store = Store(root, unit["kind"], unit["spec"])
+    if store.key != unit["key"]:
+        raise CacheError(f"a worker returned unit {unit['kind']}/{unit['key']} whose spec hashes to "
+                         f"{store.key}")
+    written = 0
+    with store._lock():
+        have: dict[str, dict] = {}
+        if (store.dir / MANIFEST).exists():
+            m, problem = check_unit(store.dir)
+            if problem is None:
+                have = dict(m["files"])
+            else:
+                set_aside(store.dir, store.root, problem)
+        for name, data in unit["files"].items():
+            if name in have:
+                continue
+            entry = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            if entry != unit["entries"].get(name):
+                raise CacheError(f"{unit['kind']}/{unit['key']}/{name} came back from the worker "
+                                 f"changed (its digest does not match the worker's manifest)")
+            _atomic(store.path(name), lambda tmp, data=data: Path(tmp).write_bytes(data))
+            have[name] = entry
+            written += 1
+        if written:
+            manifest = {"format": MANIFEST_FORMAT, "kind": store.kind, "key": store.key, "spec": store.spec,
+                        "files": dict(sorted(have.items()))}
+            atomic_write_text(json.dumps(manifest, indent=1, sort_keys=True), store.dir / MANIFEST)
+    return store.dir, written
+
+
+def _run_on_worker(fn: Callable[[Any, str], Any], spec: Any, inputs: list[dict[str, Any]]) -> dict:
+    """A unit on a worker: ``fn(spec, scratch)`` in a scratch results folder seeded with ``inputs``.
+    Returns the result (or the error, with its traceback) and every finished unit the scratch folder
+    gained, also when ``fn`` failed part-way. One unit at a time per process: a unit's code may set
+    process-wide state (torch threads, a results root)."""
+    import platform
+    import threading
+    import traceback
+
+    global _UNIT_LOCK
+    if _UNIT_LOCK is None:
+        _UNIT_LOCK = threading.Lock()
+    with _UNIT_LOCK, tempfile.TemporaryDirectory(prefix="pruning-unit-") as scratch:
+        root = Path(scratch)
+        for unit in inputs:
+            _unpack_unit(root, unit)
+        seeded = {(u["kind"], u["key"]): u["entries"] for u in inputs}
+        result, error = None, None
+        _WORKER_FLAG[0] = True
+        t0 = time.perf_counter()
+        try:
+            result = fn(spec, scratch)
+        except Exception as exc:
+            error = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
+        finally:
+            _WORKER_FLAG[0] = False
+        seconds = time.perf_counter() - t0
+        units = []
+        for folder in unit_folders(root):
+            packed = _pack_unit(folder)
+            if packed is not None and seeded.get((packed["kind"], packed["key"])) != packed["entries"]:
+                units.append(packed)
+    return {"result": result, "error": error, "units": units, "seconds": seconds,
+            "where": f"{platform.node()} (pid {os.getpid()})"}
+
+
+def _call_bytes(payload: bytes) -> dict:
+    """Process-pool entry for a function and spec sent with cloudpickle (closures, lambdas)."""
+    import cloudpickle
+
+    fn, spec, inputs = cloudpickle.loads(payload)
+    return _run_on_worker(fn, spec, inputs)
+
+
+_DASK_CLIENTS: dict[str, Any] = {}
+
+
+def _dask_client(ex: Executor, resources: dict[str, float]):
+    """The Dask client for ``ex``, made once per process: a LocalCluster of ``ex.workers`` processes with
+    one thread each (with ``resources`` on each worker), or a client of a running scheduler."""
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise ConfigError(f"executor {str(ex)!r} needs Dask: pip install -e \".[dask]\"") from None
+    import logging
+
+    name = f"{ex}|{sorted(resources.items())}" if ex.address is None else ex.address
+    client = _DASK_CLIENTS.get(name)
+    if client is not None and client.status == "running":
+        return client
+    if not _DASK_CLIENTS:
+        import atexit
+
+        atexit.register(close_executors)
+    if ex.address is None:
+        cluster = LocalCluster(n_workers=ex.workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=logging.ERROR,
+                               resources=resources or None)
+        client = Client(cluster)
+    else:
+        client = Client(ex.address, timeout="30s")
+    _DASK_CLIENTS[name] = client
+    return client
+
+
+def close_executors() -> None:
+    """Close the Dask clients (and the LocalClusters) :func:`map_units` made in this process."""
+    for name, client in list(_DASK_CLIENTS.items()):
+        cluster = getattr(client, "cluster", None)
+        try:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+        except Exception:  # pragma: no cover - shutting down
+            pass
+        _DASK_CLIENTS.pop(name, None)
+
+
+class _Pool:
+    """A local process pool (spawned: safe from a notebook kernel), one unit per process at a time."""
+
+    def __init__(self, ex: Executor, n_units: int):
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.n = min(ex.workers, max(n_units, 1))
+        self.pool = ProcessPoolExecutor(self.n, mp_context=mp.get_context("spawn"))
+
+    def slots(self) -> int:
+        return self.n
+
+    def submit(self, fn, spec, inputs, key, resources):
+        import pickle
+
+        try:
+            pickle.dumps((fn, spec))
+        except Exception:  # a lambda or closure: send it with cloudpickle (installed with Dask)
+            import cloudpickle
+
+            return self.pool.submit(_call_bytes, cloudpickle.dumps((fn, spec, inputs)))
+        return self.pool.submit(_run_on_worker, fn, spec, inputs)
+
+    def wait(self, futures):
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        return wait(futures, return_when=FIRST_COMPLETED)[0]
+
+    def cancel(self, futures):
+        for f in futures:
+            f.cancel()
+
+    def close(self, cancel: bool = False):
+        self.pool.shutdown(wait=True, cancel_futures=cancel)
+
+
+class _Dask:
+    """A Dask client: each unit a task (asking for ``resources``), its inputs scattered to the cluster."""
+
+    def __init__(self, ex: Executor, client, resources: dict[str, float]):
+        self.client = client if client is not None else _dask_client(ex, resources)
+        self.token = os.urandom(4).hex()
+        try:
+            self.client.wait_for_workers(1, timeout=120)
+        except Exception:
+            raise ConfigError(f"the Dask cluster at {self.client.scheduler.address} has no worker after "
+                              f"2 minutes: start one with `dask worker ADDRESS --nthreads 1`") from None
+        workers = self._workers()
+        if resources and not any(all(w.get("resources", {}).get(r, 0) >= a for r, a in resources.items())
+                                 for w in workers):
+            raise ConfigError(f"no worker of the Dask cluster at {self.client.scheduler.address} has the "
+                              f"resources each unit asks for ({resources}): start workers with "
+                              f"`dask worker ADDRESS --nthreads 1 --resources "
+                              f"{','.join(f'{k}={v:g}' for k, v in resources.items())}`")
+
+    def _workers(self):
+        return list(self.client.scheduler_info().get("workers", {}).values())
+
+    def slots(self) -> int:
+        return max(1, sum(int(w.get("nthreads", 1)) for w in self._workers()))
+
+    def submit(self, fn, spec, inputs, key, resources):
+        data = self.client.scatter(inputs, hash=False) if inputs else []
+        return self.client.submit(_run_on_worker, fn, spec, data, key=f"unit-{key}-{self.token}",
+                                  resources=resources or None, pure=False)
+
+    def wait(self, futures):
+        from distributed import wait
+
+        return wait(list(futures), return_when="FIRST_COMPLETED").done
+
+    def cancel(self, futures):
+        if futures:
+            self.client.cancel(list(futures))
+
+    def close(self, cancel: bool = False):
+        pass  # the client is kept for the next call (close_executors closes it)
+
+
+def unit_key(spec: Any) -> str:
+    """A unit's identity when the caller gives none: the hash of its spec (dataclasses by their fields)."""
+    def plain(obj):
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            return {"__type__": type(obj).__name__, **{f.name: plain(getattr(obj, f.name))
+                                                       for f in dataclasses.fields(obj)}}
+        if isinstance(obj, (list, tuple)):
+            return [plain(v) for v in obj]
+        if isinstance(obj, dict):
+            return {str(k): plain(v) for k, v in obj.items()}
+        return obj
+    return digest(plain(spec))
+
+
+def map_units(fn: Callable[[Any, str], Any], specs: typing.Iterable[Any], *, results_dir: str | Path = "results",
+              executor: "str | Executor | Any | None" = None, workers: int = 1,
+              done: Callable[[Any], bool] | None = None,
+              inputs: Callable[[Any], typing.Iterable["Store"]] | None = None,
+              key: Callable[[Any], str] | None = None, resources: str | dict | None = None,
+              desc: str = "units", progress: bool = True) -> list[Any]:
+    """``[fn(spec, results_dir) for spec in specs]``, run serially, in local processes or on Dask workers.
+
+    ``fn(spec, results_dir)`` computes one unit (writing its files through ``Store(results_dir, ...)``,
+    so a unit already finished is loaded, not recomputed) and returns a small picklable result; ``fn``
+    and each spec must pickle (module-level functions; cloudpickle carries closures where Dask is used).
+
+    ``executor``: see :func:`parse_executor` (``None``: ``$PRUNING_EXECUTOR``, else a pool of
+    ``workers`` processes when ``workers`` > 1, else serial), an :class:`Executor`, or a
+    ``distributed.Client``. Serially ``fn`` runs here on ``results_dir``. Otherwise it runs on a worker,
+    on a scratch results folder seeded with the finished units ``inputs(spec)`` names (the Stores it
+    reads: a dense network, the rounds a chain resumes from); the worker returns its result and the
+    units it finished, which are written here (:func:`install_unit`), so workers need no shared disk.
+    Units for which ``done(spec)`` is true run here (they only load). Specs with the same ``key`` (default
+    :func:`unit_key`) run once. ``resources`` (``{"GPU": 1}``, ``"GPU=1"``; ``None`` reads
+    ``$PRUNING_RESOURCES``): what each unit asks of a Dask worker (worker resources).
+
+    Results come back in the order of ``specs``; the bar advances as units finish. When a unit fails,
+    no more are started, those running finish, every finished unit (the failed unit's finished parts
+    too) is stored, and :class:`UnitError` is raised naming the unit, where it ran, and its traceback.
+    """
+    specs = list(specs)
+    keys = [(key or unit_key)(s) for s in specs]
+    client = None
+    if isinstance(executor, Executor):
+        ex = executor
+    elif executor is not None and not isinstance(executor, str):  # a distributed.Client
+        client, ex = executor, Executor("dask", workers, getattr(executor.scheduler, "address", "client"))
+    else:
+        ex = parse_executor(executor, workers)
+    res = parse_resources(resources) if ex.kind == "dask" else {}
+    results: list[Any] = [None] * len(specs)
+    first: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    bar = progress_bar(total=len(specs), desc=desc, progress=progress)
+    try:
+        remote = []
+        for i, spec in enumerate(specs):
+            if first[keys[i]] != i:
+                continue
+            if ex.kind == "serial" or (done is not None and done(spec)):
+                try:
+                    results[i] = fn(spec, str(results_dir))
+                except Exception as exc:
+                    import traceback
+
+                    raise _unit_error(specs, keys, [(i, "this process", type(exc).__name__, str(exc),
+                                                     traceback.format_exc())], None, results_dir) from exc
+                bar.update(keys.count(keys[i]))
+            else:
+                remote.append(i)
+        if remote:
+            _run_remote(fn, specs, keys, remote, results, ex, client, res, inputs, results_dir, bar)
+    finally:
+        bar.close()
+    for i, k in enumerate(keys):
+        results[i] = results[first[k]]
+    return results
+
+
+def _unit_error(specs, keys, failures, stored, results_dir) -> UnitError:
+    """One error for the failed units (the first named, with its traceback)."""
+    i, where, kind, message, tb = failures[0]
+    more = f" ({len(failures) - 1} other unit(s) failed too)" if len(failures) > 1 else ""
+    kept = ("the units finished before it are" if stored is None
+            else f"{stored} finished unit(s) of this run were")
+    return UnitError(f"unit {keys[i]} ({_describe(specs[i])}) failed on {where}: {kind}: {message}{more}; "
+                     f"{kept} stored in {results_dir}/ (rerun to resume)\n"
+                     f"--- traceback on {where} ---\n{tb}", keys[i], specs[i], where, tb)
+
+
+def _describe(spec: Any, limit: int = 200) -> str:
+    text = repr(spec)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _run_remote(fn, specs, keys, todo, results, ex, client, resources, inputs, results_dir, bar):
+    """The units ``todo`` on the pool or the Dask cluster, a few per worker in flight (each one's inputs
+    are packed when it is sent); the units a worker finished are installed as soon as it returns. After
+    a failure nothing more is sent; the units in flight finish and are stored, then the error is raised."""
+    from collections import deque
+
+    backend = _Pool(ex, len(todo)) if ex.kind == "process" else _Dask(ex, client, resources)
+    pending, running = deque(todo), {}
+    failures: list[tuple] = []
+    stored = 0
+    try:
+        while running or (pending and not failures):
+            while pending and not failures and len(running) < max(2 * backend.slots(), 2):
+                i = pending.popleft()
+                packed = []
+                for store in (inputs(specs[i]) if inputs is not None else ()):
+                    unit = _pack_unit(store.dir) if (store.dir / MANIFEST).exists() else None
+                    if unit is not None:
+                        packed.append(unit)
+                running[backend.submit(fn, specs[i], packed, keys[i], resources)] = i
+            for fut in backend.wait(running):
+                i = running.pop(fut)
+                try:
+                    out = fut.result()
+                except Exception as exc:  # the worker died, the pool broke, the task was lost
+                    import traceback
+
+                    failures.append((i, str(ex), type(exc).__name__, str(exc),
+                                     "".join(traceback.format_exception(exc))))
+                    continue
+                for unit in out["units"]:
+                    install_unit(results_dir, unit)
+                    stored += 1
+                if out["error"] is not None:
+                    e = out["error"]
+                    failures.append((i, out["where"], e["type"], e["message"], e["traceback"]))
+                    continue
+                results[i] = out["result"]
+                bar.update(keys.count(keys[i]))
+    except BaseException:
+        backend.cancel(list(running))
+        backend.close(cancel=True)
+        raise
+    backend.close()
+    if failures:
+        raise _unit_error(specs, keys, failures, stored, results_dir)
 
 
 if __name__ == "__main__":

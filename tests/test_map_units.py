@@ -1,0 +1,206 @@
+"""runs.map_units: the same results serially, in a process pool and on a Dask LocalCluster as a plain
+loop; workers return their units and the caller stores them; a failed unit loses no finished unit."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from pruning_lib import runs
+from pruning_lib.runs import ConfigError, Store, UnitError, map_units
+
+
+def square(x, results_dir):
+    """A unit: its result is cached in a Store under ``results_dir``; returns it."""
+    return Store(results_dir, "test/square", {"x": x}).json("value", lambda: {"y": x * x, "where": os.getpid()})["y"]
+
+
+def square_or_fail(spec, results_dir):
+    """``spec = (x, ran)``: unit 5 fails, after it finished a part of its own work (a Store unit) that
+    must reach the caller too; every other unit leaves a mark in the folder ``ran`` (shared: the
+    workers run on this machine) once it has finished, so a test knows which units finished."""
+    x, ran = spec
+    if x == 5:
+        Store(results_dir, "test/part", {"x": x}).json("value", lambda: {"done": True})
+        time.sleep(0.5)
+        raise ValueError(f"boom on unit {x}")
+    y = square(x, results_dir)
+    Path(ran, str(x)).touch()
+    return y
+
+
+def needs_dependency(x, results_dir):
+    """A unit that reads a finished unit (shipped to the worker by ``inputs``); computing it again on
+    the worker would fail."""
+    def never():
+        raise AssertionError("the dependency was recomputed on the worker: it was not shipped")
+
+    dep = Store(results_dir, "test/dep", {"x": x}).json("value", never)
+    return Store(results_dir, "test/uses", {"x": x}).json("value", lambda: {"y": dep["y"] + 1})["y"]
+
+
+def where(x, results_dir):
+    return runs.in_worker()
+
+
+def files(root: Path) -> dict[str, bytes]:
+    """Every unit file under ``root`` (manifest included), by path relative to it."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")}
+
+
+@pytest.fixture(scope="module")
+def dask_client():
+    """One LocalCluster for the module: 2 worker processes of one thread each, each with a GPU=1
+    resource label (no GPU is used; units that ask for one run one per worker)."""
+    distributed = pytest.importorskip("distributed")
+    import logging
+
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                       dashboard_address=None, silence_logs=logging.ERROR,
+                                       resources={"GPU": 1})
+    client = distributed.Client(cluster)
+    yield client
+    runs.close_executors()  # the clients map_units made for the scheduler's address
+    client.close()
+    cluster.close()
+
+
+XS = list(range(7))
+
+
+def test_serial_is_a_plain_loop(tmp_path):
+    loop = [square(x, str(tmp_path / "loop")) for x in XS]
+    out = map_units(square, XS, results_dir=tmp_path / "mapped", executor="serial", progress=False)
+    assert out == loop == [x * x for x in XS]
+    assert files(tmp_path / "mapped").keys() == files(tmp_path / "loop").keys()
+    assert map_units(where, [1], results_dir=tmp_path, executor="serial", progress=False) == [False]
+
+
+def test_process_pool_matches_a_plain_loop(tmp_path):
+    loop = [square(x, str(tmp_path / "loop")) for x in XS]
+    out = map_units(square, XS, results_dir=tmp_path / "mapped", executor="process:2", progress=False)
+    assert out == loop
+    got, want = files(tmp_path / "mapped"), files(tmp_path / "loop")
+    assert got.keys() == want.keys()
+    # the units were computed in other processes (their pid is in the result) and written here
+    pids = {runs.Store(tmp_path / "mapped", "test/square", {"x": x}).json("value")["where"] for x in XS}
+    assert os.getpid() not in pids
+    for x in XS:
+        assert runs.check_unit(Store(tmp_path / "mapped", "test/square", {"x": x}).dir)[1] is None
+
+
+def test_process_pool_carries_a_closure(tmp_path):
+    offset = 10
+    out = map_units(lambda x, root: x + offset, [1, 2], results_dir=tmp_path, executor="process:1",
+                    progress=False)
+    assert out == [11, 12]
+
+
+def test_dask_local_cluster_matches_a_plain_loop(tmp_path, dask_client):
+    loop = [square(x, str(tmp_path / "loop")) for x in XS]
+    out = map_units(square, XS, results_dir=tmp_path / "mapped", executor=dask_client, progress=False)
+    assert out == loop
+    assert files(tmp_path / "mapped").keys() == files(tmp_path / "loop").keys()
+    assert set(map_units(where, [1, 2], results_dir=tmp_path, executor=dask_client, progress=False)) == {True}
+    # the scheduler's address as a string works the same (a client of a running scheduler)
+    again = map_units(square, XS, results_dir=tmp_path / "by_address",
+                      executor=dask_client.scheduler.address, progress=False)
+    assert again == loop
+
+
+def test_a_unit_failing_on_a_dask_worker_loses_no_finished_unit(tmp_path, dask_client):
+    ran = tmp_path / "ran"
+    ran.mkdir()
+    specs = [(x, str(ran)) for x in (0, 1, 5, 2, 3, 4, 6, 7)]
+    with pytest.raises(UnitError) as info:
+        map_units(square_or_fail, specs, results_dir=tmp_path / "results", executor=dask_client,
+                  progress=False, key=lambda s: str(s[0]))
+    err = info.value
+    assert err.key == "5" and err.spec == specs[2]
+    message = str(err)
+    assert "unit 5" in message and "ValueError: boom on unit 5" in message
+    assert "square_or_fail" in err.remote_traceback and "raise ValueError" in message  # the worker's traceback
+    assert "(pid " in err.where
+    finished = sorted(int(p.name) for p in ran.iterdir())
+    assert finished, "no unit finished before the error"
+    for x in finished:  # every unit that finished is in the caller's Store
+        assert Store(tmp_path / "results", "test/square", {"x": x}).exists("value.json"), x
+    assert f"{len(finished) + 1} finished unit(s) of this run were stored" in message
+    # so is the part the failed unit finished before it failed
+    assert Store(tmp_path / "results", "test/part", {"x": 5}).json("value") == {"done": True}
+    assert not Store(tmp_path / "results", "test/square", {"x": 5}).exists("value.json")
+
+
+def test_a_failing_unit_in_the_pool_and_serially(tmp_path):
+    ran = str(tmp_path)
+    with pytest.raises(UnitError, match="boom on unit 5") as info:
+        map_units(square_or_fail, [(0, ran), (5, ran)], results_dir=tmp_path / "pool",
+                  executor="process:2", progress=False)
+    assert Store(tmp_path / "pool", "test/square", {"x": 0}).exists("value.json")
+    assert Store(tmp_path / "pool", "test/part", {"x": 5}).exists("value.json")
+    assert "square_or_fail" in info.value.remote_traceback
+    with pytest.raises(UnitError, match="this process"):
+        map_units(square_or_fail, [(0, ran), (5, ran), (1, ran)], results_dir=tmp_path / "serial",
+                  executor="serial", progress=False)
+    assert Store(tmp_path / "serial", "test/square", {"x": 0}).exists("value.json")
+    assert not Store(tmp_path / "serial", "test/square", {"x": 1}).exists("value.json")
+
+
+def test_inputs_are_shipped_and_done_units_stay_here(tmp_path, dask_client):
+    for x in (1, 2):
+        Store(tmp_path, "test/dep", {"x": x}).json("value", lambda x=x: {"y": 10 * x})
+    inputs = lambda x: [Store(tmp_path, "test/dep", {"x": x})]  # noqa: E731
+    out = map_units(needs_dependency, [1, 2], results_dir=tmp_path, executor=dask_client, inputs=inputs,
+                    progress=False)
+    assert out == [11, 21]
+    # done units run here: they only load (a worker would not find the dependency... or recompute)
+    calls = []
+    done = lambda x: Store(tmp_path, "test/uses", {"x": x}).exists("value.json")  # noqa: E731
+    out = map_units(lambda x, root: calls.append(x) or needs_dependency(x, root), [1, 2],
+                    results_dir=tmp_path, executor=dask_client, done=done, progress=False)
+    assert out == [11, 21] and calls == [1, 2]
+
+
+def test_duplicated_and_retried_units_are_harmless(tmp_path, dask_client):
+    out = map_units(square, [3, 3, 4], results_dir=tmp_path, executor=dask_client, progress=False)
+    assert out == [9, 9, 16]
+    before = files(tmp_path)
+    # a unit a worker returns again (a retry, a duplicate) changes no file of the finished unit
+    unit = runs._pack_unit(Store(tmp_path, "test/square", {"x": 3}).dir)
+    assert runs.install_unit(tmp_path, unit)[1] == 0
+    assert files(tmp_path) == before
+    # and a fresh results folder gets exactly the worker's files
+    folder, written = runs.install_unit(tmp_path / "fresh", unit)
+    assert written == len(unit["files"]) and runs.check_unit(folder)[1] is None
+
+
+def test_resources_are_asked_of_dask_workers(tmp_path, dask_client):
+    assert map_units(square, [1, 2, 3], results_dir=tmp_path, executor=dask_client, resources={"GPU": 1},
+                     progress=False) == [1, 4, 9]
+    with pytest.raises(ConfigError, match="resources"):  # no worker has 2: said at once, not a hang
+        map_units(square, [1], results_dir=tmp_path, executor=dask_client, resources="GPU=2",
+                  progress=False)
+
+
+def test_executor_from_the_environment(monkeypatch):
+    monkeypatch.delenv(runs.EXECUTOR_ENV, raising=False)
+    assert runs.parse_executor(None, workers=1) == runs.Executor("serial")
+    assert runs.parse_executor(None, workers=3) == runs.Executor("process", 3)
+    monkeypatch.setenv(runs.EXECUTOR_ENV, "tcp://host:8786")
+    assert runs.parse_executor(None, workers=3) == runs.Executor("dask", 3, "tcp://host:8786")
+    assert runs.parse_executor("dask-local:2") == runs.Executor("dask", 2)
+    assert runs.parse_executor("process:4", workers=2) == runs.Executor("process", 4)
+    assert runs.parse_executor("serial", workers=8) == runs.Executor("serial")
+    monkeypatch.setenv(runs.EXECUTOR_ENV, "clusterr")
+    with pytest.raises(ConfigError, match=r"\$PRUNING_EXECUTOR 'clusterr'"):
+        runs.parse_executor(None)
+    for bad in ("process:0", "process:x", "serial:2"):
+        with pytest.raises(ConfigError):
+            runs.parse_executor(bad)
+    assert runs.parse_resources("GPU=1, MEMORY=8e9") == {"GPU": 1.0, "MEMORY": 8e9}
+    for bad in ("GPU", "GPU=0", "GPU=x", "=1"):
+        with pytest.raises(ConfigError):
+            runs.parse_resources(bad)

@@ -2,12 +2,15 @@
 #
 #   make book                    run every chapter (PROFILE=cpu), then build _build/html/index.html
 #   make book PROFILE=smoke CHAPTERS=02_lottery_tickets PARAMS="-p seeds 3"
+#   make book DASK=tcp://host:8786   the same, each chapter's units spread over a Dask cluster's workers
+#                                (DASK=dask-local:4: a LocalCluster of 4 processes made on the spot;
+#                                DASK_RESOURCES=GPU=1: each unit asks a worker for one GPU)
 #   make test                    unit tests, every chapter in smoke, nbval, strict book build, then the
 #                                smoke book opened in headless Chromium (tests/test_browser.py)
 #                                (all in _build/smoke: the book's own chapters are left alone)
 #
 # Both create .venv (python3.11 -m venv) when it is missing and install the package with its pinned
-# dependencies (pip install -e ".[test]"); the install is redone only when pyproject.toml changes.
+# dependencies (pip install -e ".[test,dask]"); the install is redone only when pyproject.toml changes.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -23,6 +26,12 @@ CHAPTERS ?=
 PARAMS ?=
 # a factor on every training length of the profile (a chapter's `budget` parameter); empty = 1
 BUDGET ?=
+# where the chapters run their units (runs.map_units): a Dask scheduler's address (tcp://host:8786),
+# dask-local[:N], process[:N] or serial; empty = $PRUNING_EXECUTOR, else each chapter's own default
+# (its `workers` parameter). DASK_RESOURCES: what each unit asks of a Dask worker (GPU=1). Neither is
+# part of any result's hash: the same units give the same numbers wherever they run.
+DASK ?=
+DASK_RESOURCES ?=
 
 # `make test` runs the smoke profile in a stage of its own, so it never overwrites the book's chapters
 # (book/chapters/) or its HTML (_build/html); its book is built into $(SMOKE)/_build/html.
@@ -48,6 +57,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 help:
 	@echo "make book   [PROFILE=smoke|cpu|paper] [CHAPTERS=02,03] [BUDGET=2] [PARAMS='-p name value ...']"
+	@echo "            [DASK=tcp://host:8786|dask-local:N] [DASK_RESOURCES=GPU=1]: units on a Dask cluster"
 	@echo "            run the chapters into book/chapters/, then build _build/html/index.html"
 	@echo "make test   unit tests, every chapter with PROFILE=smoke, nbval, strict book build, browser test"
 	@echo "make clean  remove _build/ and the executed notebooks (results/ is kept: rm -rf results)"
@@ -58,7 +68,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install -e ".[test,dask]"
 	touch $@
 
 venv: $(STAMP)
@@ -68,7 +78,7 @@ book: run html
 	@echo "The book: _build/html/index.html"
 
 run: $(STAMP)
-	$(PY) -m pruning_lib.book run --profile $(PROFILE) $(if $(CHAPTERS),--chapters $(CHAPTERS)) $(if $(BUDGET),-p budget $(BUDGET)) $(PARAMS)
+	$(PY) -m pruning_lib.book run --profile $(PROFILE) $(if $(CHAPTERS),--chapters $(CHAPTERS)) $(if $(BUDGET),-p budget $(BUDGET)) $(if $(DASK),--executor $(DASK)) $(if $(DASK_RESOURCES),--resources $(DASK_RESOURCES)) $(PARAMS)
 
 html: $(STAMP)
 	$(PY) -m pruning_lib.book build

@@ -4,6 +4,8 @@ Usage (from the repository root, with the project's environment)::
 
     python -m pruning_lib.book run [--profile smoke|cpu|paper] [--chapters 02,lottery_tickets]
                                    [-p NAME VALUE ...] [--stage DIR] [--dry-run]
+                                   [--executor tcp://host:8786|dask-local[:N]|process[:N]|serial]
+                                   [--resources GPU=1]
     python -m pruning_lib.book build [--no-strict] [--stage DIR]
     python -m pruning_lib.book list
     python -m pruning_lib.book units CHAPTER [--profile P] [-p NAME VALUE ...] [--list | --run HASH | --missing]
@@ -26,6 +28,14 @@ exits with status 1 and names the failed chapters. Each chapter's run is recorde
 else a string), and a value starting with ``[``, ``{`` or ``(`` is read as YAML 1.2 (``-p seeds "[0,
 1]"``; ``1e-4`` is a float, ``010`` is ten), JSON types only; numbers must be finite.
 ``results_dir`` given with ``-p`` is passed to the verdicts notebook too.
+
+``--executor`` says where the chapters run their units (:func:`pruning_lib.runs.map_units`): the
+address of a running Dask scheduler, ``dask-local[:N]`` (a LocalCluster made by each chapter's kernel),
+``process[:N]`` or ``serial``; ``--resources GPU=1`` is what each unit asks of a Dask worker. They reach
+the notebook kernels as ``$PRUNING_EXECUTOR`` and ``$PRUNING_RESOURCES`` (without ``--executor`` the
+kernels see the variable the runner was started with; unset, each chapter keeps its own default, a pool
+of its ``workers`` processes). Both are checked before anything runs and recorded in the run record;
+neither is a parameter or part of a hash, so the numbers do not depend on them.
 
 ``--stage DIR`` keeps a run apart from the book: ``run --stage DIR`` writes the executed notebooks to
 ``DIR/book/chapters/`` and ``build --stage DIR`` copies the book's pages beside them and builds
@@ -372,9 +382,11 @@ def run_record_path(root: str | Path, job: Job) -> Path:
 
 
 def write_run_record(root: str | Path, job: Job, status: str, start: float, seconds: float | None,
-                     commit: str | None, error: str | None = None, notebook: Path | None = None) -> Path:
+                     commit: str | None, error: str | None = None, notebook: Path | None = None,
+                     executor: str | None = None) -> Path:
     """Record one chapter run, atomically: ``{"chapter", "status", "profile", "budget", "parameters",
-    "start", "seconds", "git_commit", "error", "notebook"}``. ``status`` is ``running`` (written when it
+    "start", "seconds", "git_commit", "error", "notebook", "executor"}`` (``executor``: where its units
+    ran, ``$PRUNING_EXECUTOR``, or None for the chapter's own default). ``status`` is ``running`` (written when it
     starts: a run killed mid-way leaves it so), ``ok``, ``failed`` or ``interrupted``; only ``ok`` means
     the book's notebook and the claims table come from this run. ``start`` is UTC ISO 8601, ``seconds``
     the wall time."""
@@ -386,7 +398,8 @@ def write_run_record(root: str | Path, job: Job, status: str, start: float, seco
               "parameters": job.parameters,
               "start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)),
               "seconds": None if seconds is None else round(seconds, 1), "git_commit": commit,
-              "error": error, "notebook": None if notebook is None else str(notebook)}
+              "error": error, "notebook": None if notebook is None else str(notebook),
+              "executor": executor}
     path = run_record_path(root, job)
     atomic_write_text(json.dumps(record, indent=1, default=str) + "\n", path)
     return path
@@ -408,15 +421,36 @@ def read_run_records(results_dir: str | Path, profile: str, budget: float = 1.0)
     return out
 
 
-def execute(jobs: Sequence[Job], root: str | Path = ".") -> dict[str, Any]:
+def execute(jobs: Sequence[Job], root: str | Path = ".", executor: str | None = None,
+            resources: str | None = None) -> dict[str, Any]:
     """Execute ``jobs`` in order with Papermill (cwd = ``root``). Returns ``{"failed": [...],
     "seconds": {name: s}}``. Each runs into ``_build/executing/`` and replaces its ``job.output`` only
     when it succeeded (see :func:`check_publishable`); a failed notebook, with its error, goes to
-    ``_build/failed/``, and the rest run. Each chapter's run is recorded (:func:`write_run_record`)."""
+    ``_build/failed/``, and the rest run. Each chapter's run is recorded (:func:`write_run_record`).
+    ``executor`` and ``resources`` (see :func:`pruning_lib.runs.map_units`) reach the kernels as
+    ``$PRUNING_EXECUTOR`` and ``$PRUNING_RESOURCES``; None leaves the variable as it is."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
     from tqdm import tqdm
 
+    from .runs import EXECUTOR_ENV, RESOURCES_ENV
+
+    saved = {k: os.environ.get(k) for k in (EXECUTOR_ENV, RESOURCES_ENV)}
+    for name, value in ((EXECUTOR_ENV, executor), (RESOURCES_ENV, resources)):
+        if value is not None:
+            os.environ[name] = value  # the kernels Papermill starts inherit the environment
+    try:
+        return _execute(jobs, root, papermill, PapermillExecutionError, tqdm,
+                        os.environ.get(EXECUTOR_ENV) or None)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _execute(jobs, root, papermill, PapermillExecutionError, tqdm, executor):
     root = Path(root).resolve()
     commit = _git_commit(root)
     failed: list[str] = []
@@ -437,7 +471,7 @@ def execute(jobs: Sequence[Job], root: str | Path = ".") -> dict[str, Any]:
             chapter = job.name != VERDICTS
             started, start = time.time(), time.perf_counter()
             if chapter:
-                write_run_record(root, job, "running", started, None, commit)
+                write_run_record(root, job, "running", started, None, commit, executor=executor)
             error = None
             try:
                 papermill.execute_notebook(str(job.source), str(work), parameters=job.parameters,
@@ -456,7 +490,7 @@ def execute(jobs: Sequence[Job], root: str | Path = ".") -> dict[str, Any]:
             except KeyboardInterrupt:
                 if chapter:
                     write_run_record(root, job, "interrupted", started, time.perf_counter() - start, commit,
-                                     "interrupted")
+                                     "interrupted", executor=executor)
                 raise
             except Exception as exc:  # the kernel died, the notebook could not be read, ...
                 error = f"{type(exc).__name__}: {exc}"
@@ -473,7 +507,7 @@ def execute(jobs: Sequence[Job], root: str | Path = ".") -> dict[str, Any]:
                 failed.append(job.name)
             if chapter:
                 write_run_record(root, job, "ok" if error is None else "failed", started, elapsed, commit,
-                                 error, kept)
+                                 error, kept, executor=executor)
             seconds[job.name] = round(elapsed, 1)
             shown = ", ".join(f"{k}={v!r}" for k, v in job.parameters.items())
             tqdm.write(f"[{seconds[job.name]:7.1f} s] {job.name} ({shown}): {status}", file=sys.stderr)
@@ -719,6 +753,17 @@ def pytest_configure(config):  # pragma: no cover - exercised by `make test`
 # command line
 
 
+def check_executor(executor: str | None = None, resources: str | None = None) -> None:
+    """Raise :class:`BookError` when ``executor`` or ``resources`` (None: the environment variables the
+    kernels would read) cannot be used: before anything runs, not in the first chapter's kernel."""
+    from .runs import ConfigError, check_executor as check
+
+    try:
+        check(executor, resources)
+    except ConfigError as exc:
+        raise BookError(str(exc)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pruning_lib.book", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -734,6 +779,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--stage", default=None, metavar="DIR",
                      help="write the executed notebooks to DIR/book/chapters/ instead of book/chapters/ "
                           "(make test uses _build/smoke, so it never overwrites the book's chapters)")
+    run.add_argument("--executor", default=None, metavar="WHERE",
+                     help="where the chapters run their units: a Dask scheduler's address "
+                          "(tcp://host:8786), dask-local[:N], process[:N] or serial (default: "
+                          "$PRUNING_EXECUTOR, else each chapter's own; make: DASK=...)")
+    run.add_argument("--resources", default=None, metavar="NAME=N,...",
+                     help="what each unit asks of a Dask worker, e.g. GPU=1 (default: $PRUNING_RESOURCES; "
+                          "make: DASK_RESOURCES=...)")
     run.add_argument("--dry-run", action="store_true", help="check and print the plan; run nothing")
     run.add_argument("--root", default=".", help=argparse.SUPPRESS)
     b = sub.add_parser("build", help="build the HTML book into _build/html (warnings are errors)")
@@ -764,6 +816,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "build":
             return build(args.root, strict=not args.no_strict, stage=args.stage)
+        check_executor(args.executor, args.resources)
         params = [(name, parse_value(value)) for name, value in args.parameter]
         jobs = plan(args.root, args.profile, args.chapters, params,
                     include_verdicts=not args.no_verdicts,
@@ -775,7 +828,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for job in jobs:
             print(f"{job.source} -> {job.output} {json.dumps(job.parameters)}")
         return 0
-    result = execute(jobs, args.root)
+    result = execute(jobs, args.root, args.executor, args.resources)
     total = sum(result["seconds"].values())
     print(f"ran {len(jobs)} notebook(s) in {total:.0f} s (profile {args.profile})", file=sys.stderr)
     if result["failed"]:

@@ -204,3 +204,33 @@ def test_executor_from_the_environment(monkeypatch):
     for bad in ("GPU", "GPU=0", "GPU=x", "=1"):
         with pytest.raises(ConfigError):
             runs.parse_resources(bad)
+
+
+def test_the_book_runner_passes_the_executor_to_the_kernels(tmp_path, monkeypatch):
+    import json
+
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    from pruning_lib import book
+
+    monkeypatch.delenv(runs.EXECUTOR_ENV, raising=False)
+    monkeypatch.delenv(runs.RESOURCES_ENV, raising=False)
+    params = new_code_cell('profile = "cpu"')
+    params.metadata["tags"] = ["parameters"]
+    body = new_code_cell("import os\nprint(os.environ.get('PRUNING_EXECUTOR'), os.environ.get('PRUNING_RESOURCES'))")
+    nb = new_notebook(cells=[params, body], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                                     "language": "python"}})
+    (tmp_path / "notebooks").mkdir()
+    nbformat.write(nb, tmp_path / "notebooks" / "01_tiny.ipynb")
+    jobs = book.plan(tmp_path, "cpu", None, [], include_verdicts=False)
+    assert book.execute(jobs, tmp_path, executor="tcp://scheduler:8786", resources="GPU=1")["failed"] == []
+    out = (tmp_path / "book" / "chapters" / "01_tiny.ipynb").read_text()
+    assert "tcp://scheduler:8786 GPU=1" in out
+    record = json.loads((tmp_path / "results" / "runs" / "cpu" / "01_tiny.json").read_text())
+    assert record["executor"] == "tcp://scheduler:8786"
+    assert runs.EXECUTOR_ENV not in os.environ  # this process's environment is left as it was
+    # a mistake is named before anything runs
+    with pytest.raises(book.BookError, match="not an executor"):
+        book.check_executor("tcp:/oops")
+    assert book.main(["run", "--root", str(tmp_path), "--executor", "nowhere", "--dry-run"]) == 2

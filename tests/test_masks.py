@@ -269,3 +269,26 @@ def test_reapplying_or_loading_weights_after_steps_keeps_pruned_entries_zero():
     o.zero_grad(); m(x).pow(2).sum().backward(); o.step()
     for n, keep in tighter.items():
         assert torch.all(dict(m.named_parameters())[n][~keep] == 0)
+
+
+@pytest.mark.parametrize("opt", ["adam", "adamw"])
+def test_adam_second_moment_is_lifted_at_pruned_entries_and_weights_keep_their_bits(opt):
+    """Issue 15: sqrt(0) is slow on this CPU, so a clean masked parameter's exp_avg_sq gets +1 at pruned
+    entries after each step; kept entries keep their bits, pruned first moments stay zero."""
+    x = torch.randn(16, 8)
+    ref, ref_opt = _reference_masked_training(net(), random_mask(net()), OPTIMIZERS[opt], x, 6)
+    m = net()
+    mask = random_mask(m)
+    apply_mask(m, mask)
+    o = OPTIMIZERS[opt](m.parameters())
+    for _ in range(6):
+        o.zero_grad(); m(x).pow(2).sum().backward(); o.step()
+    params = dict(m.named_parameters())
+    ref_params = dict(ref.named_parameters())
+    for n, keep in mask.items():
+        p, q = params[n], ref_params[n]
+        v, v_ref = o.state[p]["exp_avg_sq"], ref_opt.state[q]["exp_avg_sq"]
+        assert torch.all(v[~keep] >= 1.0)  # no exact zeros left for sqrt
+        assert torch.equal(_bits(v[keep]), _bits(v_ref[keep]))
+        assert torch.all(o.state[p]["exp_avg"][~keep] == 0)
+        assert torch.equal(_bits(p), _bits(q))

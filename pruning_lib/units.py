@@ -21,6 +21,14 @@ before any process starts or any unit trains. Under ``torchrun`` (``WORLD_SIZE``
 trains the unit together (``fit`` wraps the model in DDP, each process takes its slice of every batch);
 only rank 0 writes the results cache (the other ranks write into a temporary folder they delete).
 
+``--executor`` sends the units to :func:`pruning_lib.runs.map_units` instead: a Dask scheduler's address
+(``tcp://host:8786``), ``dask-local[:N]`` or ``process[:N]``; ``--resources GPU=1`` makes each unit ask a
+Dask worker for one GPU (workers started with ``dask worker ADDRESS --nthreads 1 --resources GPU=1``, one
+per GPU), so a cluster of GPU machines trains a chapter's units side by side. The workers return each
+unit's files and this process writes them into the results cache (no shared disk needed)::
+
+    python -m pruning_lib.book units 03 --profile paper --missing --executor tcp://host:8786 --resources GPU=1 --bf16
+
 ``--bf16``, ``--channels-last`` and ``--workers N`` are GPU run settings
 (:class:`pruning_lib.train.RunSettings`): they act on CUDA only, are not part of the hash (like the
 device), and each unit records them with the device in its ``provenance.json``.
@@ -169,6 +177,56 @@ def run_units(todo: list[Unit], results_dir: str, settings=None, say=print) -> l
     return failed
 
 
+def _check_executor(args: argparse.Namespace) -> None:
+    from .runs import ConfigError, check_executor
+
+    if args.executor is None:
+        raise UnitsError("--resources needs --executor (the units run on Dask workers)")
+    if args.nproc or _rank_world()[1] > 1:
+        raise UnitsError("--executor runs each unit on one worker: not with --nproc or under torchrun")
+    try:
+        check_executor(args.executor, args.resources)
+    except ConfigError as exc:
+        raise UnitsError(str(exc)) from None
+
+
+def _run_one(spec: tuple[Unit, Any], results_dir: str) -> dict:
+    """One unit on a :func:`pruning_lib.runs.map_units` worker, with the run settings; returns its
+    provenance (device, precision) and wall time."""
+    from . import train
+
+    unit, settings = spec
+    start = time.perf_counter()
+    with train.run_settings(settings):
+        unit.run(results_dir)
+    return {**train.last_run(), "seconds": time.perf_counter() - start}
+
+
+def map_units_cli(todo: list[Unit], results_dir: str, settings, executor: str, resources: str | None,
+                  stem: str, say=print) -> list[str]:
+    """Run ``todo`` through :func:`pruning_lib.runs.map_units` on ``executor`` (each asking a Dask worker
+    for ``resources``); returns the failed keys (the first failure is reported with its traceback)."""
+    from .runs import UnitError, map_units
+
+    for u in todo:
+        if u.done:
+            say(f"{u.key} already done: {u.description}")
+    todo = [u for u in todo if not u.done]
+    if not todo:
+        return []
+    say(f"{stem}: {len(todo)} unit(s) on {executor}" + (f", each asking for {resources}" if resources else ""))
+    try:
+        out = map_units(_run_one, [(u, settings) for u in todo], results_dir=results_dir, executor=executor,
+                        resources=resources, key=lambda spec: spec[0].key, desc=f"{stem} units")
+    except UnitError as exc:
+        say(f"error: {exc}")
+        return [exc.key]
+    for u, prov in zip(todo, out):
+        say(f"{u.key} done in {prov['seconds']:.1f} s on {prov.get('device_name', '?')} "
+            f"({prov.get('precision', 'fp32')}): {u.description}")
+    return []
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     from .book import DEFAULT_PROFILE, PROFILES
 
@@ -185,6 +243,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only; recorded, not hashed)")
     ap.add_argument("--channels-last", action="store_true", help="channels-last memory format (CUDA only)")
     ap.add_argument("--workers", type=int, default=None, help="loader processes per GPU (on-disk data)")
+    ap.add_argument("--executor", default=None, metavar="WHERE",
+                    help="run the units through runs.map_units: a Dask scheduler's address (tcp://host:8786), "
+                         "dask-local[:N] or process[:N] (default: in this process, or under torchrun)")
+    ap.add_argument("--resources", default=None, metavar="NAME=N,...",
+                    help="what each unit asks of a Dask worker, e.g. GPU=1 (with --executor)")
     ap.add_argument("--root", default=".", help=argparse.SUPPRESS)
 
 
@@ -213,6 +276,8 @@ def cli(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         todo = select(units, args.run, args.missing)
         if todo:
             check_datasets([d for u in todo for d in u.datasets], getattr(cfg, "data_root", None))
+        if args.executor is not None or args.resources is not None:
+            _check_executor(args)
     except (BookError, UnitsError, DatasetNotFoundError) as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr)
@@ -232,6 +297,9 @@ def cli(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
 
     settings = RunSettings(precision="bf16" if args.bf16 else "fp32", channels_last=args.channels_last,
                            workers=args.workers)
+    if args.executor is not None:
+        failed = map_units_cli(todo, cfg.results_dir, settings, args.executor, args.resources, stem, say)
+        return 1 if failed else 0
     try:
         failed = run_units(todo, cfg.results_dir, settings, say)
     finally:

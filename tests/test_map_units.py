@@ -234,3 +234,26 @@ def test_the_book_runner_passes_the_executor_to_the_kernels(tmp_path, monkeypatc
     with pytest.raises(book.BookError, match="not an executor"):
         book.check_executor("tcp:/oops")
     assert book.main(["run", "--root", str(tmp_path), "--executor", "nowhere", "--dry-run"]) == 2
+
+
+def test_chapter_units_on_dask_gpu_workers_from_the_command_line(tmp_path, dask_client, capsys):
+    """``units CHAPTER --missing --executor ADDRESS --resources GPU=1``: each unit asks a worker for one
+    GPU (here a label: the fixture's workers have GPU=1 and no GPU), the workers return the unit's files
+    and this process stores them; the trained weights are those of a unit trained here."""
+    import torch
+
+    from pruning_lib import book
+
+    argv = ["units", "01", "--profile", "smoke", "-p", "models", "[lenet300_100]", "-p", "epochs", "0.05"]
+    torch.set_num_threads(1)  # as the Dask workers (one thread each)
+    assert book.main(argv + ["-p", "results_dir", str(tmp_path / "here"), "--missing"]) == 0
+    address = dask_client.scheduler.address
+    there = argv + ["-p", "results_dir", str(tmp_path / "there"), "--missing"]
+    assert book.main(there + ["--executor", address, "--resources", "GPU=1"]) == 0
+    assert "each asking for GPU=1" in capsys.readouterr().out
+    [a] = list((tmp_path / "here" / "dense").glob("*/model.pt"))
+    [b] = list((tmp_path / "there" / "dense").glob("*/model.pt"))
+    assert a.parent.name == b.parent.name and runs.check_unit(b.parent)[1] is None
+    wa, wb = runs.safe_torch_load(a), runs.safe_torch_load(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert book.main(there + ["--resources", "GPU=1"]) == 2  # resources need an executor

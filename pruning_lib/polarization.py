@@ -53,7 +53,7 @@ from .gates import GateSlot, scale_channels, set_block_gates, set_gates
 from .metrics import layer_flops
 from .models import build_model
 from .runs import RunConfig, Store, param, progress_bar
-from .train import Callback, evaluate, fit
+from .train import Callback, cross_entropy, evaluate, fit
 
 CHAPTER = "05_polarization"
 METHODS = ("polarization", "magnitude", "random")
@@ -62,7 +62,8 @@ __all__ = [
     "CHAPTER", "Config", "GatingModule", "straight_through", "add_gating", "gating_modules", "density_loss",
     "polarizer", "polarization_penalty", "gate_statistics", "static_keep", "keep_sparsity", "compact_static", "set_mode",
     "TrainFlops", "connections", "train_gated", "run_experiment", "plot_sweep", "plot_gate_histograms",
-    "plot_consensus", "plot_compute", "sweep_table", "claims_table",
+    "plot_consensus", "plot_compute", "sweep_table", "latency_table", "claims_table", "training_step_seconds",
+    "lr_scheduler", "gated_optimizer", "gated_penalties",
 ]
 
 
@@ -422,13 +423,15 @@ class Config(RunConfig):
     data_root: str = param("data", help="where the large datasets live")
     width: float = param(1.0, low=0.05, high=4.0, help="width multiplier of non-ResNet models")
     resnet_width: float = param(0.25, low=0.05, high=4.0, help="width multiplier of ResNets")
-    targets: tuple[float, ...] = param((0.2, 0.3, 0.5, 0.7, 0.8, 0.9), low=0.0, high=0.99,
+    targets: tuple[float, ...] = param((0.3, 0.5, 0.7, 0.9), low=0.0, high=0.99,
                                        help="user-set gate sparsities of the sweep")
-    seeds: tuple[int, ...] = param((0, 1), low=0, help="seeds of non-ResNet models")
-    resnet_seeds: tuple[int, ...] = param((0,), low=0, help="seeds of ResNets")
-    epochs: float = param(4.0, low=0.01, help="training epochs (dense and gated, one pass)")
+    seeds: tuple[int, ...] = param((0, 1, 2), low=0, help="seeds of non-ResNet models")
+    resnet_seeds: tuple[int, ...] = param((0, 1, 2), low=0, help="seeds of ResNets")
+    epochs: float = param(6.0, low=0.01, help="training epochs (dense and gated, one pass)")
     batch_size: int = param(64, low=1)
     lr: float = param(2e-3, low=0.0, help="Adam learning rate")
+    lr_schedule: str = param("cosine", choices=("constant", "cosine"),
+                             help="learning-rate schedule of the dense and gated trainings (per epoch)")
     gate_lr: float = param(1e-2, low=0.0, help="Adam learning rate of the gating modules")
     polarizer_weight: float = param(2.0, low=0.0, help="lambda_p, weight of the polarizer")
     density_weight: float = param(10.0, low=0.0, help="lambda_d, weight of the density loss")
@@ -438,10 +441,11 @@ class Config(RunConfig):
                                help="how gate densities are pooled in the density loss")
     block_gates: bool = param(True, help="gate whole residual blocks too (ResNets)")
     no_polarizer_target: float = param(0.5, low=0.0, high=0.99,
-                                       help="target of the extra run without polarizer (histograms)")
+                                       help="target of the extra run without polarizer (histograms; first "
+                                            "seed of each model)")
     finetune_epochs: float = param(0.5, low=0.0, help="fine-tuning of the magnitude/random baselines")
-    timing_batch: int = param(256, low=1, help="batch size of the inference-time measurement")
-    timing_repeats: int = param(20, low=1)
+    timing_batch: int = param(256, low=1, help="batch size of the inference-time measurement (and batch 1)")
+    timing_repeats: int = param(10, low=1, help="best of this many: inference passes, training steps")
     workers: int = param(1, low=1, high=64, help="parallel processes for independent runs")
 
     NOT_HASHED: ClassVar[tuple[str, ...]] = RunConfig.NOT_HASHED + ("workers", "timing_repeats")
@@ -452,7 +456,7 @@ class Config(RunConfig):
                       resnet_width=0.25, targets=(0.3, 0.6), seeds=(0,), resnet_seeds=(0,),
                       epochs=0.2, finetune_epochs=0.1, timing_repeats=1, timing_batch=32,
                       no_polarizer_target=0.6),
-        "cpu": dict(),
+        "cpu": dict(workers=2),  # one process a core: units are single-threaded
         "paper": dict(models=("resnet56",), datasets=("cifar10", "cifar100", "tiny-imagenet"),
                       resnet_width=1.0, targets=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), seeds=(0, 1, 2),
                       resnet_seeds=(0, 1, 2), epochs=160.0, lr=1e-3, finetune_epochs=20.0, batch_size=128),
@@ -496,7 +500,7 @@ def _build(cfg: Config, model: str, data, seed: int) -> nn.Module:
 
 def _train_spec(cfg: Config, model: str, dataset: str, seed: int) -> dict:
     return {"model": model, "dataset": dataset, "width": cfg.model_width(model), "seed": seed,
-            "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr}
+            "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "lr_schedule": cfg.lr_schedule}
 
 
 def _gate_spec(cfg: Config, model: str, dataset: str, seed: int, target: float, polarizer_weight: float) -> dict:
@@ -507,8 +511,9 @@ def _gate_spec(cfg: Config, model: str, dataset: str, seed: int, target: float, 
 
 
 @torch.no_grad()
-def _inference_seconds(models: list[nn.Module], x: torch.Tensor, repeats: int) -> list[float]:
-    """Fastest wall time of one forward pass on ``x`` for each model (eval mode, one warm-up pass each).
+def _inference_seconds(models: list[nn.Module], x: torch.Tensor, repeats: int, inner: int = 1) -> list[float]:
+    """Fastest wall time of one forward pass on ``x`` for each model (eval mode, one warm-up pass each),
+    each timing the mean of ``inner`` passes (short passes, batch 1, need several to be timed well).
 
     The models are timed alternately and the minimum is kept: on a shared machine, other processes only
     ever add time, so the minimum is the least disturbed measurement.
@@ -520,32 +525,106 @@ def _inference_seconds(models: list[nn.Module], x: torch.Tensor, repeats: int) -
     for _ in range(repeats):
         for i, m in enumerate(models):
             t0 = time.perf_counter()
-            m(x)
-            best[i] = min(best[i], time.perf_counter() - t0)
+            for _ in range(inner):
+                m(x)
+            best[i] = min(best[i], (time.perf_counter() - t0) / inner)
     return best
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, epochs: float, kind: str = "constant"):
+    """The learning-rate schedule of the chapter's trainings (dense and gated alike), stepped once an
+    epoch by :func:`pruning_lib.train.fit`: ``"constant"`` (None) or ``"cosine"``, ``0.5 (1 + cos(pi e / E))``
+    at epoch ``e`` of ``E = ceil(epochs)``, on every parameter group (the gating modules' too)."""
+    if kind == "constant":
+        return None
+    if kind != "cosine":
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {kind!r}")
+    total = max(int(math.ceil(epochs)), 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * min(e / total, 1))))
+
+
+def gated_optimizer(model: nn.Module, lr: float, gate_lr: float | None = None) -> torch.optim.Adam:
+    """Adam with two parameter groups: the network at ``lr``, its gating modules at ``gate_lr`` (default
+    ``lr``)."""
+    gms = gating_modules(model)
+    gate_params = {id(p) for gm in gms.values() for p in gm.parameters()}
+    return torch.optim.Adam([
+        {"params": [p for p in model.parameters() if id(p) not in gate_params], "lr": lr},
+        {"params": [p for gm in gms.values() for p in gm.parameters()], "lr": gate_lr or lr}])
+
+
+def gated_penalties(target: float, polarizer_weight: float, density_weight: float, form: str = "product",
+                    t: float = 1.4, scope: str = "layer") -> dict:
+    """The terms added to the cross-entropy in the one training pass: ``density`` (always) and
+    ``polarizer`` (when ``polarizer_weight > 0``), for :func:`pruning_lib.train.fit`'s ``penalties``."""
+    penalties = {"density": lambda m: density_weight * density_loss(m, target, scope)}
+    if polarizer_weight > 0:
+        penalties["polarizer"] = lambda m: polarizer_weight * polarization_penalty(m, form, t)
+    return penalties
 
 
 def train_gated(model: nn.Module, data, *, target: float, polarizer_weight: float, density_weight: float,
                 form: str = "product", t: float = 1.4, scope: str = "layer", block_gates: bool = True,
                 epochs: float = 1.0, batch_size: int = 128, lr: float = 1e-3, gate_lr: float | None = None,
-                seed: int = 0, progress: bool = False) -> tuple[pd.DataFrame, TrainFlops]:
+                lr_schedule: str = "constant", seed: int = 0,
+                progress: bool = False) -> tuple[pd.DataFrame, TrainFlops]:
     """One training pass of ``model`` with gating modules, CE + density loss + polarizer (in place).
 
     The gating modules get their own learning rate ``gate_lr`` (default ``lr``): Adam with two parameter
-    groups.  Returns the history and the :class:`TrainFlops` counter.  Uses :func:`pruning_lib.train.fit`.
+    groups (:func:`gated_optimizer`), both following ``lr_schedule`` (:func:`lr_scheduler`).  Returns the
+    history and the :class:`TrainFlops` counter.  Uses :func:`pruning_lib.train.fit`.
     """
-    gms = add_gating(model, block_gates=block_gates)
-    gate_params = {id(p) for gm in gms.values() for p in gm.parameters()}
-    optimizer = torch.optim.Adam([
-        {"params": [p for p in model.parameters() if id(p) not in gate_params], "lr": lr},
-        {"params": [p for gm in gms.values() for p in gm.parameters()], "lr": gate_lr or lr}])
+    add_gating(model, block_gates=block_gates)
+    optimizer = gated_optimizer(model, lr, gate_lr)
     counter = TrainFlops(model, data.input_shape)
-    penalties = {"density": lambda m: density_weight * density_loss(m, target, scope)}
-    if polarizer_weight > 0:
-        penalties["polarizer"] = lambda m: polarizer_weight * polarization_penalty(m, form, t)
+    penalties = gated_penalties(target, polarizer_weight, density_weight, form, t, scope)
     hist = fit(model, data, optimizer=optimizer, epochs=epochs, batch_size=batch_size, penalties=penalties,
-               callbacks=[counter], seed=seed, progress=progress, desc=f"gated s={target}")
+               scheduler=lr_scheduler(optimizer, epochs, lr_schedule), callbacks=[counter], seed=seed,
+               progress=progress, desc=f"gated s={target}")
     return hist, counter
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, penalties: dict, x, y) -> None:
+    """One optimizer step as :func:`pruning_lib.train.fit` takes it: cross-entropy plus penalties, backward,
+    update."""
+    loss = cross_entropy(model, x, y)
+    for pen in penalties.values():
+        loss = loss + pen(model)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def training_step_seconds(gated: nn.Module, data, *, penalties: dict, batch_size: int, lr: float,
+                          gate_lr: float | None = None, repeats: int = 10, seed: int = 0) -> dict[str, float]:
+    """Wall time of one training step with the gates against one step of the dense network, side by side.
+
+    Copies of ``gated`` (gating modules in dynamic mode, :func:`gated_optimizer`, ``penalties``: the step
+    of the one training pass) and of its backbone without gates (plain Adam, cross-entropy: the dense
+    step) take turns on the same training batch; after one warm-up step each, the fastest of ``repeats``
+    steps of each is kept (other processes on a shared machine only ever add time).  ``gated`` itself is
+    not changed.  Returns ``{"step_seconds_gated", "step_seconds_dense"}``.
+    """
+    g = copy.deepcopy(gated)
+    set_mode(g, "dynamic")
+    d = _strip_gates(gated)
+    g.train()
+    d.train()
+    gen = torch.Generator().manual_seed(seed)
+    device = next(g.parameters()).device
+    x, y = next(iter(batches(data.train, batch_size, shuffle=True, generator=gen, device=device)))
+    steps = {"gated": (g, gated_optimizer(g, lr, gate_lr), penalties),
+             "dense": (d, torch.optim.Adam(d.parameters(), lr=lr), {})}
+    for m, opt, pen in steps.values():
+        _train_step(m, opt, pen, x, y)
+    best = {k: math.inf for k in steps}
+    for r in range(repeats):
+        order = list(steps) if r % 2 == 0 else list(steps)[::-1]  # alternate who goes first
+        for k in order:
+            t0 = time.perf_counter()
+            _train_step(*steps[k], x, y)
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return {"step_seconds_gated": best["gated"], "step_seconds_dense": best["dense"]}
 
 
 def _timed(compute):
@@ -565,8 +644,9 @@ def _dense_unit(cfg: Config, model: str, dataset: str, seed: int) -> dict:
         data = _data(dataset, cfg.data_root)
         net = _build(cfg, model, data, seed)
         t0 = time.perf_counter()
-        hist = fit(net, data, lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=seed,
-                   progress=False, desc="dense")
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+        hist = fit(net, data, optimizer=opt, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=seed,
+                   scheduler=lr_scheduler(opt, cfg.epochs, cfg.lr_schedule), progress=False, desc="dense")
         secs = time.perf_counter() - t0
         store.save_torch("model", net.cpu().state_dict())
         return {"test_accuracy": float(hist["test_accuracy"].iloc[-1]), "train_seconds": secs,
@@ -588,8 +668,13 @@ def _gate_unit(cfg: Config, model: str, dataset: str, seed: int, target: float, 
                                     density_weight=cfg.density_weight, form=cfg.polarizer_form,
                                     t=cfg.zhuang_t, scope=cfg.density_scope, block_gates=cfg.block_gates,
                                     epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                                    gate_lr=cfg.gate_lr, seed=seed)
+                                    gate_lr=cfg.gate_lr, lr_schedule=cfg.lr_schedule, seed=seed)
         secs = time.perf_counter() - t0
+        # the wall-clock cost of the one pass against dense training: the two steps side by side, here
+        steps = training_step_seconds(
+            net, data, penalties=gated_penalties(target, pw, cfg.density_weight, cfg.polarizer_form,
+                                                 cfg.zhuang_t, cfg.density_scope),
+            batch_size=cfg.batch_size, lr=cfg.lr, gate_lr=cfg.gate_lr, repeats=cfg.timing_repeats, seed=seed)
         device = next(net.parameters()).device
         dynamic_acc = evaluate(net, data.test)["accuracy"]
         train_stats = gate_statistics(net, data.train)
@@ -604,6 +689,7 @@ def _gate_unit(cfg: Config, model: str, dataset: str, seed: int, target: float, 
         compact_acc = evaluate(small, data.test)["accuracy"]
         dense = _strip_gates(net)
         t_dense, t_small = _inference_seconds([dense, small], x, cfg.timing_repeats)
+        t_dense1, t_small1 = _inference_seconds([dense, small], x[:1], cfg.timing_repeats, inner=10)
         gates = test_stats.rename(columns={"mean": "mean_test", "agreement": "agreement_test"})
         gates["mean_train"] = train_stats["mean"].to_numpy()
         store.save_frame("gates", gates)
@@ -623,6 +709,8 @@ def _gate_unit(cfg: Config, model: str, dataset: str, seed: int, target: float, 
             "train_flops_fraction": counter.fraction(), "train_seconds": secs,
             "consensus_test": float(test_stats["agreement"].mean()),
             "inference_seconds_dense": t_dense, "inference_seconds_compact": t_small,
+            "inference_seconds_dense_b1": t_dense1, "inference_seconds_compact_b1": t_small1,
+            **steps, "train_time_ratio": steps["step_seconds_gated"] / steps["step_seconds_dense"],
         }
 
     return store.json("metrics", _timed(compute))
@@ -737,21 +825,29 @@ def run_experiment(cfg: Config, results_dir: str = "results", progress: bool = T
     combos = [(m, d, s) for d in cfg.datasets for m in cfg.models for s in cfg.model_seeds(m)]
     dense_units = [("dense", (m, d, s)) for m, d, s in combos]
     gate_units = [("gated", (m, d, s, t, cfg.polarizer_weight)) for m, d, s in combos for t in cfg.targets]
-    nopol = [("gated", (m, d, s, cfg.no_polarizer_target, 0.0)) for m, d, s in combos]
+    # the run without polarizer is a figure (histograms, consensus), not a claim: the first seed only
+    nopol = [("gated", (m, d, s, cfg.no_polarizer_target, 0.0)) for m, d, s in combos
+             if s == cfg.model_seeds(m)[0]]
     base_units = [("baseline", (meth, m, d, s, t)) for m, d, s in combos for t in cfg.targets
                   for meth in ("magnitude", "random")]
     t0 = time.perf_counter()
     bar = progress_bar(total=len(dense_units) + len(gate_units) + len(nopol) + len(base_units),
                        desc="polarization runs", progress=progress)
+    # the slow ResNets first, so that parallel workers do not end on one long unit
+    def longest_first(units):
+        return sorted(units, key=lambda u: not any(str(x).startswith("resnet") for x in u[1]))
+
+    dense_units, gated_units, base_units = (longest_first(u) for u in (dense_units, gate_units + nopol,
+                                                                          base_units))
     dense = _run_phase(dense_units, cfg, results_dir, cfg.workers, bar)
-    gated = _run_phase(gate_units + nopol, cfg, results_dir, cfg.workers, bar)
+    gated = _run_phase(gated_units, cfg, results_dir, cfg.workers, bar)
     base = _run_phase(base_units, cfg, results_dir, cfg.workers, bar)
     bar.close()
     wall = time.perf_counter() - t0
 
     dense_by = {u[1]: r for u, r in zip(dense_units, dense)}
     rows, gate_frames, histories = [], [], []
-    for (kind, (m, d, s, t, pw)), r in zip(gate_units + nopol, gated):
+    for (kind, (m, d, s, t, pw)), r in zip(gated_units, gated):
         dn = dense_by[(m, d, s)]
         method = "polarization" if pw > 0 else "no polarizer"
         rows.append({"model": m, "dataset": d, "seed": s, "target": t, "method": method,
@@ -768,7 +864,9 @@ def run_experiment(cfg: Config, results_dir: str = "results", progress: bool = T
                      "dense_accuracy": dense_by[(m, d, s)]["test_accuracy"], **r,
                      "dense_connections": g["dense_connections"], "dense_flops": g["dense_flops"],
                      "train_flops_fraction": 1.0 + cfg.finetune_epochs / cfg.epochs * r["flops"] / g["dense_flops"]})
-    runs = pd.DataFrame(rows)
+    order = {m: i for i, m in enumerate(cfg.models)}
+    runs = pd.DataFrame(rows).sort_values("model", key=lambda c: c.map(order), kind="stable",
+                                         ignore_index=True)
     runs["connection_sparsity"] = 1 - runs["connections"] / runs["dense_connections"]
     runs["flops_sparsity"] = 1 - runs["flops"] / runs["dense_flops"]
     runs["accuracy_drop"] = 100 * (runs["dense_accuracy"] - runs["test_accuracy"])
@@ -878,27 +976,36 @@ def plot_consensus(gates: pd.DataFrame, target: float):
 
 
 def plot_compute(runs: pd.DataFrame):
-    """Left: training FLOPs executed relative to training the dense network (gates: one pass; baselines:
-    dense training + fine-tuning).  Right: measured inference time of the compact network / dense network."""
+    """Left: cost of the one training pass with gates relative to dense training, per target: the measured
+    wall-clock ratio (best-of-k training steps side by side) and the FLOP count of an ideal implementation
+    that skips closed channels.  Right: measured inference time of the compact network / dense network."""
     from .plotting import figure, percent_axis
 
     fig, (ax1, ax2) = figure(2, 1, width=9.0, height=3.6)
     panels = _panels(runs)
-    width = 0.8 / (2 * len(panels))
+    pol_runs = runs[runs["method"] == "polarization"]
+    bars = [("train_time_ratio", "measured wall time"), ("train_flops_fraction", "FLOP count, ideal skipping")]
+    bars = [(c, lab) for c, lab in bars if c in pol_runs]
+    width = 0.8 / (len(bars) * len(panels))
+    targets = sorted(pol_runs["target"].unique())
     for i, (m, d) in enumerate(panels):
-        sub = runs[(runs["model"] == m) & (runs["dataset"] == d)]
-        for k, meth in enumerate(("polarization", "magnitude")):
-            g = sub[sub["method"] == meth].groupby("target")["train_flops_fraction"].mean()
-            x = np.arange(len(g)) + (2 * i + k - len(panels) + 0.5) * width
-            ax1.bar(x, 100 * g.to_numpy(), width, color=_COLOR[meth], alpha=0.5 + 0.5 * (i == 0),
-                    hatch=None if i == 0 else "//", label=f"{_LABEL.get(m, m)}: {meth}")
-        ax1.set_xticks(np.arange(len(g)), [f"{t:.0%}" for t in g.index])
+        sub = pol_runs[(pol_runs["model"] == m) & (pol_runs["dataset"] == d)]
+        for k, (col, lab) in enumerate(bars):
+            g = sub.groupby("target")[col]
+            mean = g.mean().reindex(targets)
+            x = np.arange(len(targets)) + (len(bars) * i + k - (len(bars) * len(panels) - 1) / 2) * width
+            ax1.bar(x, 100 * mean.to_numpy(), width, color=f"C{i + 4}", alpha=1.0 if k == 0 else 0.4,
+                    hatch=None if k == 0 else "//", label=f"{_LABEL.get(m, m)}: {lab}")
+            for t_i, t in enumerate(targets):  # one dot per seed
+                v = sub.loc[np.isclose(sub["target"], t), col]
+                ax1.scatter(np.full(len(v), x[t_i]), 100 * v, s=6, color="k", zorder=3)
+    ax1.set_xticks(np.arange(len(targets)), [f"{t:.0%}" for t in targets])
     ax1.axhline(100, color="k", ls="--", lw=1, label="dense training")
     ax1.set_xlabel("target sparsity")
-    ax1.set_ylabel("training FLOPs (% of dense)")
+    ax1.set_ylabel("training cost (% of dense)")
     ax1.legend(fontsize=7, loc="lower left")
     for i, (m, d) in enumerate(panels):
-        s = runs[(runs["model"] == m) & (runs["dataset"] == d) & (runs["method"] == "polarization")]
+        s = pol_runs[(pol_runs["model"] == m) & (pol_runs["dataset"] == d)]
         ratio = s["inference_seconds_compact"] / s["inference_seconds_dense"]
         ax2.scatter(s["flops_sparsity"], 100 * ratio, color=f"C{i + 4}", label=_LABEL.get(m, m))
     xs = np.linspace(0, 1, 50)
@@ -910,6 +1017,26 @@ def plot_compute(runs: pd.DataFrame):
     ax2.set_ylabel("inference time (% of dense)")
     ax2.legend(fontsize=8)
     return fig
+
+
+def latency_table(runs: pd.DataFrame, batch: int = 256) -> pd.DataFrame:
+    """Compacted networks against the dense one at inference, per model and target (means over seeds):
+    FLOPs reduction (dense / compact FLOPs), measured speed-up (dense / compact time, best of k, the two
+    timed alternately; CPU, eval, ``no_grad``) at batch 1 and ``batch``, and the efficiency speed-up /
+    FLOPs reduction (1.0 is the limit: time proportional to FLOPs)."""
+    pol_runs = runs[runs["method"] == "polarization"].copy()
+    pol_runs["flops_reduction"] = pol_runs["dense_flops"] / pol_runs["flops"]
+    cols = ["flops_reduction"]
+    for b, suffix in ((1, "_b1"), (batch, "")):
+        dense_col, compact_col = f"inference_seconds_dense{suffix}", f"inference_seconds_compact{suffix}"
+        if dense_col not in pol_runs:
+            continue
+        pol_runs[f"speedup_batch{b}"] = pol_runs[dense_col] / pol_runs[compact_col]
+        pol_runs[f"efficiency_batch{b}"] = pol_runs[f"speedup_batch{b}"] / pol_runs["flops_reduction"]
+        cols += [f"speedup_batch{b}", f"efficiency_batch{b}"]
+    t = pol_runs.groupby(["model", "target"], sort=False)[cols].mean().reset_index()
+    t["model"] = t["model"].map(lambda m: _LABEL.get(m, m))
+    return t
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -934,6 +1061,7 @@ def drop_at(runs: pd.DataFrame, model: str, dataset: str, level: float = 0.5) ->
     return out
 
 
+TIME_TOL = 5.0  # pp of the dense step: a saving must exceed what best-of-k timing on a shared machine resolves
 SETTLE_TOL = 0.01  # test accuracy may move less than 1 pp over the last quarter of the gated training
 SETTLE_TEXT = "test accuracy of the gated training still moving ≥ 1 pp over the last quarter"
 
@@ -997,8 +1125,13 @@ def claims_table(cfg: Config, results: dict, results_dir: str | None = "results"
                                     f"{cfg.finetune_epochs:g} epoch fine-tune, same channels per layer; per "
                                     "seed the mean over targets",
                                AtLeast(limit=0.0, fmt="{:+.2f}", unit="pp")), ev(gain)))
-        rows.append((Claim(f"{name}: training with gates spends less compute than dense training", src,
-                           "training FLOPs executed / dense training FLOPs (%), per seed the mean over "
-                           "targets", AtMost(limit=100.0, fmt="{:.1f}", unit="%")),
-                     ev(per(100 * pol["train_flops_fraction"]))))
+        # Wall-clock, not a FLOP count (a count of what an ideal implementation would skip is near-
+        # tautological). Timing needs no settled run; the tolerance keeps timing noise from deciding.
+        rows.append((Claim(f"{name}: the one training pass with gates takes less wall-clock time than dense "
+                           "training (ours: PyTorch on this CPU)", src,
+                           "training step with gates, density loss and polarizer / dense training step (%), "
+                           "best of k, the two timed alternately on one batch in the same process; same "
+                           "epochs, so the ratio of the trainings; per seed the mean over targets",
+                           AtMost(limit=100.0 - TIME_TOL, fmt="{:.1f}", unit="%")),
+                     per(100 * pol["train_time_ratio"]) if "train_time_ratio" in pol else None))
     return claims_mod.ledger(CHAPTER, rows, cfg.profile, results_dir, budget=cfg.budget)

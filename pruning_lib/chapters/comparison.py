@@ -1,0 +1,799 @@
+"""Chapter 7, "Which method, at what cost?": every method on one model, one budget, one axis (issue 14).
+
+Every method comes from the library, trained for the same number of epochs (pre-training included), and
+is placed on one axis, the effective FLOPs of the pruned network (:func:`pruning_lib.metrics.summary`;
+structured networks after compaction):
+
+* unstructured, with a target (the weight sparsity ``1 - 1/c`` for each compression ``c``): random and
+  global magnitude pruning of a pre-trained network, then fine-tuning (:mod:`pruning_lib.criteria`);
+  gradual magnitude pruning (:mod:`pruning_lib.methods.gmp`); IMP with rewinding and one-shot SNIP at
+  initialisation, run by chapter 2's own code (:func:`pruning_lib.lottery.imp_chain`,
+  :func:`pruning_lib.lottery.snip_round`);
+* structured: L1-norm filter pruning with a FLOPs target (:mod:`pruning_lib.methods.l1_filter`),
+  polarization with a target channel sparsity (:func:`pruning_lib.polarization.train_gated`), and L0-HC and
+  Dep-L0 (:mod:`pruning_lib.hard_concrete`), driven by a penalty on the expected FLOPs whose weight
+  ``lambda`` is swept: their points are placed by what they achieved;
+* Scratch-B for each structured method (:mod:`pruning_lib.methods.scratch`).
+
+Each run records what was requested and what was achieved. Verdicts: each method's curve against global
+magnitude's (:mod:`pruning_lib.pareto`), and each structured method against its Scratch-B.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .. import claims, lottery, masks as masks_mod, metrics, pareto, plotting
+from .. import criteria as crit
+from .. import data as data_mod
+from .. import hard_concrete as hc
+from .. import polarization as polar
+from ..baselines import train_dense
+from ..compact import compact
+from ..methods import gmp, l1_filter, scratch
+from ..models import build_model
+from ..runs import RunConfig, Store, param, progress_bar
+from ..train import evaluate, fit
+
+CHAPTER = "07_comparison"
+UNSTRUCTURED = ("random", "magnitude", "gmp", "imp", "snip")
+STRUCTURED = ("l1_filter", "polarization", "l0_hc", "dep_l0")
+METHODS = UNSTRUCTURED + STRUCTURED
+PENALTY_METHODS = ("l0_hc", "dep_l0")
+REFERENCE = "magnitude"
+METHOD_LABELS = {
+    "dense": "dense", "random": "random + fine-tune", "magnitude": "global magnitude + fine-tune",
+    "gmp": "GMP (Zhu & Gupta)", "imp": "IMP with rewinding", "snip": "SNIP at init",
+    "l1_filter": "L1-filter + fine-tune", "polarization": "polarization", "l0_hc": "L0-HC", "dep_l0": "Dep-L0",
+    "lnpt": "LNPT (label-free)", "bernoulli": "Bernoulli gates",
+}
+# Methods of the book this chapter does not run, and why (shown as rows of the methods table).
+NOT_RUN = {
+    "lnpt": "its method function (lnpt.pruned_student) needs chapter 6's Context: a teacher trained on half "
+            "of the training set and a student trained on the other half, a different data budget",
+    "bernoulli": "its flip estimator costs several forward passes a step; not sized into the cpu budget yet",
+}
+MODELS = ("lenet300_100", "lenet5_caffe", "resnet20", "resnet56")
+DATASETS = ("fashion_mnist", "mnist5k", "mnist", "synthetic-mnist", "synthetic-cifar", "cifar10")
+
+
+@dataclass(frozen=True)
+class Config(RunConfig):
+    """Settings of chapter 7 (``None`` in a notebook means "the profile's value")."""
+
+    model: str = param("lenet300_100", choices=MODELS, help="the one network every method prunes")
+    dataset: str = param("fashion_mnist", choices=DATASETS, help="the one dataset")
+    methods: tuple[str, ...] = param(METHODS, choices=METHODS, help="methods to run")
+    compressions: tuple[float, ...] = param((2.0, 4.0, 8.0, 16.0, 32.0), low=1.0,
+                                            help="targets: x fewer weights (unstructured) or FLOPs (structured)")
+    lambdas: tuple[float, ...] = param((1.0, 1.6, 2.5, 4.0, 6.5), low=0.0,
+                                       help="penalty sweep of L0-HC / Dep-L0 (weight of expected FLOPs kept)")
+    seeds: tuple[int, ...] = param((0, 1, 2), low=0)
+    epochs: float = param(1.0, low=0.01, help="training budget of every method, in epochs, pre-training included")
+    pretrain_epochs: float = param(0.5, low=0.0, help="dense pre-training of prune-then-fine-tune methods")
+    batch_size: int = param(128, low=1)
+    lr: float = param(1e-3, low=0.0, help="Adam learning rate of the weights")
+    gate_lr: float = param(0.1, low=0.0, help="Adam learning rate of the L0-HC / Dep-L0 gates")
+    polarization_gate_lr: float = param(0.01, low=0.0, help="Adam learning rate of polarization's gating modules")
+    init_log_alpha: float = param(3.0, help="initial log alpha of the hard-concrete gates")
+    polarizer_weight: float = param(2.0, low=0.0, help="polarization: weight of the polarizer")
+    density_weight: float = param(10.0, low=0.0, help="polarization: weight of the density loss")
+    gmp_start: float = param(0.1, low=0.0, high=1.0, help="GMP: first pruning step, fraction of the run")
+    gmp_end: float = param(0.6, low=0.0, high=1.0, help="GMP: last pruning step, fraction of the run")
+    gmp_steps: int = param(20, low=1, help="GMP: number of pruning steps n")
+    imp_rate: float = param(0.5, low=0.01, high=0.99, help="IMP: share of the surviving weights pruned per round")
+    rewind_iteration: int = param(50, low=0, help="IMP: late rewinding to this iteration (0: to init)")
+    scratch_cap: float = param(2.0, low=1.0, help="Scratch-B trains at most this many times the method's steps")
+    evals_per_epoch: int = param(4, low=1, high=100)
+    settle_tol: float = param(0.02, low=0.0, help="a run settled if validation accuracy moved < this over the "
+                                                 "last quarter of its (last) training phase")
+    overlap_compression: float = param(8.0, low=1.0, help="compression at which masks are compared")
+    timing_batch: int = param(256, low=1, help="the large batch of the latency measurement")
+    timing_repeats: int = param(7, low=1, help="best of this many interleaved rounds")
+    data_root: str = param("data")
+    results_dir: str = param("results")
+
+    NOT_HASHED: ClassVar[tuple[str, ...]] = RunConfig.NOT_HASHED + ("data_root", "timing_repeats")
+    BUDGETED: ClassVar[tuple[str, ...]] = ("epochs", "pretrain_epochs")
+    PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
+        # seconds: the generated stand-in, two levels, one seed; numbers mean nothing
+        "smoke": dict(dataset="synthetic-mnist", compressions=(2.0, 8.0), lambdas=(1.0, 8.0), seeds=(0,),
+                      epochs=1.0, pretrain_epochs=0.5, batch_size=64, rewind_iteration=2, gmp_steps=4,
+                      timing_repeats=2, timing_batch=32, evals_per_epoch=2),
+        "cpu": dict(),
+        # GPU: ResNet-20 on CIFAR-10 (IMP and SNIP need a chapter-2 setup for it: not run there yet)
+        "paper": dict(model="resnet20", dataset="cifar10", epochs=160.0, pretrain_epochs=80.0, lr=1e-3,
+                      rewind_iteration=500, seeds=(0, 1, 2), evals_per_epoch=1),
+    }
+
+    def check(self) -> None:
+        from ..runs import ConfigError
+        if self.pretrain_epochs >= self.epochs:
+            raise ConfigError("parameter 'pretrain_epochs': must be less than 'epochs' (the whole budget)")
+        if self.gmp_end < self.gmp_start:
+            raise ConfigError("parameter 'gmp_end': must not come before 'gmp_start'")
+        if not self.seeds or not self.methods:
+            raise ConfigError("parameters 'seeds' and 'methods': give at least one")
+
+    @property
+    def setup(self) -> str:
+        """Chapter 2's setup for this model and dataset (IMP and SNIP run through it)."""
+        return f"{self.model}/{self.dataset}"
+
+
+def label(method: str) -> str:
+    if method.startswith("scratch_b:"):
+        return f"Scratch-B of {METHOD_LABELS[method.split(':', 1)[1]]}"
+    return METHOD_LABELS.get(method, method)
+
+
+# --------------------------------------------------------------------------------------------------
+# shared pieces
+
+def steps_per_epoch(cfg: Config, data) -> int:
+    return data_mod.num_batches(data.train, cfg.batch_size)
+
+
+def _eval_every(cfg: Config, data) -> int:
+    return max(1, steps_per_epoch(cfg, data) // cfg.evals_per_epoch)
+
+
+def _build(cfg: Config, data, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(cfg.model, **data.model_kwargs())
+
+
+def _base_spec(cfg: Config, seed: int) -> dict:
+    return dict(model=cfg.model, dataset=cfg.dataset, seed=seed, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                lr=cfg.lr, evals_per_epoch=cfg.evals_per_epoch)
+
+
+def dense(cfg: Config, data, seed: int, epochs: float):
+    """Chapter 1's dense unit (:func:`pruning_lib.baselines.train_dense`), shared with every chapter that
+    asks for the same network: ``(model, history)``."""
+    return train_dense(cfg.model, cfg.dataset, seed, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                       evals_per_epoch=cfg.evals_per_epoch, results_dir=cfg.results_dir,
+                       data_root=cfg.data_root, progress=False, data=data)
+
+
+def _weights(model: nn.Module) -> int:
+    """Conv and linear weights (what the unstructured sparsity counts)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, masks_mod.PRUNABLE_TYPES))
+
+
+def unit_mask(model: nn.Module, keep: dict[str, torch.Tensor]) -> masks_mod.Mask:
+    """The weight mask (on the uncompacted ``model``) that removing the channels not in ``keep`` amounts to:
+    a removed channel's incoming weights (its producer's row) and outgoing weights (its consumers' inputs)."""
+    mask = masks_mod.Mask.ones_like(model)
+    for g in model.channel_groups():
+        k = keep.get(g.name)
+        if k is None:
+            continue
+        off = ~k.bool().cpu()
+        mask[f"{g.producer}.weight"][off] = False
+        for path in g.consumers:
+            name = f"{path}.weight"
+            if name not in mask:
+                continue
+            w = mask[name]
+            cols = off.repeat_interleave(g.spatial) if isinstance(model.get_submodule(path), nn.Linear) else off
+            w[:, cols] = False
+    return mask
+
+
+def _settled(cfg: Config, history: pd.DataFrame) -> bool:
+    return claims.settled(history, "val_accuracy", cfg.settle_tol, time="step")
+
+
+def _row(cfg: Config, data, method: str, level: float, seed: int, net: nn.Module, mask, history: pd.DataFrame,
+         *, requested: float, requested_unit: str, requested_sparsity: float, achieved_sparsity: float,
+         epochs: float, seconds: float, dense_ref: dict) -> dict:
+    """One point: where it lies (effective parameters and FLOPs), how accurate, what it cost."""
+    shape = tuple(data.input_shape)
+    net.eval()
+    s = metrics.summary(net, shape, mask)
+    test = evaluate(net, data.test)["accuracy"]
+    val = evaluate(net, data.val)["accuracy"]
+    return dict(method=method, level=float(level), seed=seed, requested=requested, requested_unit=requested_unit,
+                requested_sparsity=requested_sparsity, achieved_sparsity=achieved_sparsity,
+                effective_params=s["effective_params"], effective_flops=s["effective_flops"],
+                params_reduction=dense_ref["params"] / s["effective_params"],
+                flops_reduction=dense_ref["flops"] / max(s["effective_flops"], 1),
+                accuracy=test, val_accuracy=val, epochs=epochs, steps=int(history["step"].iloc[-1]),
+                seconds=seconds, settled=_settled(cfg, history))
+
+
+def _dense_ref(cfg: Config, data) -> dict:
+    net = _build(cfg, data, 0)
+    s = metrics.summary(net, tuple(data.input_shape))
+    return {"params": s["params"], "flops": s["flops"], "weights": _weights(net)}
+
+
+def _unit(cfg: Config, kind: str, spec: dict, compute) -> dict:
+    """A cached unit: ``compute()`` returns ``{"row": ..., "history": ..., "mask"/"keep": ...}``."""
+    def timed():
+        t0 = time.perf_counter()
+        out = compute()
+        out["row"]["unit_seconds"] = time.perf_counter() - t0
+        return out
+    return Store(cfg.results_dir, f"comparison/{kind}", spec).torch("unit", timed)
+
+
+# --------------------------------------------------------------------------------------------------
+# the units, one per (method, level, seed)
+
+def prune_finetune_unit(cfg: Config, data, method: str, c: float, seed: int, dense_ref: dict) -> dict:
+    """random / magnitude (unstructured, global, ``1 - 1/c`` of the weights) or L1-filter (structured, FLOPs
+    / c) applied to chapter 1's dense network after ``pretrain_epochs``, then fine-tuned for the rest of the
+    budget."""
+    spec = {**_base_spec(cfg, seed), "method": method, "compression": c, "pretrain_epochs": cfg.pretrain_epochs}
+
+    def compute():
+        net, pre_hist = dense(cfg, data, seed, cfg.pretrain_epochs)
+        net = net.cpu()
+        ft_epochs = cfg.epochs - cfg.pretrain_epochs
+        keep = mask = None
+        if method == "l1_filter":
+            net, keep = l1_filter.prune(net, tuple(data.input_shape), c)
+            requested_unit, requested_sparsity = "FLOPs", 1 - 1 / c
+        else:
+            ctx = crit.ScoreContext(net, generator=torch.Generator().manual_seed(seed * 7919 + int(c * 16)))
+            mask = crit.prune(method, ctx, 1 - 1 / c, scope="global").cpu()
+            masks_mod.apply_mask(net, mask)
+            requested_unit, requested_sparsity = "weights", 1 - 1 / c
+        hist = fit(net, data, lr=cfg.lr, epochs=ft_epochs, batch_size=cfg.batch_size,
+                   eval_every=_eval_every(cfg, data), seed=seed + 1, progress=False, desc=f"{method} x{c:g}")
+        net = net.cpu()
+        if mask is not None:
+            achieved = mask.sparsity
+            masks_mod.make_permanent(net)
+        else:
+            achieved = 1 - metrics.summary(net, tuple(data.input_shape))["flops"] / dense_ref["flops"]
+        seconds = float(pre_hist["seconds"].iloc[-1] + hist["seconds"].iloc[-1])
+        row = _row(cfg, data, method, c, seed, net, mask, hist, requested=c, requested_unit=requested_unit,
+                   requested_sparsity=requested_sparsity, achieved_sparsity=achieved, epochs=cfg.epochs,
+                   seconds=seconds, dense_ref=dense_ref)
+        return {"row": row, "history": hist, "mask": mask, "keep": keep}
+    return _unit(cfg, "prune_finetune", spec, compute)
+
+
+def gmp_unit(cfg: Config, data, c: float, seed: int, dense_ref: dict) -> dict:
+    """Gradual magnitude pruning from a fresh network to ``1 - 1/c`` of the weights in the whole budget."""
+    spec = {**_base_spec(cfg, seed), "method": "gmp", "compression": c, "gmp_start": cfg.gmp_start,
+            "gmp_end": cfg.gmp_end, "gmp_steps": cfg.gmp_steps}
+
+    def compute():
+        net = _build(cfg, data, seed)
+        total = max(1, math.ceil(cfg.epochs * steps_per_epoch(cfg, data)))
+        start, end, every = gmp.schedule_steps(total, cfg.gmp_start, cfg.gmp_end, cfg.gmp_steps)
+        cb = gmp.GradualMagnitudePruning(net, 1 - 1 / c, start, end, every)
+        hist = fit(net, data, lr=cfg.lr, iterations=total, batch_size=cfg.batch_size, callbacks=[cb],
+                   eval_every=_eval_every(cfg, data), seed=seed, progress=False, desc=f"gmp x{c:g}")
+        net = net.cpu()
+        mask = cb.mask.cpu()
+        masks_mod.make_permanent(net)
+        row = _row(cfg, data, "gmp", c, seed, net, mask, hist, requested=c, requested_unit="weights",
+                   requested_sparsity=1 - 1 / c, achieved_sparsity=mask.sparsity, epochs=cfg.epochs,
+                   seconds=float(hist["seconds"].iloc[-1]), dense_ref=dense_ref)
+        return {"row": row, "history": hist, "mask": mask, "keep": None}
+    return _unit(cfg, "gmp", spec, compute)
+
+
+def lottery_config(cfg: Config, data) -> lottery.Config:
+    """Chapter 2's settings for IMP and SNIP under this chapter's budget: one global rate per round,
+    ``epochs`` of training per round (every round of IMP trains the whole budget again), Adam at ``lr``."""
+    iterations = max(1, math.ceil(cfg.epochs * steps_per_epoch(cfg, data)))
+    return lottery.Config(profile=cfg.profile, setups=(cfg.setup,), criteria=("magnitude",),
+                          seeds=cfg.seeds, rounds=imp_rounds(cfg), scope="global", global_rate=cfg.imp_rate,
+                          rewind_iteration=min(cfg.rewind_iteration, iterations - 1), iterations=iterations,
+                          patience=None, lr=cfg.lr, batch_size=cfg.batch_size, eval_every=_eval_every(cfg, data),
+                          init="default", reinit_criteria=("magnitude",),
+                          snip_densities=tuple(1 / c for c in cfg.compressions), workers=1,
+                          results_dir=cfg.results_dir)
+
+
+def imp_rounds(cfg: Config) -> int:
+    """Rounds of IMP that reach the largest compression: ``(1 - rate)^r <= 1 / max(c)``."""
+    return max(1, math.ceil(math.log(max(cfg.compressions)) / -math.log(1 - cfg.imp_rate) - 1e-9))
+
+
+def _mask_row(cfg, data, method, level, seed, mask, hist, requested, epochs, dense_ref, seconds):
+    net = _build(cfg, data, seed)  # the architecture, for counting; accuracy comes from the run itself
+    shape = tuple(data.input_shape)
+    s = metrics.summary(net, shape, mask)
+    last = hist.iloc[-1]
+    return dict(method=method, level=float(level), seed=seed, requested=requested, requested_unit="weights",
+                requested_sparsity=1 - 1 / requested, achieved_sparsity=mask.sparsity,
+                effective_params=s["effective_params"], effective_flops=s["effective_flops"],
+                params_reduction=dense_ref["params"] / s["effective_params"],
+                flops_reduction=dense_ref["flops"] / max(s["effective_flops"], 1),
+                accuracy=float(last["test_accuracy"]), val_accuracy=float(last["val_accuracy"]), epochs=epochs,
+                steps=int(last["step"]), seconds=seconds, settled=_settled(cfg, hist))
+
+
+def imp_points(cfg: Config, data, seed: int, dense_ref: dict) -> list[dict]:
+    """IMP with rewinding, chapter 2's :func:`~pruning_lib.lottery.imp_chain` (cached there): one point per
+    round, at ``(1 - imp_rate)^r`` of the weights; round r has trained ``r + 1`` times the budget."""
+    lcfg = lottery_config(cfg, data)
+    unit = lottery.Unit(lcfg, cfg.setup, data)
+    records = lottery.imp_chain(unit, seed, "magnitude", lcfg.rounds)
+    out, seconds = [], 0.0
+    for rec in records:
+        seconds += float(rec["history"]["seconds"].iloc[-1])
+        if rec["round"] == 0:
+            continue
+        c = 1 / (1 - cfg.imp_rate) ** rec["round"]
+        row = _mask_row(cfg, data, "imp", c, seed, rec["mask"], rec["history"], c,
+                        cfg.epochs * (rec["round"] + 1), dense_ref, seconds)
+        out.append({"row": row, "history": rec["history"], "mask": rec["mask"], "keep": None})
+    return out
+
+
+def snip_point(cfg: Config, data, c: float, seed: int, dense_ref: dict) -> dict:
+    """One-shot SNIP at initialisation to ``1/c`` of the weights, then the budget's training, through chapter
+    2's :func:`~pruning_lib.lottery.snip_round` (cached there)."""
+    lcfg = lottery_config(cfg, data)
+    rec = lottery.snip_round(lottery.Unit(lcfg, cfg.setup, data), seed, 1 / c)
+    row = _mask_row(cfg, data, "snip", c, seed, rec["mask"], rec["history"], c, cfg.epochs, dense_ref,
+                    float(rec["history"]["seconds"].iloc[-1]))
+    return {"row": row, "history": rec["history"], "mask": rec["mask"], "keep": None}
+
+
+def hard_concrete_unit(cfg: Config, data, method: str, lam: float, seed: int, dense_ref: dict) -> dict:
+    """L0-HC or Dep-L0 (forward chain) trained from scratch for the budget with the penalty
+    ``lam * E[FLOPs] / FLOPs`` (:class:`~pruning_lib.hard_concrete.CostModel`), then compacted."""
+    spec = {**_base_spec(cfg, seed), "method": method, "lambda": lam, "gate_lr": cfg.gate_lr,
+            "init_log_alpha": cfg.init_log_alpha}
+
+    def compute():
+        net = _build(cfg, data, seed)
+        shape = tuple(data.input_shape)
+        cost = hc.CostModel(net, shape)
+        nominal = float(cost.nominal_flops())
+        if method == "l0_hc":
+            hc.attach_l0_gates(net, cfg.init_log_alpha)
+        else:
+            hc.attach_dep_l0_gates(net, "forward", cfg.init_log_alpha)
+        gates = hc.gate_parameters(net)
+        ids = {id(p) for p in gates}
+        opts = [torch.optim.Adam([p for p in net.parameters() if id(p) not in ids], lr=cfg.lr),
+                torch.optim.Adam(gates, lr=cfg.gate_lr)]
+        total = max(1, math.ceil(cfg.epochs * steps_per_epoch(cfg, data)))
+        hist = fit(net, data, optimizer=opts, iterations=total, batch_size=cfg.batch_size,
+                   penalties={"flops": lambda m: lam * cost.expected_flops(m) / nominal},
+                   callbacks=[hc.ClampLogAlpha()], eval_every=_eval_every(cfg, data), seed=seed,
+                   progress=False, desc=f"{method} λ={lam:g}")
+        net = net.cpu().eval()
+        keep, _ = hc.keep_and_scale(net)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # an emptied group keeps one zeroed channel
+            small = hc.compact_gated(net)
+        achieved = 1 - metrics.summary(small, shape)["flops"] / dense_ref["flops"]
+        row = _row(cfg, data, method, lam, seed, small, None, hist, requested=float("nan"), requested_unit="—",
+                   requested_sparsity=float("nan"), achieved_sparsity=achieved, epochs=cfg.epochs,
+                   seconds=float(hist["seconds"].iloc[-1]), dense_ref=dense_ref)
+        return {"row": row, "history": hist, "mask": None, "keep": {k: v.cpu() for k, v in keep.items()}}
+    return _unit(cfg, "hard_concrete", spec, compute)
+
+
+def polarization_unit(cfg: Config, data, c: float, seed: int, dense_ref: dict) -> dict:
+    """Polarization (chapter 5's :func:`~pruning_lib.polarization.train_gated`) from scratch for the budget
+    with target channel sparsity ``1 - 1/c`` in every layer; the consensus gates on the validation split
+    decide what compaction removes."""
+    spec = {**_base_spec(cfg, seed), "method": "polarization", "compression": c, "gate_lr": cfg.polarization_gate_lr,
+            "polarizer_weight": cfg.polarizer_weight, "density_weight": cfg.density_weight}
+
+    def compute():
+        net = _build(cfg, data, seed)
+        hist, _ = polar.train_gated(net, data, target=1 - 1 / c, polarizer_weight=cfg.polarizer_weight,
+                                    density_weight=cfg.density_weight, epochs=cfg.epochs,
+                                    batch_size=cfg.batch_size, lr=cfg.lr, gate_lr=cfg.polarization_gate_lr,
+                                    seed=seed)
+        net = net.cpu().eval()
+        keep = polar.static_keep(polar.gate_statistics(net, data.val))
+        achieved = polar.keep_sparsity(net, keep, "layer")
+        small = polar.compact_static(net, keep)
+        row = _row(cfg, data, "polarization", c, seed, small, None, hist, requested=c,
+                   requested_unit="channels per layer", requested_sparsity=1 - 1 / c, achieved_sparsity=achieved,
+                   epochs=cfg.epochs, seconds=float(hist["seconds"].iloc[-1]), dense_ref=dense_ref)
+        return {"row": row, "history": hist, "mask": None, "keep": {k: v.cpu() for k, v in keep.items()}}
+    return _unit(cfg, "polarization", spec, compute)
+
+
+def architecture(cfg: Config, data, seed: int, keep: dict[str, torch.Tensor]) -> nn.Module:
+    """The compacted architecture ``keep`` describes, on a network built from ``seed`` (weights do not
+    matter: Scratch-B re-initialises them, the latency depends on shapes only)."""
+    return polar.compact_static(_build(cfg, data, seed), keep)
+
+
+def scratch_unit(cfg: Config, data, point: dict, dense_ref: dict) -> dict:
+    """Scratch-B of one structured point: its compacted architecture, fresh weights, the method's steps times
+    its FLOPs reduction (at most ``scratch_cap`` times)."""
+    row = point["row"]
+    method, seed = row["method"], int(row["seed"])
+    spec = {**_base_spec(cfg, seed), "scratch_of": method, "level": row["level"], "scratch_cap": cfg.scratch_cap,
+            "architecture": {k: v.int().tolist() for k, v in point["keep"].items()}}
+
+    def compute():
+        small = scratch.fresh_copy(architecture(cfg, data, seed, point["keep"]), seed + 1_000_003)
+        method_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch(cfg, data)))
+        small_flops = metrics.summary(small, tuple(data.input_shape))["flops"]
+        steps = scratch.scratch_b_steps(method_steps, dense_ref["flops"], small_flops, cfg.scratch_cap)
+        hist = fit(small, data, lr=cfg.lr, iterations=steps, batch_size=cfg.batch_size,
+                   eval_every=_eval_every(cfg, data), seed=seed, progress=False, desc=f"scratch-B {method}")
+        small = small.cpu()
+        out = _row(cfg, data, f"scratch_b:{method}", row["level"], seed, small, None, hist,
+                   requested=row["requested"], requested_unit="architecture of " + method,
+                   requested_sparsity=row["achieved_sparsity"], achieved_sparsity=row["achieved_sparsity"],
+                   epochs=steps / steps_per_epoch(cfg, data), seconds=float(hist["seconds"].iloc[-1]),
+                   dense_ref=dense_ref)
+        out["method_steps"] = method_steps
+        return {"row": out, "history": hist, "mask": None, "keep": point["keep"]}
+    return _unit(cfg, "scratch_b", spec, compute)
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+
+def plan(cfg: Config) -> list[tuple[str, float, int]]:
+    """Every (method, level, seed) point the run produces (IMP: its rounds)."""
+    out = []
+    for m in cfg.methods:
+        if m in ("imp", "snip") and cfg.setup not in lottery.SETUPS:
+            continue
+        levels = (cfg.lambdas if m in PENALTY_METHODS else
+                  [1 / (1 - cfg.imp_rate) ** r for r in range(1, imp_rounds(cfg) + 1)] if m == "imp"
+                  else cfg.compressions)
+        out += [(m, float(lv), s) for lv in levels for s in cfg.seeds]
+    return out
+
+
+def method_table(cfg: Config) -> pd.DataFrame:
+    """Every method of the book: how this chapter runs it, or why it does not."""
+    rows = []
+    for m in (*METHODS, *NOT_RUN):
+        if m in NOT_RUN:
+            status = f"not run in {cfg.profile}: {NOT_RUN[m]}"
+        elif m not in cfg.methods:
+            status = "not selected"
+        elif m in ("imp", "snip") and cfg.setup not in lottery.SETUPS:
+            status = f"not run in {cfg.profile}: chapter 2 has no setup {cfg.setup}"
+        else:
+            status = "run"
+        placed = ("penalty λ, placed by what it achieved" if m in PENALTY_METHODS else
+                  "target: weight sparsity 1 - 1/c" if m in UNSTRUCTURED else
+                  "target: FLOPs / c" if m == "l1_filter" else "target: channel sparsity 1 - 1/c per layer"
+                  if m == "polarization" else "—")
+        budget = ("pre-train + fine-tune = budget" if m in ("random", "magnitude", "l1_filter") else
+                  "r + 1 budgets at round r" if m == "imp" else "budget" if m in METHODS else "—")
+        rows.append({"method": label(m), "kind": "structured" if m in STRUCTURED or m == "bernoulli"
+                     else "unstructured", "placed by": placed, "training": budget, "status": status})
+    return pd.DataFrame(rows)
+
+
+def run_experiment(cfg: Config, progress: bool = True) -> dict[str, Any]:
+    """Train (or load) every unit; returns ``points`` (one row per method, level and seed, Scratch-B
+    included), ``dense`` (the dense reference of the budget), ``masks`` (first seed's mask or kept channels per
+    point) and ``histories``."""
+    data = data_mod.load_dataset(cfg.dataset, root=cfg.data_root)
+    ref = _dense_ref(cfg, data)
+    todo = plan(cfg)
+    bar = progress_bar(total=len(todo) + len(cfg.seeds), desc="comparison units", progress=progress)
+    dense_rows = []
+    for seed in cfg.seeds:
+        net, hist = dense(cfg, data, seed, cfg.epochs)
+        net = net.cpu().eval()
+        dense_rows.append({"method": "dense", "seed": seed, "accuracy": evaluate(net, data.test)["accuracy"],
+                           "effective_flops": ref["flops"], "effective_params": ref["params"],
+                           "seconds": float(hist["seconds"].iloc[-1]), "settled": _settled(cfg, hist)})
+        bar.update(1)
+    points = []
+    for seed in cfg.seeds:
+        if "imp" in cfg.methods and cfg.setup in lottery.SETUPS:
+            points += imp_points(cfg, data, seed, ref)
+            bar.update(imp_rounds(cfg))
+    for m, lv, seed in todo:
+        if m == "imp":
+            continue
+        if m in ("random", "magnitude", "l1_filter"):
+            p = prune_finetune_unit(cfg, data, m, lv, seed, ref)
+        elif m == "gmp":
+            p = gmp_unit(cfg, data, lv, seed, ref)
+        elif m == "snip":
+            p = snip_point(cfg, data, lv, seed, ref)
+        elif m in PENALTY_METHODS:
+            p = hard_concrete_unit(cfg, data, m, lv, seed, ref)
+        else:
+            p = polarization_unit(cfg, data, lv, seed, ref)
+        points.append(p)
+        bar.update(1)
+    structured = [p for p in points if p["row"]["method"] in STRUCTURED]
+    bar.total += len(structured)
+    for p in structured:
+        points.append(scratch_unit(cfg, data, p, ref))
+        bar.update(1)
+    bar.close()
+    frame = pd.DataFrame([p["row"] for p in points])
+    first = cfg.seeds[0]
+    masks = {(p["row"]["method"], p["row"]["level"]): p for p in points if p["row"]["seed"] == first}
+    return {"points": frame, "dense": pd.DataFrame(dense_rows), "units": masks, "reference": ref,
+            "histories": {(p["row"]["method"], p["row"]["level"], p["row"]["seed"]): p["history"] for p in points},
+            "data": data}
+
+
+# --------------------------------------------------------------------------------------------------
+# measurements
+
+def nearest_level(reduction: float, levels) -> float:
+    """The compression level (of ``levels``) nearest to ``reduction`` in log scale."""
+    levels = np.asarray(levels, float)
+    return float(levels[np.argmin(np.abs(np.log(levels) - np.log(reduction)))])
+
+
+def level_tables(cfg: Config, points: pd.DataFrame, verdicts: pd.DataFrame | None = None) -> dict[float, pd.DataFrame]:
+    """One table per compression level: every method's points whose achieved FLOPs reduction is nearest to
+    it (penalty methods: per λ, by their mean achieved reduction), mean and spread over seeds."""
+    g = points.groupby(["method", "level"], sort=False).agg(
+        flops_reduction=("flops_reduction", "mean"), accuracy=("accuracy", "mean"), sd=("accuracy", "std"),
+        n=("seed", "nunique"), requested=("requested", "first"), requested_sparsity=("requested_sparsity", "mean"),
+        achieved_sparsity=("achieved_sparsity", "mean"), seconds=("seconds", "mean")).reset_index()
+    g["at"] = [nearest_level(r, cfg.compressions) for r in g["flops_reduction"]]
+    classes = {} if verdicts is None else dict(zip(verdicts["method"], verdicts["class"]))
+    out = {}
+    for c in cfg.compressions:
+        t = g[g["at"] == c].copy()
+        t["method"] = t["method"].map(label)
+        t["Pareto vs magnitude"] = [classes.get(m, "—") for m in g.loc[g["at"] == c, "method"]]
+        t = t.rename(columns={"flops_reduction": "FLOPs ÷ (achieved)", "accuracy": "test accuracy",
+                              "sd": "sd over seeds", "seconds": "training s / point"})
+        out[c] = t.drop(columns=["at"]).sort_values("test accuracy", ascending=False).reset_index(drop=True)
+    return out
+
+
+def pareto_points(points: pd.DataFrame) -> pd.DataFrame:
+    return points.rename(columns={"effective_flops": "flops"})[["method", "level", "seed", "flops", "accuracy",
+                                                                "settled"]]
+
+
+def pareto_table(points: pd.DataFrame) -> pd.DataFrame:
+    """Each method's class against the global-magnitude curve (:func:`pruning_lib.pareto.verdicts`)."""
+    p = pareto_points(points)
+    ref = p[p["method"] == REFERENCE]
+    others = p[p["method"] != REFERENCE]
+    if ref.empty or others.empty:
+        return pd.DataFrame(columns=["method", "class", "levels", "above", "tied", "below", "mean_difference"])
+    return pareto.verdicts(others, ref)
+
+
+@torch.no_grad()
+def best_times(models: list[nn.Module], x: torch.Tensor, repeats: int, inner: int) -> list[float]:
+    """Best (over ``repeats`` interleaved rounds) mean time of one forward over ``inner`` calls per model (the
+    same measurement as ``benchmarks/compact_latency.py``: other jobs only ever add time)."""
+    for m in models:
+        m.eval()
+        for _ in range(3):
+            m(x)
+    best = [math.inf] * len(models)
+    for _ in range(repeats):
+        for i, m in enumerate(models):
+            t = time.perf_counter()
+            for _ in range(inner):
+                m(x)
+            best[i] = min(best[i], (time.perf_counter() - t) / inner)
+    return best
+
+
+def latency(cfg: Config, out: dict) -> pd.DataFrame:
+    """The first seed's compacted structured networks against the dense one, timed in one run on CPU in eval
+    mode: batch 1 and ``timing_batch``; speed-up, FLOPs reduction and their ratio (1.0 is the limit)."""
+    data, seed = out["data"], cfg.seeds[0]
+    shape = tuple(data.input_shape)
+    nets, rows = [], []
+    for (m, lv), p in out["units"].items():
+        if m not in STRUCTURED:
+            continue
+        small = architecture(cfg, data, seed, p["keep"]).eval()
+        nets.append(small)
+        rows.append({"method": m, "level": lv, "flops_reduction": out["reference"]["flops"] / max(
+            l1_filter.flops(small, shape), 1)})
+    if not nets:
+        return pd.DataFrame(columns=["method", "level", "batch", "dense_ms", "compact_ms", "speedup",
+                                     "flops_reduction", "ratio"])
+    dense_net = _build(cfg, data, seed).eval()
+    table = []
+    for batch in (1, cfg.timing_batch):
+        x = torch.randn(batch, *shape)
+        inner = max(1, int(64 / batch ** 0.5))
+        t = best_times([dense_net, *nets], x, cfg.timing_repeats, inner)
+        for r, tc in zip(rows, t[1:]):
+            table.append({**r, "batch": batch, "dense_ms": 1e3 * t[0], "compact_ms": 1e3 * tc,
+                          "speedup": t[0] / tc, "ratio": t[0] / tc / r["flops_reduction"]})
+    return pd.DataFrame(table)
+
+
+def overlap(cfg: Config, out: dict) -> pd.DataFrame:
+    """Intersection over union of the kept weights of every method's mask (first seed) at the point nearest
+    to ``overlap_compression`` in FLOPs reduction; structured methods' removed channels as weight masks."""
+    pts = out["points"]
+    first = pts[(pts["seed"] == cfg.seeds[0]) & ~pts["method"].str.startswith("scratch_b:")]
+    model = _build(cfg, out["data"], cfg.seeds[0])
+    chosen = {}
+    for m, g in first.groupby("method", sort=False):
+        i = (np.log(g["flops_reduction"]) - math.log(cfg.overlap_compression)).abs().idxmin()
+        p = out["units"][(m, g.loc[i, "level"])]
+        mask = p["mask"] if p["mask"] is not None else unit_mask(model, p["keep"])
+        chosen[label(m)] = (torch.cat([mask[n].flatten() for n in sorted(mask)]), g.loc[i, "flops_reduction"])
+    names = list(chosen)
+    m = np.zeros((len(names), len(names)))
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            x, y = chosen[a][0], chosen[b][0]
+            m[i, j] = float((x & y).sum()) / max(float((x | y).sum()), 1.0)
+    frame = pd.DataFrame(m, index=[f"{n} (÷{chosen[n][1]:.1f})" for n in names], columns=names)
+    frame.index.name = "method (achieved FLOPs ÷)"
+    return frame
+
+
+def scratch_pairs(points: pd.DataFrame) -> pd.DataFrame:
+    """Per structured (method, level, seed): its accuracy and its Scratch-B's."""
+    s = points[points["method"].str.startswith("scratch_b:")].copy()
+    s["of"] = s["method"].str.split(":").str[1]
+    base = points[points["method"].isin(STRUCTURED)]
+    return base.merge(s[["of", "level", "seed", "accuracy", "settled"]].rename(
+        columns={"of": "method", "accuracy": "scratch_accuracy", "settled": "scratch_settled"}),
+        on=["method", "level", "seed"])
+
+
+# --------------------------------------------------------------------------------------------------
+# claims
+
+def claims_table(cfg: Config, out: dict, results_dir: str | None = "results") -> pd.DataFrame:
+    """Per method, a claim that its curve dominates global magnitude's; per structured method, a claim that
+    it beats its Scratch-B. Each is judged level by level (paired by seed, t interval), then over levels."""
+    points = out["points"]
+    p = pareto_points(points)
+    ref = p[p["method"] == REFERENCE]
+    rows = []
+    what = f"validation accuracy within {cfg.settle_tol:.0%} over the last quarter of training"
+    data_note = f"ours: {cfg.model} on {cfg.dataset}, {cfg.epochs:g} epochs"
+    for m in cfg.methods:
+        if m == REFERENCE:
+            continue
+        g = p[p["method"] == m]
+        claim = claims.Claim(
+            f"{label(m)} lies above global magnitude pruning's accuracy–FLOPs curve at every level it reaches "
+            f"(Pareto-dominant)", data_note,
+            "per level, per seed: test accuracy minus global magnitude's (same seed) interpolated in log "
+            "effective FLOPs at the achieved FLOPs; t interval over seeds per level",
+            claims.Fraction(share=1.0, what="levels"))
+        measurement = None
+        if not g.empty and not ref.empty:
+            d = pareto.differences(g, ref)
+            d = d[d["difference"].notna()]
+            if len(d):
+                ref_settled = bool(ref["settled"].all())
+                measurement = [claims.Exceeds(fmt="{:+.3f}", a_name=m, b_name="magnitude")(
+                    claims.Evidence(gl.set_index("seed")["difference"],
+                                    [*gl["settled"].tolist(), ref_settled], what))
+                    for _, gl in d.groupby("level")]
+        rows.append((claim, measurement))
+    pairs = scratch_pairs(points)
+    for m in cfg.methods:
+        if m not in STRUCTURED:
+            continue
+        g = pairs[pairs["method"] == m]
+        claim = claims.Claim(
+            f"Pruning with {label(m)} beats training the architecture it found from scratch with the same "
+            f"compute (Scratch-B)",
+            "Liu et al. 2019 (ICLR), Sec. 4, report the opposite for structured methods: Scratch-B matches or "
+            "beats the fine-tuned pruned model; " + data_note,
+            "per level: test accuracy of the method minus its Scratch-B's, paired by seed (t interval)",
+            claims.Fraction(share=1.0, what="levels"))
+        measurement = None
+        if len(g):
+            measurement = [claims.Exceeds(fmt="{:+.3f}", a_name=m, b_name="Scratch-B")(
+                claims.Evidence(gl.set_index("seed")["accuracy"] - gl.set_index("seed")["scratch_accuracy"],
+                                [*gl["settled"].tolist(), *gl["scratch_settled"].tolist()], what))
+                for _, gl in g.groupby("level")]
+        rows.append((claim, measurement))
+    return claims.ledger(CHAPTER, rows, cfg.profile, results_dir, cfg.budget)
+
+
+def requested_vs_achieved(points: pd.DataFrame) -> pd.DataFrame:
+    """Per method and level: what was requested (sparsity in its own unit) and what was achieved."""
+    p = points[~points["method"].str.startswith("scratch_b:")]
+    t = p.groupby(["method", "level"], sort=False).agg(
+        unit=("requested_unit", "first"), requested_sparsity=("requested_sparsity", "mean"),
+        achieved_sparsity=("achieved_sparsity", "mean"), achieved_min=("achieved_sparsity", "min"),
+        achieved_max=("achieved_sparsity", "max"), flops_reduction=("flops_reduction", "mean")).reset_index()
+    t["method"] = t["method"].map(label)
+    return t
+
+
+def cost_table(points: pd.DataFrame, dense_rows: pd.DataFrame) -> pd.DataFrame:
+    """Training wall time per method: mean seconds per point (pre-training included where the method uses
+    it), and the epochs each point trained."""
+    t = points.groupby("method", sort=False).agg(points=("seed", "size"), epochs=("epochs", "mean"),
+                                                  seconds=("seconds", "mean")).reset_index()
+    t = pd.concat([pd.DataFrame([{"method": "dense", "points": len(dense_rows),
+                                  "epochs": np.nan, "seconds": dense_rows["seconds"].mean()}]), t])
+    t["method"] = t["method"].map(label)
+    return t.rename(columns={"seconds": "training s / point", "epochs": "epochs / point"}).reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# figures
+
+def _colours(methods):
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab10")
+    return {m: cmap(i % 10) for i, m in enumerate(methods)}
+
+
+def plot_tradeoff(out: dict):
+    """Accuracy against effective FLOPs: every seed's point, seed means joined per method; Scratch-B
+    dashed beside its method; the dense network's accuracy (mean over seeds) as a line."""
+    points, dense_rows = out["points"], out["dense"]
+    fig, axes = plotting.figure(ncols=2, width=12.0, height=4.8, sharey=True)
+    base = [m for m in points["method"].unique() if not m.startswith("scratch_b:")]
+    colours = _colours(base)
+    for ax, family in zip(axes, (UNSTRUCTURED, STRUCTURED)):
+        for m in [m for m in base if m in family]:
+            for variant, style in ((m, "-"), (f"scratch_b:{m}", "--")):
+                g = points[points["method"] == variant]
+                if g.empty:
+                    continue
+                ax.scatter(g["effective_flops"], g["accuracy"], s=10, alpha=0.45, color=colours[m])
+                mean = g.groupby("level").agg(x=("effective_flops", "mean"), y=("accuracy", "mean")).sort_values("x")
+                ax.plot(mean["x"], mean["y"], style, marker="o", ms=4, color=colours[m], label=label(variant))
+        if len(dense_rows):
+            ax.axhline(dense_rows["accuracy"].mean(), color="k", lw=0.8, ls=":", label="dense (budget)")
+        ax.set_xscale("log")
+        ax.set_xlabel("effective FLOPs per example (log)")
+        ax.set_title("unstructured" if family is UNSTRUCTURED else "structured (dashed: Scratch-B)")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("test accuracy")
+    return fig
+
+
+def plot_speedup(lat: pd.DataFrame):
+    """Measured CPU speed-up of the compacted networks against their FLOPs reduction (dotted: equal)."""
+    fig, axes = plotting.figure(ncols=2, width=11.0, height=4.4)
+    colours = _colours(STRUCTURED)
+    for ax, batch in zip(axes, sorted(lat["batch"].unique()) if len(lat) else []):
+        g = lat[lat["batch"] == batch]
+        for m, gm in g.groupby("method", sort=False):
+            ax.scatter(gm["flops_reduction"], gm["speedup"], color=colours[m], label=label(m))
+        hi = max(float(g["flops_reduction"].max()), float(g["speedup"].max()), 1.0)
+        ax.plot([1, hi], [1, hi], ":", color="k", lw=0.8, label="speed-up = FLOPs reduction")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("FLOPs reduction (dense / compacted)")
+        ax.set_ylabel("measured speed-up")
+        ax.set_title(f"batch {batch}")
+        ax.legend(fontsize=7)
+    return fig
+
+
+def plot_overlap(frame: pd.DataFrame):
+    """Heat map of the intersection over union of the kept weights."""
+    fig, ax = plotting.figure(width=7.5, height=6.0)
+    im = ax.imshow(frame.to_numpy(), vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(frame.columns)), frame.columns, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(frame.index)), frame.index, fontsize=7)
+    for i in range(len(frame.index)):
+        for j in range(len(frame.columns)):
+            v = frame.iat[i, j]
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
+    fig.colorbar(im, ax=ax, label="IoU of kept weights")
+    ax.set_title("mask overlap (first seed)")
+    return fig

@@ -579,13 +579,35 @@ def ledger(chapter: str, rows: Sequence[tuple[Claim, Any]], profile: str,
     return table
 
 
-def gather(results_dir: str | Path = "results", profile: str = "cpu", budget: float = 1.0) -> pd.DataFrame:
-    """Every chapter's claims table of ``profile`` at ``budget``, concatenated (the ledger's columns if
-    none)."""
-    files = sorted(claims_dir(results_dir, profile, budget).glob("*.csv"))
-    if not files:
+def gather(results_dir: str | Path = "results", profile: str = "cpu", budget: float = 1.0, *,
+           text: bool = False, unreadable: list[str] | None = None) -> pd.DataFrame:
+    """Every chapter's claims table of ``profile`` at ``budget``, concatenated, with the ledger's columns
+    first (missing ones empty, extra ones kept; the ledger's columns if there is no table).
+
+    ``text`` reads every cell as text (the verdicts page shows them as written). With a list as
+    ``unreadable``, a table that cannot be read, or has no claim or verdict column, is named there and
+    skipped; without one, it raises."""
+    frames = []
+    for path in sorted(claims_dir(results_dir, profile, budget).glob("*.csv")):
+        try:
+            frame = pd.read_csv(path, keep_default_na=False, **({"dtype": str} if text else {}))
+            if "claim" not in frame.columns or "verdict" not in frame.columns:
+                raise ValueError("no claim or verdict column")
+        except Exception as exc:
+            if unreadable is None:
+                raise ValueError(f"claims table {path} cannot be read: {exc}") from exc
+            unreadable.append(f"{path} ({type(exc).__name__}: {exc})")
+            continue
+        if "chapter" not in frame.columns:
+            frame["chapter"] = path.stem
+        frames.append(frame)
+    if not frames:
         return pd.DataFrame(columns=COLUMNS)
-    return pd.concat([pd.read_csv(f, keep_default_na=False) for f in files], ignore_index=True)
+    table = pd.concat(frames, ignore_index=True)
+    if text:
+        table = table.fillna("")
+    extra = [c for c in table.columns if c not in COLUMNS]
+    return table.reindex(columns=COLUMNS + extra, fill_value="")
 
 
 def budgets(results_dir: str | Path = "results", profile: str = "cpu") -> list[float]:

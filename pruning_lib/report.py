@@ -33,6 +33,8 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
+from .claims import COLUMNS as claims_columns
+
 META_KEY = "pruning_lib/run"  # the key of the settings output's metadata that the build reads
 ORDER = ("held", "did not hold", "inconclusive", "not measured", "not judged")
 # (text, background) per verdict; anything else is drawn like "not judged"
@@ -163,34 +165,17 @@ def verdict_matrix(table: pd.DataFrame, titles: Mapping[str, str] | None = None)
     return fig
 
 
-CLAIM_COLUMNS = ["chapter", "claim", "source", "measure", "rule", "paper", "ours", "n", "interval",
-                 "verdict", "why", "profile", "budget"]
+CLAIM_COLUMNS = claims_columns  # the ledger's columns (pruning_lib.claims.COLUMNS): one list
 
 
 def gather_verdicts(results_dir: str | Path, profile: str, budget: float = 1.0
                     ) -> tuple[pd.DataFrame, list[str]]:
-    """Every chapter's claims table of ``profile`` at ``budget`` as text, with the columns of
-    :data:`CLAIM_COLUMNS` (missing ones empty, extra ones kept), and the tables that could not be read."""
-    from .claims import claims_dir
+    """Every chapter's claims table of ``profile`` at ``budget`` as text (:func:`pruning_lib.claims.gather`),
+    and the tables that could not be read (reported on the page, not fatal)."""
+    from .claims import gather
 
-    frames, unreadable = [], []
-    for path in sorted(claims_dir(results_dir, profile, budget).glob("*.csv")):
-        try:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        except Exception as exc:  # a broken table is reported, not fatal
-            unreadable.append(f"{path} ({type(exc).__name__}: {exc})")
-            continue
-        if "claim" not in frame.columns or "verdict" not in frame.columns:
-            unreadable.append(f"{path} (no claim or verdict column)")
-            continue
-        if "chapter" not in frame.columns:
-            frame["chapter"] = path.stem
-        frames.append(frame)
-    if not frames:
-        return pd.DataFrame(columns=CLAIM_COLUMNS), unreadable
-    table = pd.concat(frames, ignore_index=True).fillna("")
-    extra = [c for c in table.columns if c not in CLAIM_COLUMNS]
-    return table.reindex(columns=CLAIM_COLUMNS + extra, fill_value=""), unreadable
+    unreadable: list[str] = []
+    return gather(results_dir, profile, budget, text=True, unreadable=unreadable), unreadable
 
 
 def last_good_runs(table: pd.DataFrame, results_dir: str | Path, profile: str, budget: float = 1.0

@@ -80,6 +80,52 @@ def test_learning_gap_needs_comparable_widths_and_projection_fixes_it():
     assert torch.isfinite(lnpt.learning_gap(teacher, student, x, proj))
 
 
+def _scaled_copy(model, c):
+    """``model`` with its last hidden Linear (before the ReLU) multiplied by ``c > 0``: ReLU is positively
+    homogeneous, so the penultimate features are exactly ``c`` times the original ones."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        out.head[3].weight.mul_(c)
+        out.head[3].bias.mul_(c)
+    return out
+
+
+@pytest.mark.parametrize("c", [10.0, 0.1])
+def test_paper_gap_is_scale_sensitive_as_defined_and_aligned_gap_is_not(c):
+    """Issue 12: the paper's gap mean ||phi_T - phi_S||^2 changes with the scale of the student's features
+    by the factor its definition implies, (A - 2cB + c^2 C) / (A - 2B + C) with A = mean ||phi_T||^2,
+    B = mean <phi_T, phi_S>, C = mean ||phi_S||^2; the ridge-aligned gap (ours) does not change at all."""
+    teacher, student = tiny_mlp(0, (6, 4)), tiny_mlp(1, (5, 4))
+    x_fit, x_eval = torch.randn(120, 1, 4, 4), torch.randn(80, 1, 4, 4)
+    scaled = _scaled_copy(student, c)
+    ft_fit, ft_eval = lnpt.penultimate_features(teacher, x_fit), lnpt.penultimate_features(teacher, x_eval)
+    fs_fit, fs_eval = lnpt.penultimate_features(student, x_fit), lnpt.penultimate_features(student, x_eval)
+    assert torch.allclose(lnpt.penultimate_features(scaled, x_eval), c * fs_eval, rtol=1e-5, atol=1e-6)
+    ft, fs = ft_eval.double(), fs_eval.double()
+    a, b, cc = ft.pow(2).sum(1).mean(), (ft * fs).sum(1).mean(), fs.pow(2).sum(1).mean()
+    expected = float((a - 2 * c * b + c * c * cc) / (a - 2 * b + cc))
+    raw, raw_scaled = (float(lnpt.learning_gap(teacher, m, x_eval).detach()) for m in (student, scaled))
+    assert raw_scaled / raw == pytest.approx(expected, rel=1e-4)
+    assert abs(raw_scaled / raw - 1) > 0.1  # the factor is far from 1: the paper's gap sees the scale
+    assert lnpt.raw_learning_gap(ft_eval, c * fs_eval) == pytest.approx(raw_scaled, rel=1e-5)
+    aligned = lnpt.aligned_learning_gap(ft_fit, fs_fit, ft_eval, fs_eval, ridge=1e-6)
+    aligned_scaled = lnpt.aligned_learning_gap(ft_fit, lnpt.penultimate_features(scaled, x_fit), ft_eval,
+                                               lnpt.penultimate_features(scaled, x_eval), ridge=1e-6)
+    assert aligned_scaled == pytest.approx(aligned, rel=1e-4)
+    table = lnpt.feature_scaling(ft_fit, ft_eval, fs_fit, fs_eval, factors=(1.0, c))
+    assert table["learning_gap_ratio"].iloc[1] == pytest.approx(expected, rel=1e-4)
+    assert table["aligned_gap_ratio"].iloc[1] == pytest.approx(1.0, rel=1e-4)
+
+
+def test_paper_gap_needs_equal_widths():
+    with pytest.raises(ValueError, match="equal shape"):
+        lnpt.raw_learning_gap(torch.zeros(5, 4), torch.zeros(5, 3))
+    cfg = lnpt.Config.from_profile("smoke", dataset="synthetic-mnist", trajectory_teacher="lenet5_caffe",
+                                   trajectory_student="lenet300_100", results_dir="unused")
+    with pytest.raises(ConfigError, match="equal width"):
+        lnpt.prepare(cfg)
+
+
 def test_aligned_gap_is_invariant_to_a_linear_change_of_basis():
     g = torch.Generator().manual_seed(0)
     ft = torch.randn(200, 5, generator=g)
@@ -242,15 +288,42 @@ def test_paper_profile_fails_with_missing_dataset_error(tmp_path):
         lnpt.prepare(cfg)
 
 
-def test_correlations_and_claims(tmp_path):
+def _trajectories():
+    """Probed runs where accuracy, the paper's gap and the aligned gap follow the step alone, while the
+    weight distance also grows with the learning rate (runs at larger steps travel farther)."""
     rows = []
-    for lr in (1e-4, 1e-3, 1e-2):
-        for step in range(6):
-            rows.append({"lr": lr, "sparsity": 0.0, "step": step, "weight_distance": step * (1 + 10 * lr),
-                         "learning_gap": 1.0 / (1 + step), "test_accuracy": 0.5 + 0.05 * step})
-    traj = pd.DataFrame(rows)
-    cor = lnpt.correlations(traj)
-    assert cor.set_index("run").loc["all runs", "rho_learning_gap"] == pytest.approx(-1.0)
+    for seed in (0, 1, 2):
+        for lr in (1e-4, 1e-2):
+            for s in (0.0, 0.9):
+                for step in range(8):
+                    rows.append({"seed": seed, "lr": lr, "sparsity": s, "step": step,
+                                 "weight_distance": step * (1 + 1e4 * lr) * (1 - s / 2),
+                                 "learning_gap": 100.0 / (1 + step) + seed, "aligned_gap": 1.0 / (2 + step),
+                                 "test_accuracy": 0.5 + 0.05 * step + 0.001 * seed})
+    return pd.DataFrame(rows)
+
+
+def test_correlations_within_runs_and_learning_rates():
+    traj = _trajectories()
+    cor = lnpt.correlations(traj, n_boot=200)
+    runs = cor[cor["scope"] == "run"]
+    assert len(runs) == 12 and (runs["runs"] == 1).all()
+    assert runs["rho_weight_distance"].tolist() == pytest.approx([1.0] * 12)
+    assert runs["rho_learning_gap"].tolist() == pytest.approx([-1.0] * 12)
+    per_lr = cor[cor["scope"] == "learning rate"].set_index("lr")
+    assert list(per_lr.index) == [1e-4, 1e-2] and (per_lr["runs"] == 6).all()
+    pooled = cor[cor["scope"] == "all runs"].iloc[0]
+    # pooling across learning rates blurs the distance's relation to accuracy by construction
+    assert abs(pooled["rho_weight_distance"]) < per_lr["rho_weight_distance"].abs().min()
+    for q in lnpt.QUANTITIES:
+        assert (per_lr[f"rho_{q}_low"] <= per_lr[f"rho_{q}"] + 1e-12).all()
+        assert (per_lr[f"rho_{q}"] <= per_lr[f"rho_{q}_high"] + 1e-12).all()
+    view = lnpt.correlation_summary(cor)
+    assert len(view) == 2 + 2 + 1 and set(lnpt.QUANTITIES.values()) <= set(view.columns)
+
+
+def test_correlations_and_claims(tmp_path):
+    traj = _trajectories()
     acc = pd.DataFrame([{"student": "m", "method": m, "sparsity": s, "seed": seed,
                          "test_accuracy": {"lnpt": 0.9, "supervised": 0.8, "snip": 0.85, "random": 0.5}[m] + 0.01 * seed}
                         for m in lnpt.METHODS for s in (0.9, 0.98) for seed in (0, 1, 2)])
@@ -262,7 +335,19 @@ def test_correlations_and_claims(tmp_path):
     assert (tmp_path / "claims" / "cpu" / "06_lnpt.csv").exists()
     v = dict(zip(table["claim"], table["verdict"]))
     assert v["m: label-free LNPT beats supervised training"] == "held"
-    assert v["The learning gap (penultimate features, mature vs learning network) aligns with generalization"] == "held"
-    assert "ρ" in lnpt.plot_trajectories(traj).axes[1].get_title()
+    distance = "The distance between initial and trained weights is inconsistent with generalization during training"
+    gap = [c for c in v if c.startswith("The learning gap (the paper's")]
+    aligned = [c for c in v if c.startswith("Our aligned learning gap")]
+    # within each run and within each learning rate the distance tracks accuracy perfectly here
+    assert v[f"{distance}: within each run"] == "did not hold"
+    assert v[f"{distance}: pooled within learning rate 0.01"] == "did not hold"
+    assert len(gap) == len(aligned) == 3  # within runs, and each of the two learning rates
+    assert v[[c for c in gap if c.endswith("within each run")][0]] == "held"
+    assert v[[c for c in aligned if c.endswith("within each run")][0]] == "held"
+    rows = table.set_index("claim")
+    assert "t interval" in rows.loc[f"{distance}: within each run", "rule"]
+    assert "bootstrap over runs" in rows.loc[f"{distance}: pooled within learning rate 0.01", "rule"]
+    assert "ours" in rows.loc[aligned[0], "source"] and rows.loc[gap[0], "n"] == 3
+    assert "within-run" in lnpt.plot_trajectories(traj).axes[1].get_title()
     lnpt.plot_accuracy(acc, 0.97)
     assert lnpt.accuracy_table(acc).shape[0] == 2

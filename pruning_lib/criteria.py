@@ -16,8 +16,22 @@ late rewinding), ``w_f`` the weights at the end of the round's training.
 ``movement``               |w_f - w_i| (Zhou et al. 2019)
 ``snip``                   |w_i * dL/dw(w_i)| (Lee et al. 2019, SNIP, Eq. 3 up to normalisation)
 ``<name>_grad``            <name> x |dL/dw|: the data-dependent variant of each criterion
-                           (Lévai & Zombori 2020), gradient taken at ``grad_point``
+                           (Lévai & Zombori 2020), gradient taken at ``grad_point``; a negative
+                           score is divided by |dL/dw| instead (see below)
 ========================  ========================================================================
+
+The gradient factor is meant to mark a weight the loss is sensitive to as *more* important (SNIP's
+reasoning, Lévai & Zombori 2020, abstract). For the criteria whose scores are never negative (random,
+magnitude, movement, SNIP) the product ``s * |g|`` does exactly that. ``magnitude_increase`` is the one
+criterion with negative scores (a weight whose magnitude shrank in training), and for those the literal
+product does the opposite: ``-0.1 * |g|`` is lower, so *more* prunable, the larger the gradient. The
+abstract, the only part of the paper we could retrieve, says "incorporating ... the gradient of the
+training loss" and does not treat the sign. We keep the factor's direction instead of the literal
+product: a negative score is divided by ``|g|`` (``s / |g|``, ``-inf`` where ``g = 0``), so for every
+weight a larger gradient means a higher score, the scores keep their sign (every weight that shrank is
+still ranked below every weight that grew, as by the plain criterion), and non-negative scores are
+exactly ``s * |g|``. :data:`NEGATIVE_BASE` names this rule; a criterion registered with
+``signed=True`` records it in its cache key.
 
 The gradient of the data-dependent variants is the mean over ``grad_batches`` batches of the training
 loss's gradient, taken with the current mask applied (pruned weights are zero), at ``grad_point``:
@@ -159,28 +173,48 @@ def _gradients_at(model: nn.Module, weights: Scores, loss_fn: LossFn, batches: I
 
 Criterion = Callable[[ScoreContext], Scores]
 CRITERIA: dict[str, Criterion] = {}
+SIGNED: set[str] = set()  # criteria whose scores can be negative
 DATA_DEPENDENT_SUFFIX = "_grad"
+# how the gradient factor treats a negative score (module docstring); part of a signed criterion's
+# cache key, so results of an older rule are never reused
+NEGATIVE_BASE = "divide by |g|"
 
 
-def register_criterion(name: str, data_dependent_variant: bool = True):
+def register_criterion(name: str, data_dependent_variant: bool = True, signed: bool = False):
     """Register ``fn(ctx) -> scores`` under ``name`` and (by default) its variant ``name + "_grad"``,
-    whose scores are ``fn(ctx) * |dL/dw|`` (Lévai & Zombori 2020)."""
+    whose scores are ``fn(ctx) * |dL/dw|`` (Lévai & Zombori 2020; :func:`gradient_factor`).
+    ``signed=True`` declares that ``fn`` can return negative scores."""
     def deco(fn: Criterion) -> Criterion:
         if name in CRITERIA:
             raise ValueError(f"criterion {name!r} is already registered")
         CRITERIA[name] = fn
+        if signed:
+            SIGNED.add(name)
         if data_dependent_variant:
             CRITERIA[name + DATA_DEPENDENT_SUFFIX] = data_dependent(fn)
         return fn
     return deco
 
 
+def gradient_factor(score: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``score * |grad|`` where ``score >= 0``, ``score / |grad|`` where ``score < 0``: a larger gradient
+    always raises the score, and the sign of the score is kept (module docstring)."""
+    g = grad.abs().to(score.device)
+    return torch.where(score >= 0, score * g, score / g)
+
+
+def is_signed(name: str) -> bool:
+    """Whether criterion ``name`` (or the plain criterion of a ``_grad`` variant) can score below 0."""
+    return base_criterion(name) in SIGNED
+
+
 def data_dependent(fn: Criterion) -> Criterion:
-    """The data-dependent variant of a criterion: its score times |dL/dw| at ``ctx.grad_point``."""
+    """The data-dependent variant of a criterion: its score times |dL/dw| at ``ctx.grad_point``
+    (:func:`gradient_factor`)."""
     def scorer(ctx: ScoreContext) -> Scores:
         base = fn(ctx)
         grads = ctx.gradient()
-        return {n: s * grads[n].abs().to(s.device) for n, s in base.items()}
+        return {n: gradient_factor(s, grads[n]) for n, s in base.items()}
     scorer.__name__ = f"{getattr(fn, '__name__', 'criterion')}{DATA_DEPENDENT_SUFFIX}"
     scorer.__doc__ = f"{fn.__doc__ or ''} Times |dL/dw| (data-dependent variant)."
     return scorer
@@ -218,9 +252,9 @@ def magnitude(ctx: ScoreContext) -> Scores:
     return {n: w.abs() for n, w in ctx.final().items()}
 
 
-@register_criterion("magnitude_increase")
+@register_criterion("magnitude_increase", signed=True)
 def magnitude_increase(ctx: ScoreContext) -> Scores:
-    """|w_f| - |w_i| (Zhou et al. 2019)."""
+    """|w_f| - |w_i| (Zhou et al. 2019): negative where a weight shrank."""
     wi = ctx.init()
     return {n: w.abs() - wi[n].abs() for n, w in ctx.final().items()}
 

@@ -115,3 +115,34 @@ def test_snip_one_shot_reaches_the_density_globally(net, batches):
     flat = torch.cat([s[n].flatten() for n in m])
     kept = torch.cat([m[n].flatten() for n in m])
     assert flat[kept].min() >= flat[~kept].max()  # the highest-scoring weights survive
+
+
+def test_gradient_factor_raises_every_score_with_the_gradient_and_keeps_its_sign():
+    # base scores: two shrunk weights (negative magnitude increase), one grown, one at zero
+    s = torch.tensor([-0.2, -0.2, 0.3, 0.3, 0.0])
+    g = torch.tensor([2.0, -0.5, 2.0, 0.5, 1.0])  # the sign of the gradient does not matter
+    out = C.gradient_factor(s, g)
+    torch.testing.assert_close(out, torch.tensor([-0.1, -0.4, 0.6, 0.15, 0.0]))
+    assert out[0] > out[1]  # negative base: the larger |g| is the *less* prunable weight
+    assert out[2] > out[3]  # non-negative base: the literal product s * |g|
+    assert (out[:2] < 0).all() and (out[2:] >= 0).all()  # shrunk weights stay below grown ones
+    # no gradient: a shrunk weight goes first, a grown one scores 0; never NaN
+    z = C.gradient_factor(torch.tensor([-0.2, 0.0, 0.3]), torch.zeros(3))
+    assert z[0] == -float("inf") and z[1] == 0 and z[2] == 0
+
+
+def test_magnitude_increase_grad_prunes_the_shrunk_weight_with_the_smaller_gradient():
+    # one layer, 3 weights: w_i = 1 for all; w_f shrinks two of them equally (base -0.5 each) and grows
+    # the third. The gradient at init (set through a linear model) is larger at weight 0 than weight 1.
+    net = nn.Sequential(nn.Linear(3, 1, bias=False))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[0.5, 0.5, 1.5]]))
+    initial = {"0.weight": torch.ones(1, 3)}
+    x = torch.tensor([[2.0, 0.5, 1.0]])
+    ctx = C.ScoreContext(net, initial=initial, loss_fn=lambda m, x, y: m(x).sum(),
+                         batches=lambda: [(x, None)], names=["0.weight"])
+    s = C.score("magnitude_increase_grad", ctx)["0.weight"].flatten()
+    torch.testing.assert_close(s, torch.tensor([-0.5 / 2.0, -0.5 / 0.5, 0.5 * 1.0]))
+    m = C.prune("magnitude_increase_grad", ctx, {"0.weight": 1 / 3})["0.weight"].flatten()
+    assert m.tolist() == [True, False, True]  # the literal product -0.5 * |g| would prune weight 0
+    assert C.is_signed("magnitude_increase_grad") and not C.is_signed("magnitude_grad")

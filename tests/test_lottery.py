@@ -131,12 +131,51 @@ def test_profiles_build_and_paper_fails_clearly_without_data(tmp_path):
     for p in ("smoke", "cpu", "paper"):
         L.Config.from_profile(p)
     cpu = L.Config.from_profile("cpu")
-    assert len(cpu.seeds) >= 3 and set(L.ALL_CRITERIA) <= set(cpu.criteria)
+    # five seeds for the gradient-factor claims; every cpu criterion comes with its gradient variant
+    assert len(cpu.seeds) >= 5
+    assert all(c in cpu.criteria and c + "_grad" in cpu.criteria
+               for c in {c.removesuffix("_grad") for c in cpu.criteria})
+    assert set(L.Config.from_profile("paper").criteria) == set(L.ALL_CRITERIA)  # dropped from cpu only
     model = build_model("lenet300_100")
     s = cpu.setting(cpu.setups[0])
-    assert L.expected_remaining(model, L.layer_rates(model, s["rate_hidden"], s["rate_output"]),
-                                cpu.rounds) <= 0.02
+    rates = L.layer_rates(model, s["rate_hidden"], s["rate_output"])
+    fractions = [L.expected_remaining(model, rates, n) for n in range(cpu.rounds + 1)]
+    # the last two rounds bracket Frankle & Carbin's 3.6 %: 4.47 % and 2.87 % (16 of their rounds)
+    assert fractions[-2] == pytest.approx(0.0447, abs=5e-4)
+    assert fractions[-1] == pytest.approx(0.0287, abs=5e-4)
     with pytest.raises(ConfigError):
         L.Config.from_profile("cpu", criteria=("magnitude",), reinit_criteria=("movement",))
     with pytest.raises(DatasetNotFoundError):
         L.run_experiment(L.Config.from_profile("paper", results_dir=str(tmp_path)), progress=False)
+
+
+def _fake_results(cfg, acc_at):
+    """Rounds of the magnitude chain with given accuracy offsets from dense (pp) at given rounds, all
+    settled, five seeds with a small seed spread."""
+    import numpy as np
+    import pandas as pd
+    model = build_model("lenet300_100")
+    s = cfg.setting(cfg.setups[0])
+    rates = L.layer_rates(model, s["rate_hidden"], s["rate_output"])
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in cfg.seeds:
+        dense = 0.95 + 0.005 * rng.standard_normal()
+        for rd in range(cfg.rounds + 1):
+            acc = dense + (acc_at.get(rd, 0.0) + 0.05 * rng.standard_normal() if rd else 0.0) / 100
+            rows.append(dict(setup=cfg.setups[0], criterion="magnitude", control="ticket", seed=seed,
+                             round=rd, remaining=L.expected_remaining(model, rates, rd),
+                             early_stop_iteration=400, val_loss=0.2, test_accuracy_early_stop=acc,
+                             test_accuracy_end=acc, end_iteration=700))
+    return L.Results(pd.DataFrame(rows), pd.DataFrame(), pd.DataFrame(), pd.DataFrame())
+
+
+def test_claims_test_the_rounds_on_both_sides_of_3_6_percent(tmp_path):
+    cfg = L.Config.from_profile("cpu", results_dir=str(tmp_path), criteria=("magnitude",))
+    # tickets match dense at 4.47 % (round 7) and are 2 pp below it at 2.87 % (round 8)
+    table = L.claims_table(cfg, _fake_results(cfg, {7: 0.0, 8: -2.0}))
+    rows = table[table.claim.str.contains("3.6 % of weights")].set_index("claim")
+    assert len(rows) == 2
+    above = rows.loc[[c for c in rows.index if "tested at 4.47 %" in c and "just above" in c]]
+    below = rows.loc[[c for c in rows.index if "tested at 2.87 %" in c and "just below" in c]]
+    assert above.verdict.tolist() == ["held"] and below.verdict.tolist() == ["did not hold"]

@@ -1081,10 +1081,11 @@ def parse_resources(text: str | dict | None) -> dict[str, float]:
     return out
 
 
-def check_executor(text: str | None = None) -> Executor:
-    """:func:`parse_executor`, and for Dask that ``distributed`` is installed; raises ConfigError."""
+def check_executor(text: str | None = None, resources: str | None = None) -> Executor:
+    """:func:`parse_executor` and :func:`parse_resources` (None: the environment variables), and for Dask
+    that ``distributed`` is installed; raises ConfigError naming what is wrong."""
     ex = parse_executor(text)
-    parse_resources(None)
+    parse_resources(resources)
     if ex.kind == "dask":
         try:
             import distributed  # noqa: F401
@@ -1230,10 +1231,7 @@ def _dask_client(ex: Executor, resources: dict[str, float]):
     client = _DASK_CLIENTS.get(name)
     if client is not None and client.status == "running":
         return client
-    if not _DASK_CLIENTS:
-        import atexit
-
-        atexit.register(close_executors)
+    _register_close()
     if ex.address is None:
         cluster = LocalCluster(n_workers=ex.workers, threads_per_worker=1, processes=True,
                                dashboard_address=None, silence_logs=logging.ERROR,
@@ -1245,8 +1243,23 @@ def _dask_client(ex: Executor, resources: dict[str, float]):
     return client
 
 
+_CLOSE_REGISTERED = [False]
+
+
+def _register_close() -> None:
+    if not _CLOSE_REGISTERED[0]:
+        import atexit
+
+        atexit.register(close_executors)
+        _CLOSE_REGISTERED[0] = True
+
+
 def close_executors() -> None:
-    """Close the Dask clients (and the LocalClusters) :func:`map_units` made in this process."""
+    """Shut down the process pools and close the Dask clients (and LocalClusters) :func:`map_units` made
+    in this process and kept for its next call."""
+    for n, pool in list(_POOLS.items()):
+        pool.shutdown(wait=True, cancel_futures=True)
+        _POOLS.pop(n, None)
     for name, client in list(_DASK_CLIENTS.items()):
         cluster = getattr(client, "cluster", None)
         try:
@@ -1258,15 +1271,24 @@ def close_executors() -> None:
         _DASK_CLIENTS.pop(name, None)
 
 
+_POOLS: dict[int, Any] = {}
+
+
 class _Pool:
-    """A local process pool (spawned: safe from a notebook kernel), one unit per process at a time."""
+    """A local process pool (spawned: safe from a notebook kernel), one unit per process at a time. The
+    pool is kept for the next call in this process (a chapter's sweep in phases starts its processes
+    once); :func:`close_executors` shuts it down, and a pool that broke is never reused."""
 
     def __init__(self, ex: Executor, n_units: int):
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        self.n = min(ex.workers, max(n_units, 1))
-        self.pool = ProcessPoolExecutor(self.n, mp_context=mp.get_context("spawn"))
+        self.n = ex.workers
+        pool = _POOLS.get(self.n)
+        if pool is None or getattr(pool, "_broken", False) or getattr(pool, "_shutdown_thread", False):
+            _register_close()
+            pool = _POOLS[self.n] = ProcessPoolExecutor(self.n, mp_context=mp.get_context("spawn"))
+        self.pool = pool
 
     def slots(self) -> int:
         return self.n
@@ -1292,7 +1314,9 @@ class _Pool:
             f.cancel()
 
     def close(self, cancel: bool = False):
-        self.pool.shutdown(wait=True, cancel_futures=cancel)
+        if cancel or getattr(self.pool, "_broken", False):  # interrupted, or a worker died: start afresh
+            _POOLS.pop(self.n, None)
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Dask:
@@ -1357,7 +1381,7 @@ def map_units(fn: Callable[[Any, str], Any], specs: typing.Iterable[Any], *, res
               done: Callable[[Any], bool] | None = None,
               inputs: Callable[[Any], typing.Iterable["Store"]] | None = None,
               key: Callable[[Any], str] | None = None, resources: str | dict | None = None,
-              desc: str = "units", progress: bool = True) -> list[Any]:
+              desc: str = "units", progress: bool = True, bar=None) -> list[Any]:
     """``[fn(spec, results_dir) for spec in specs]``, run serially, in local processes or on Dask workers.
 
     ``fn(spec, results_dir)`` computes one unit (writing its files through ``Store(results_dir, ...)``,
@@ -1374,7 +1398,8 @@ def map_units(fn: Callable[[Any, str], Any], specs: typing.Iterable[Any], *, res
     :func:`unit_key`) run once. ``resources`` (``{"GPU": 1}``, ``"GPU=1"``; ``None`` reads
     ``$PRUNING_RESOURCES``): what each unit asks of a Dask worker (worker resources).
 
-    Results come back in the order of ``specs``; the bar advances as units finish. When a unit fails,
+    Results come back in the order of ``specs``; the bar advances as units finish (``bar``: an open
+    progress bar to advance instead of a new one, left open, for a sweep in several calls). When a unit fails,
     no more are started, those running finish, every finished unit (the failed unit's finished parts
     too) is stored, and :class:`UnitError` is raised naming the unit, where it ran, and its traceback.
     """
@@ -1392,7 +1417,8 @@ def map_units(fn: Callable[[Any, str], Any], specs: typing.Iterable[Any], *, res
     first: dict[str, int] = {}
     for i, k in enumerate(keys):
         first.setdefault(k, i)
-    bar = progress_bar(total=len(specs), desc=desc, progress=progress)
+    own = bar is None
+    bar = progress_bar(total=len(specs), desc=desc, progress=progress) if own else bar
     try:
         remote = []
         for i, spec in enumerate(specs):
@@ -1412,7 +1438,8 @@ def map_units(fn: Callable[[Any, str], Any], specs: typing.Iterable[Any], *, res
         if remote:
             _run_remote(fn, specs, keys, remote, results, ex, client, res, inputs, results_dir, bar)
     finally:
-        bar.close()
+        if own:
+            bar.close()
     for i, k in enumerate(keys):
         results[i] = results[first[k]]
     return results

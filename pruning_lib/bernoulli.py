@@ -39,9 +39,12 @@ concrete relaxations it is unbiased.
 """
 from __future__ import annotations
 
+import copy
 import itertools
+import math
 import time
 import warnings
+from types import SimpleNamespace
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -57,6 +60,7 @@ __all__ = [
     "BernoulliGate", "attach_bernoulli_gates", "bernoulli_gates", "gate_thetas", "project_",
     "unit_rows", "weight_prior", "theta_prior_gradient", "bernoulli_cost", "FlipEstimator",
     "shrink_", "BernoulliPruning", "EpochTimer", "keep_and_scale", "undecided_fraction",
+    "per_example_cross_entropy", "compare_steps", "flip_tradeoff", "choose_flip_examples",
 ]
 
 
@@ -130,9 +134,9 @@ def gate_thetas(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def project_(model: nn.Module) -> None:
+def project_(model: nn.Module, gates: Mapping[str, BernoulliGate] | None = None) -> None:
     """Euclidean projection of every ``theta`` onto ``[0, 1]`` (a clamp, for a box)."""
-    for g in bernoulli_gates(model).values():
+    for g in (gates if gates is not None else bernoulli_gates(model)).values():
         g.theta.clamp_(0.0, 1.0)
 
 
@@ -267,6 +271,14 @@ def bernoulli_cost(model: nn.Module, x: torch.Tensor, y: torch.Tensor, weight_pr
 # The gradient estimator
 # --------------------------------------------------------------------------------------------------
 
+def per_example_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every row (``F.cross_entropy(..., reduction="none")``), computed as
+    ``logsumexp - logit of the label``: several times faster on CPU for the estimator's many short rows."""
+    top = logits.amax(1, keepdim=True)
+    lse = (logits - top).exp_().sum(1).log_() + top.squeeze(1)
+    return lse - logits.gather(1, y.unsqueeze(1)).squeeze(1)
+
+
 def _ops(model: nn.Module) -> list[nn.Module]:
     """The forward pass of a :class:`~pruning_lib.models.SequentialNet` as a flat list of modules."""
     for attr in ("features", "pool", "head", "classifier"):
@@ -299,9 +311,9 @@ class FlipEstimator:
         self._hooks: list = []
 
     # -- recording ---------------------------------------------------------------------------------
-    def begin(self, model: nn.Module) -> None:
+    def begin(self, model: nn.Module, gates: Mapping[str, BernoulliGate] | None = None) -> None:
         self.end()
-        for g in bernoulli_gates(model).values():
+        for g in (gates if gates is not None else bernoulli_gates(model)).values():
             g.record = True
         for m in model.modules():
             if isinstance(m, _BatchNorm):
@@ -319,7 +331,8 @@ class FlipEstimator:
         self._hooks = []
 
     # -- replay ------------------------------------------------------------------------------------
-    def _apply(self, m: nn.Module, x: torch.Tensor, xi_rows: dict[int, torch.Tensor]) -> torch.Tensor:
+    def _apply(self, m: nn.Module, x: torch.Tensor, xi_rows: dict[int, torch.Tensor],
+               inplace: bool = False) -> torch.Tensor:
         if isinstance(m, GateSlot):
             if m.gate is None:
                 return x
@@ -329,82 +342,125 @@ class FlipEstimator:
                     xi, c = xi
                     k = xi.shape[0]
                     shape = (k, 1, xi.shape[1]) + (1,) * (x.dim() - 2)
-                    return (x.view(k, c, *x.shape[1:]) * xi.view(shape)).view(x.shape)
+                    v = x.view(k, c, *x.shape[1:])
+                    return (v.mul_(xi.view(shape)) if inplace else v * xi.view(shape)).view(x.shape)
                 return scale_channels(x, xi)
             return m.gate(x)
+        if inplace and isinstance(m, nn.ReLU):  # the flipped activations are temporaries: no copy
+            return x.relu_()
         if isinstance(m, _BatchNorm) and id(m) in self._bn_stats:
             mean, var = self._bn_stats[id(m)]
             return F.batch_norm(x, mean, var, m.weight, m.bias, False, 0.0, m.eps)
         return m(x)
 
-    def _run(self, ops, start, x, xi_rows):
+    def _run(self, ops, start, x, xi_rows, inplace: bool = False):
         for m in ops[start:]:
-            x = self._apply(m, x, xi_rows)
+            x = self._apply(m, x, xi_rows, inplace)
         return x
 
     @torch.no_grad()
-    def gradients(self, model: nn.Module, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{group: estimate [C]}`` of the data term's gradient (per-example mean loss)."""
-        ops = _ops(model)
-        gates = bernoulli_gates(model)
+    def gradients(self, model: nn.Module, y: torch.Tensor, units: Mapping[str, torch.Tensor] | None = None,
+                  base_loss: torch.Tensor | None = None, ops: list | None = None,
+                  gates: Mapping[str, BernoulliGate] | None = None) -> dict[str, torch.Tensor]:
+        """``{group: estimate [C]}`` of the data term's gradient (per-example mean loss).
+
+        ``units`` (optional, ``{group: unit indices}``) restricts the flips to those units of a group;
+        the other entries of its estimate are 0 (a group left out of ``units`` is flipped whole).
+        ``base_loss`` (optional) holds the training forward's per-example losses: they are the loss
+        with every gate as drawn, so the estimator need not recompute them (reuse of the forward pass).
+        ``ops`` and ``gates`` may be passed in when the caller keeps them (they are recomputed
+        otherwise).
+        """
+        ops = ops if ops is not None else _ops(model)
+        gates = gates if gates is not None else bernoulli_gates(model)
         slot_index = {id(m.gate): i for i, m in enumerate(ops) if isinstance(m, GateSlot) and m.gate is not None}
         n = len(y)
         m_ex = min(self.flip_examples, n)
-        sub = torch.randperm(n, generator=self.generator)[:m_ex].to(y.device) if m_ex < n else \
-            torch.arange(n, device=y.device)
-        ys = y[sub]
-        xis = {id(g): g.saved_xi[sub] for g in gates.values() if g.saved_xi is not None}
+        sub = torch.randperm(n, generator=self.generator)[:m_ex].to(y.device) if m_ex < n else None
+        ys = y[sub] if sub is not None else y
+        pick = (lambda t: t[sub]) if sub is not None else (lambda t: t)
+        xis = {id(g): pick(g.saved_xi) for g in gates.values() if g.saved_xi is not None}
+        shared_base = pick(base_loss.detach()) if base_loss is not None else None
         out = {}
         for name, gate in gates.items():
             if gate.saved_input is None:
                 raise RuntimeError("FlipEstimator.gradients needs a recorded training forward (call begin)")
+            c_all = gate.theta.numel()
+            idx = None if units is None else units.get(name)
+            if idx is not None and idx.numel() == c_all:
+                idx = None
+            if idx is not None and idx.numel() == 0:
+                out[name] = torch.zeros_like(gate.theta.detach())
+                continue
             p = slot_index[id(gate)]
             q = next(i for i in range(p + 1, len(ops)) if _is_affine_layer(ops[i]))
             consumer = ops[q]
-            x = gate.saved_input[sub]
+            x = pick(gate.saved_input)
             xi = xis[id(gate)]
-            c = xi.shape[1]
             # Per-channel ops between the slot and its consumer (ReLU, max-pool, pool, flatten).
             v_full = self._run(ops[:q], p + 1, x, xis)
             v_base = self._run(ops[:q], p + 1, scale_channels(x, xi), xis)
             out_base = consumer(v_base)
             rest = q + 1
             downstream = {id(m.gate) for m in ops[rest:] if isinstance(m, GateSlot) and m.gate is not None}
-            loss_base = F.cross_entropy(self._run(ops, rest, out_base, xis), ys, reduction="none")
+            loss_base = shared_base if shared_base is not None else \
+                per_example_cross_entropy(self._run(ops, rest, out_base, xis), ys)
+            xi_f = xi if idx is None else xi.index_select(1, idx)
+            c = xi_f.shape[1]
+            if isinstance(consumer, nn.Linear):
+                spatial = consumer.in_features // c_all
+                v_sel = v_full.reshape(m_ex, c_all, spatial)
+                w = consumer.weight.view(consumer.out_features, c_all, spatial).permute(1, 2, 0)  # [C, s, o]
+                if idx is not None:
+                    v_sel, w = v_sel.index_select(1, idx), w.index_select(0, idx)
+                w_rows = w.squeeze(1).contiguous() if spatial == 1 else None  # [c, o]
+            else:
+                if consumer.groups != 1:
+                    raise NotImplementedError("grouped convolutions")
+                o, _, kh, kw = consumer.weight.shape
+                w = consumer.weight.transpose(0, 1)
+                v_sel = v_full
+                if idx is not None:
+                    v_sel, w = v_full.index_select(1, idx), w.index_select(0, idx)
+                wg = w.reshape(c * o, 1, kh, kw)
             per_ex = out_base[0].numel() * c
             step = max(1, self.chunk // max(per_ex, 1))
             grads = []
             for s in range(0, m_ex, step):
                 e = slice(s, min(s + step, m_ex))
                 k = e.stop - e.start
+                sign = 1.0 - 2.0 * xi_f[e]  # +1: the flip turns the unit on, -1: off
+                # written into a contiguous buffer: a broadcast op may otherwise choose the weight's
+                # transposed layout, and the reshape below would copy the largest tensor of the step
+                flipped = torch.empty((k, c, *out_base.shape[1:]), dtype=out_base.dtype, device=out_base.device)
                 if isinstance(consumer, nn.Linear):
-                    spatial = consumer.in_features // c
-                    v = v_full[e].reshape(k, c, spatial) * (1.0 - 2.0 * xi[e]).unsqueeze(2)  # signed
+                    v = v_sel[e] * sign.unsqueeze(2)  # [k, c, s], signed
                     if spatial == 1:  # an outer product per unit, fused with the addition
-                        flipped = torch.addcmul(out_base[e].unsqueeze(1), v, consumer.weight.t().unsqueeze(0))
+                        torch.addcmul(out_base[e].unsqueeze(1), v, w_rows.unsqueeze(0), out=flipped)
                     else:  # one small matrix product per channel: [c, k, s] @ [c, s, o]
-                        w = consumer.weight.view(consumer.out_features, c, spatial).permute(1, 2, 0)
-                        flipped = torch.bmm(v.transpose(0, 1), w).transpose(0, 1) + out_base[e].unsqueeze(1)
-                    flipped = flipped.reshape(k * c, *out_base.shape[1:])
+                        torch.add(out_base[e].unsqueeze(1), torch.bmm(v.transpose(0, 1), w).transpose(0, 1),
+                                  out=flipped)
                 else:
-                    if consumer.groups != 1:
-                        raise NotImplementedError("grouped convolutions")
-                    o, _, kh, kw = consumer.weight.shape
-                    wg = consumer.weight.transpose(0, 1).reshape(c * o, 1, kh, kw)
-                    contrib = F.conv2d(v_full[e], wg, None, consumer.stride, consumer.padding,
+                    contrib = F.conv2d(v_sel[e], wg, None, consumer.stride, consumer.padding,
                                        consumer.dilation, groups=c)
                     contrib = contrib.view(k, c, o, *contrib.shape[2:])
-                    sign = (1.0 - 2.0 * xi[e]).view(k, c, *([1] * (contrib.dim() - 2)))
-                    flipped = (out_base[e].unsqueeze(1) + sign * contrib).reshape(k * c, *out_base.shape[1:])
+                    sg = sign.view(k, c, *([1] * (contrib.dim() - 2)))
+                    torch.addcmul(out_base[e].unsqueeze(1), sg, contrib, out=flipped)
+                flipped = flipped.view(k * c, *out_base.shape[1:])
                 rows = {key: (v[e], c) for key, v in xis.items() if key in downstream}
-                logits = self._run(ops, rest, flipped, rows)
-                loss_flip = F.cross_entropy(logits, ys[e].repeat_interleave(c), reduction="none").view(k, c)
-                grads.append(((1.0 - 2.0 * xi[e]) * (loss_flip - loss_base[e].unsqueeze(1))).sum(0))
-            out[name] = torch.stack(grads).sum(0) / m_ex
+                logits = self._run(ops, rest, flipped, rows, inplace=True)
+                loss_flip = per_example_cross_entropy(logits, ys[e].repeat_interleave(c)).view(k, c)
+                grads.append((sign * (loss_flip - loss_base[e].unsqueeze(1))).sum(0))
+            est = torch.stack(grads).sum(0) / m_ex
+            if idx is not None:
+                full = torch.zeros_like(gate.theta.detach())
+                full[idx] = est.to(full.dtype)
+                est = full
+            out[name] = est
         return out
 
-    def clear(self, model: nn.Module) -> None:
-        for g in bernoulli_gates(model).values():
+    def clear(self, model: nn.Module, gates: Mapping[str, BernoulliGate] | None = None) -> None:
+        for g in (gates if gates is not None else bernoulli_gates(model)).values():
             g.clear()
         self._bn_stats.clear()
 
@@ -560,19 +616,33 @@ class BernoulliPruning(Callback):
 
         bp = BernoulliPruning(model, dataset_size=len(data.train), ...)
         fit(model, data, optimizer=bp.optimizers(lr), loss_fn=bp.loss_fn, penalties=bp.penalties(),
-            callbacks=[bp, bp.timer], ...)
+            callbacks=[bp], ...)
 
-    Each step: the forward draws ``xi`` and records what the estimator needs; after backward the
-    callback writes ``theta.grad = (estimate of dE[loss]/dtheta) + dC_prior/dtheta / N`` (the cost per
-    training example); the theta optimizer (SGD, ``theta_lr``) steps; then ``theta`` is projected onto
-    ``[0, 1]`` and, every ``shrink_every`` steps, units at 0 are removed (:func:`shrink_`).
-    ``record_every`` steps the full ``theta`` of every layer (indexed by the *original* unit number,
-    removed units at 0) is appended to :attr:`trajectory`.
+    Each step: the forward draws ``xi`` and records what the estimator needs (and the per-example
+    losses, which the estimator reuses); after backward the callback writes ``theta.grad = (estimate of
+    dE[loss]/dtheta) + dC_prior/dtheta / N`` (the cost per training example); the theta optimizer (SGD)
+    steps with the Robbins-Monro step ``theta_lr / (1 + t / theta_tau)`` (``theta_tau = 0``: constant);
+    then ``theta`` is projected onto ``[0, 1]`` and, every ``shrink_every`` steps, units at 0 are removed
+    (:func:`shrink_`).
+
+    A decaying step is what stochastic approximation needs to converge: with a constant step a unit at a
+    vertex keeps being kicked off it by the estimator's noise (Robbins & Monro 1951: sum of steps
+    infinite, sum of squares finite; ``a / (1 + t / tau)`` is such a sequence).
+
+    Only undecided gates are estimated every step.  A unit at ``theta = 0`` is dead (never drawn again,
+    removed at the next removal) and gets no update.  A unit at ``theta = 1`` is estimated and updated
+    only every ``check_every`` steps: a smaller step for the decided units (each update is still an
+    unbiased estimate of the gradient; the step sizes still satisfy the Robbins-Monro conditions, so the
+    points the iteration can settle on are the same), while the estimator's cost on a decided network
+    falls by that factor.  (Scaling the rare update up by ``check_every`` would keep the expected step
+    but make single noisy steps large enough to throw a unit from 1 to 0, where it is removed for
+    good.)  ``record_every`` steps the full ``theta`` of every layer (indexed by the
+    *original* unit number, removed units at 0) is appended to :attr:`trajectory`.
     """
 
     def __init__(self, model: nn.Module, dataset_size: int, *, weight_precision: float = 1.0,
-                 unit_cost: float = 0.0, theta_lr: float = 0.1, theta_momentum: float = 0.0,
-                 flip_examples: int = 16,
+                 unit_cost: float = 0.0, theta_lr: float = 0.1, theta_tau: float = 0.0,
+                 theta_momentum: float = 0.0, flip_examples: int = 16, check_every: int = 1,
                  shrink_every: int = 1, record_every: int = 5, seed: int = 0, lo: float = 0.01,
                  hi: float = 0.99):
         self.model = model
@@ -580,54 +650,122 @@ class BernoulliPruning(Callback):
         self.weight_precision = float(weight_precision)
         self.unit_cost = float(unit_cost)
         self.theta_lr = float(theta_lr)
+        self.theta_tau = float(theta_tau)
         self.theta_momentum = float(theta_momentum)
+        self.check_every = max(1, int(check_every))
         self.shrink_every = int(shrink_every)
         self.record_every = int(record_every)
         self.lo, self.hi = lo, hi
         self.estimator = FlipEstimator(flip_examples, generator=torch.Generator().manual_seed(seed + 1))
         self.timer = EpochTimer()
         self._y: torch.Tensor | None = None
+        self._loss: torch.Tensor | None = None
+        self._sq: dict[str, torch.Tensor] = {}
         self._opts: list[torch.optim.Optimizer] = []
-        gates = bernoulli_gates(model)
-        if not gates:
+        self._theta_opt: torch.optim.Optimizer | None = None
+        self._state = SimpleNamespace(step=0, optimizers=self._opts)
+        if not bernoulli_gates(model):
             raise ValueError("the model has no Bernoulli gates: call attach_bernoulli_gates first")
-        self.initial_width = {k: g.theta.numel() for k, g in gates.items()}
-        self.orig_index = {k: torch.arange(g.theta.numel()) for k, g in gates.items()}
+        self._refresh()
+        self.initial_width = {k: g.theta.numel() for k, g in self._gates.items()}
+        self.orig_index = {k: torch.arange(g.theta.numel()) for k, g in self._gates.items()}
         self.trajectory: list[tuple[int, dict[str, torch.Tensor]]] = []
         self.removed_at: list[dict] = []  # (step, group, units removed)
+
+    def _refresh(self) -> None:
+        """Cache what every step needs (gates, unit rows, ungated parameters); redone after a removal."""
+        model = self.model
+        self._gates = bernoulli_gates(model)
+        self._ops_cache = None
+        self._rows = {name: unit_rows(model, name) for name in self._gates}
+        gated = {id(p) for rows in self._rows.values() for p, _ in rows}
+        theta_ids = {id(g.theta) for g in self._gates.values()}
+        self._rest = [p for p in model.parameters() if id(p) not in gated and id(p) not in theta_ids]
+        self._sizes = {name: sum(p.numel() // p.shape[dim] for p, dim in rows) for name, rows in self._rows.items()}
+        self._sq = {}
+
+    def _ops(self) -> list[nn.Module]:
+        if self._ops_cache is None:
+            self._ops_cache = _ops(self.model)
+        return self._ops_cache
 
     # -- wiring ------------------------------------------------------------------------------------
     def optimizers(self, lr: float = 1e-3) -> list[torch.optim.Optimizer]:
         """Adam on the weights, SGD (with ``theta_momentum``; projected afterwards) on the ``theta``."""
-        theta_ids = {id(g.theta) for g in bernoulli_gates(self.model).values()}
+        theta_ids = {id(g.theta) for g in self._gates.values()}
         weights = [p for p in self.model.parameters() if id(p) not in theta_ids]
-        thetas = [g.theta for g in bernoulli_gates(self.model).values()]
-        self._opts = [torch.optim.Adam(weights, lr=lr), torch.optim.SGD(thetas, lr=self.theta_lr,
-                                                                          momentum=self.theta_momentum)]
+        thetas = [g.theta for g in self._gates.values()]
+        self._theta_opt = torch.optim.SGD(thetas, lr=self.theta_lr, momentum=self.theta_momentum)
+        self._opts[:] = [torch.optim.Adam(weights, lr=lr), self._theta_opt]
         return self._opts
+
+    def theta_lr_at(self, step: int) -> float:
+        """The Robbins-Monro step ``theta_lr / (1 + step / theta_tau)`` (constant if ``theta_tau`` is 0)."""
+        return self.theta_lr / (1.0 + step / self.theta_tau) if self.theta_tau > 0 else self.theta_lr
+
+    def weight_penalty(self, model: nn.Module) -> torch.Tensor:
+        """:func:`weight_prior` per training example; keeps each unit's ``||w_j||^2`` for the theta step."""
+        total = 0.0
+        sq_all = {}
+        for name, gate in self._gates.items():
+            sq = 0.0
+            for p, dim in self._rows[name]:
+                q = p if dim == 0 else p.movedim(dim, 0)
+                sq = sq + (q.reshape(q.shape[0], -1) ** 2).sum(1)
+            sq_all[name] = sq.detach()
+            total = total + (gate.theta.detach().clamp(0, 1) * sq).sum()
+        for p in self._rest:
+            total = total + (p ** 2).sum()
+        self._sq = sq_all
+        return (0.5 * self.weight_precision / self.n) * total
 
     def penalties(self) -> dict:
         """The weight prior per training example, as a penalty on the weights."""
-        return {"weight_prior": lambda m: weight_prior(m, self.weight_precision) / self.n}
+        return {"weight_prior": self.weight_penalty}
 
     def loss_fn(self, model, x, y):
         self.timer.start()
-        self.estimator.begin(self.model)
+        self.estimator.begin(self.model, self._gates)
         self._y = y
-        return F.cross_entropy(model(x), y)
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        self._loss = losses.detach()  # the loss with every gate as drawn: the estimator's baseline
+        return losses.mean()
 
     # -- hooks -------------------------------------------------------------------------------------
     def after_backward(self, state) -> None:
         model = self.model
-        data = self.estimator.gradients(model, self._y)
-        prior = theta_prior_gradient(model, self.weight_precision, self.unit_cost)
-        for name, g in bernoulli_gates(model).items():
-            g.theta.grad = data[name] + prior[name] / self.n
-        self.estimator.clear(model)
+        check = (state.step + 1) % self.check_every == 0
+        units, weight = {}, {}
+        for name, g in self._gates.items():
+            t = g.theta.detach()
+            alive = t > 0
+            undecided = alive & (t < 1)
+            pick = alive if check else undecided
+            units[name] = pick.nonzero().reshape(-1)
+            weight[name] = pick.to(t.dtype)  # 0: no update this step
+        if any(u.numel() for u in units.values()):
+            data = self.estimator.gradients(model, self._y, units, base_loss=self._loss, ops=self._ops(),
+                                            gates=self._gates)
+        else:
+            data = {}
+        if self._sq:
+            prior = {name: 0.5 * self.weight_precision * self._sq[name] + self.unit_cost * self._sizes[name]
+                     for name in self._gates}
+        else:
+            prior = theta_prior_gradient(model, self.weight_precision, self.unit_cost)
+        for name, g in self._gates.items():
+            d = data.get(name)
+            grad = prior[name] / self.n if d is None else d + prior[name] / self.n
+            g.theta.grad = grad * weight[name]
+        if self._theta_opt is not None:
+            for group in self._theta_opt.param_groups:
+                group["lr"] = self.theta_lr_at(state.step)
+        self.estimator.clear(model, self._gates)
         self.estimator.end()
+        self._sq = {}
 
     def after_step(self, state) -> None:
-        project_(self.model)
+        project_(self.model, self._gates)
         if self.shrink_every and state.step % self.shrink_every == 0:
             self.remove_dead(state.optimizers, state.step)
         if self.record_every and (state.step % self.record_every == 0 or state.step == 1):
@@ -637,12 +775,31 @@ class BernoulliPruning(Callback):
     def after_epoch(self, state) -> None:
         self.timer.after_epoch(state)
 
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One training step exactly as :func:`~pruning_lib.train.fit` runs it with this callback and
+        :meth:`optimizers` (used to time steps and in tests).  Returns the loss."""
+        if not self._opts:
+            raise RuntimeError("call optimizers() first")
+        st = self._state
+        st.optimizers = self._opts
+        loss = self.loss_fn(self.model, x, y) + self.weight_penalty(self.model)
+        for o in self._opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        self.after_backward(st)
+        for o in self._opts:
+            o.step()
+        st.step += 1
+        self.after_step(st)
+        return float(loss.detach())
+
     def remove_dead(self, optimizers, step: int = 0) -> None:
-        keep = {k: v for k, v in ((k, g.theta.detach() > 0) for k, g in bernoulli_gates(self.model).items())
+        keep = {k: v for k, v in ((k, g.theta.detach() > 0) for k, g in self._gates.items())
                 if not bool(v.all()) and int(v.sum()) >= 1}
         if not keep:
             return
         kept = shrink_(self.model, keep, optimizers)
+        self._refresh()
         for name, idx in kept.items():
             before = self.orig_index[name]
             self.orig_index[name] = before[idx.cpu()]
@@ -651,16 +808,109 @@ class BernoulliPruning(Callback):
     def full_thetas(self) -> dict[str, torch.Tensor]:
         """``theta`` of every layer at its original size (removed units read 0)."""
         out = {}
-        for name, g in bernoulli_gates(self.model).items():
+        for name, g in self._gates.items():
             full = torch.zeros(self.initial_width[name])
             full[self.orig_index[name]] = g.theta.detach().float().cpu()
             out[name] = full
         return out
 
     def widths(self) -> dict[str, int]:
-        return {k: g.theta.numel() for k, g in bernoulli_gates(self.model).items()}
+        return {k: g.theta.numel() for k, g in self._gates.items()}
 
     def log(self, state) -> dict[str, float]:
         row = {f"width_{k}": float(v) for k, v in self.widths().items()}
         row["undecided"] = undecided_fraction(gate_thetas(self.model), self.lo, self.hi)
+        row["theta_lr"] = self.theta_lr_at(state.step)
         return row
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring the estimator's variance against its cost, and steps against steps
+# --------------------------------------------------------------------------------------------------
+
+def _best_step_ms(bps: Mapping[str, "BernoulliPruning"], batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                  rounds: int, block: int) -> dict[str, float]:
+    """Best over ``rounds`` of the mean time of ``block`` consecutive training steps, in ms, for every
+    :class:`BernoulliPruning` of ``bps``; the rounds interleave them, so a change of machine load hits
+    all alike."""
+    best = {k: math.inf for k in bps}
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for name, bp in bps.items():  # warm-up: allocator, first-call overheads
+        for x, y in batches[:2]:
+            bp.step(x, y)
+    for r in range(rounds):
+        for name, bp in bps.items():
+            sync()
+            t0 = time.perf_counter()
+            for i in range(block):
+                x, y = batches[(r * block + i) % len(batches)]
+                bp.step(x, y)
+            sync()
+            best[name] = min(best[name], (time.perf_counter() - t0) / block * 1e3)
+    return best
+
+
+def compare_steps(bps: Mapping[str, "BernoulliPruning"], batches, rounds: int = 5, block: int = 1
+                  ) -> dict[str, float]:
+    """Milliseconds per training step of each network (best of ``rounds`` interleaved repeats of
+    ``block`` steps; use ``block = check_every`` so the steps that estimate decided units count)."""
+    return _best_step_ms(bps, list(batches), rounds, block)
+
+
+def flip_tradeoff(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                  grid: Sequence[int], dataset_size: int, rounds: int = 5, **settings) -> list[dict]:
+    """The flip estimator's variance and cost for every number of flipped examples ``m`` in ``grid``.
+
+    ``model`` is a gated network as training starts.  ``variance``: per unit, the variance over the
+    ``batches`` of the estimate of ``dE[mean loss]/dtheta_j`` (each estimate: one batch, one draw of
+    ``xi``, ``m`` of its examples), averaged over units.  ``step_ms``: one whole training step of
+    :class:`BernoulliPruning` (``settings``, but ``theta`` held fixed) on a copy of ``model`` with that
+    ``m``, best of ``rounds`` interleaved repeats; ``step_ms_fit`` the Theil-Sen line through those
+    times (fixed cost + cost per flipped example).  ``work = variance * step_ms_fit``: the time it takes to
+    get an estimate of a given precision by averaging steps; ``efficiency``: the smallest ``work`` of
+    the grid over this one's.
+    """
+    grid = [int(m) for m in grid]
+    was = model.training
+    model.train()
+    est = FlipEstimator(max(grid), generator=torch.Generator().manual_seed(12345))
+    draws: dict[int, list[torch.Tensor]] = {m: [] for m in grid}
+    for x, y in batches:
+        est.begin(model)
+        with torch.no_grad():
+            model(x)
+        for m in grid:
+            est.flip_examples = m
+            g = est.gradients(model, y)
+            draws[m].append(torch.cat([v.reshape(-1) for v in g.values()]))
+        est.clear(model)
+        est.end()
+    model.train(was)
+    settings = {**settings, "theta_lr": 0.0, "shrink_every": 0, "record_every": 0}
+    bps = {}
+    for m in grid:
+        copy_ = copy.deepcopy(model)
+        bp = BernoulliPruning(copy_, dataset_size, flip_examples=m, **settings)
+        bp.optimizers()
+        bps[m] = bp
+    ms = _best_step_ms(bps, list(batches), rounds, 1)
+    # A step costs a fixed part plus a part proportional to m: a robust straight line (Theil-Sen)
+    # through the best-of times, so that one load spike on a shared machine does not decide the choice.
+    from scipy.stats import theilslopes
+
+    slope, intercept, _, _ = theilslopes([ms[m] for m in grid], grid)
+    rows = [{"flip_examples": m, "variance": float(torch.stack(draws[m]).var(0).mean()), "step_ms": ms[m],
+             "step_ms_fit": float(intercept + max(slope, 0.0) * m)} for m in grid]
+    for r in rows:
+        r["work"] = r["variance"] * r["step_ms_fit"]
+    best = min(r["work"] for r in rows)
+    for r in rows:
+        r["efficiency"] = best / r["work"] if r["work"] > 0 else float("nan")
+    return rows
+
+
+def choose_flip_examples(rows: Sequence[Mapping], efficiency: float = 0.5) -> int:
+    """The smallest ``m`` of a :func:`flip_tradeoff` whose efficiency (variance reduction per second,
+    relative to the best of the grid) is at least ``efficiency``."""
+    ok = [int(r["flip_examples"]) for r in rows if r["efficiency"] >= efficiency]
+    return min(ok) if ok else int(max(rows, key=lambda r: r["efficiency"])["flip_examples"])

@@ -40,21 +40,37 @@ class Config(RunConfig):
     cifar_dataset: str = param("cifar10", choices=("cifar10",), help="dataset of vgg16_bn")
     widths: tuple[float, ...] = param((1.0, 2.0, 4.0), low=0.01, high=64,
                                       help="initial width multipliers of LeNet-300-100 (1 = 300-100)")
-    conv_widths: tuple[float, ...] = param((0.5, 1.0), low=0.01, high=64,
+    conv_widths: tuple[float, ...] = param((1.0,), low=0.01, high=64,
                                            help="initial width multipliers of the conv nets")
-    seeds: tuple[int, ...] = param((0, 1, 2, 3, 4), low=0, help="seeds (weight init, data order, gates)")
-    conv_seeds: tuple[int, ...] = param((0, 1), low=0, help="seeds of the conv nets")
+    seeds: tuple[int, ...] = param((0, 1, 2), low=0, help="seeds (weight init, data order, gates)")
+    conv_seeds: tuple[int, ...] = param((0, 1, 2), low=0, help="seeds of the conv nets")
     dense_seeds: int = param(1, low=1, high=100, help="dense reference runs per model and width")
-    epochs: float = param(10, low=0.01, high=10000, help="epochs of LeNet-300-100")
-    conv_epochs: float = param(5, low=0.01, high=10000, help="epochs of the conv nets")
+    dense_widths: int = param(1, low=1, high=64, help="dense reference runs at the first N initial widths")
+    epochs: float = param(30, low=0.01, high=10000, help="epochs of LeNet-300-100")
+    conv_epochs: float = param(10, low=0.01, high=10000, help="epochs of the conv nets")
     batch_size: int = param(100, low=1, high=4096)
     lr: float = param(1e-3, low=0, high=10, help="Adam learning rate of the weights")
     theta_init: float = param(0.9, low=0.0, high=1.0, help="initial Bernoulli parameter of every unit")
-    theta_lr: float = param(2.0, low=0, high=1000, help="SGD step of theta (projected onto [0, 1])")
-    theta_momentum: float = param(0.9, low=0, high=0.999, help="momentum of the theta SGD")
+    theta_lr: float = param(30.0, low=0, high=1000,
+                            help="a: theta's SGD step at the start (projected onto [0, 1])")
+    theta_tau: float = param(1.5, low=0, high=10000,
+                             help="tau (epochs): theta's step is a / (1 + t / tau); 0 keeps it constant")
+    theta_momentum: float = param(0.0, low=0, high=0.999, help="momentum of the theta SGD")
     weight_precision: float = param(1.0, low=0, high=1e6, help="lambda: Gaussian prior precision of weights")
     unit_cost: float = param(0.01, low=0, high=100, help="kappa: nats per parameter of an active unit")
-    flip_examples: int = param(100, low=1, high=100000, help="examples per step for the theta estimator")
+    flip_examples: int = param(0, low=0, high=100000,
+                               help="examples per step for the theta estimator; 0: chosen from the measured "
+                                    "variance/cost trade-off")
+    flip_grid: tuple[int, ...] = param((2, 4, 8, 16, 32, 64, 100), low=1, high=100000,
+                                       help="numbers of flipped examples the trade-off measures")
+    flip_efficiency: float = param(0.5, low=0.01, high=1.0,
+                                   help="choose the fewest flipped examples with at least this share of the "
+                                        "best variance reduction per second")
+    flip_batches: int = param(30, low=3, high=10000, help="batches the estimator's variance is measured on")
+    check_every: int = param(10, low=1, high=100000,
+                             help="units at theta = 1 are estimated every N steps (with N times the step)")
+    step_repeats: int = param(7, low=1, high=1000,
+                              help="best of N interleaved repeats: initial vs compacted network's step")
     shrink_every: int = param(5, low=1, high=100000, help="steps between removals of units at theta = 0")
     record_every: int = param(5, low=1, high=100000, help="steps between recorded theta trajectories")
     band: float = param(0.01, low=0.0, high=0.5, help="theta is undecided inside (band, 1 - band)")
@@ -64,13 +80,14 @@ class Config(RunConfig):
 
     PROFILES = {
         "smoke": {"models": ("lenet300_100", "lenet5_caffe"), "widths": (0.2, 0.4), "conv_widths": (0.5,),
-                  "seeds": (0,), "conv_seeds": (0,), "epochs": 2, "conv_epochs": 1, "flip_examples": 16},
+                  "seeds": (0,), "conv_seeds": (0,), "epochs": 2, "conv_epochs": 1, "flip_grid": (4, 16),
+                  "flip_batches": 4, "step_repeats": 1, "check_every": 2},
         "cpu": {},
         # Full MNIST for the LeNets and CIFAR-10 for VGG-16 from data/, on a GPU.  The paper's exact
         # schedule could not be read (only its abstract was reachable): 200 epochs is our choice.
         "paper": {"models": ("lenet300_100", "lenet5_caffe", "vgg16_bn"), "dataset": "mnist",
-                  "conv_widths": (1.0, 2.0), "conv_seeds": (0, 1, 2, 3, 4), "dense_seeds": 5,
-                  "epochs": 200, "conv_epochs": 200, "flip_examples": 32},
+                  "conv_widths": (1.0, 2.0), "seeds": (0, 1, 2, 3, 4), "conv_seeds": (0, 1, 2, 3, 4),
+                  "dense_seeds": 5, "dense_widths": 3, "epochs": 200, "conv_epochs": 200, "theta_tau": 20.0},
     }
     NOT_HASHED = RunConfig.NOT_HASHED + ("data_root",)
     BUDGETED = ("epochs", "conv_epochs")
@@ -94,10 +111,62 @@ class Config(RunConfig):
 
 
 def _method_spec(cfg: Config, model: str) -> dict:
-    keys = ("batch_size", "lr", "theta_init", "theta_lr", "theta_momentum", "weight_precision", "unit_cost",
-            "flip_examples", "shrink_every", "record_every", "num_threads")
+    keys = ("batch_size", "lr", "theta_init", "theta_lr", "theta_tau", "theta_momentum", "weight_precision",
+            "unit_cost", "check_every", "shrink_every", "record_every", "num_threads", "step_repeats")
     return {**{k: getattr(cfg, k) for k in keys}, "epochs": cfg.epochs_of(model),
             "dataset": cfg.dataset_of(model), "model": model}
+
+
+def _dense_spec(cfg: Config, model: str) -> dict:
+    keys = ("batch_size", "lr", "weight_precision", "num_threads")
+    return {**{k: getattr(cfg, k) for k in keys}, "epochs": cfg.epochs_of(model),
+            "dataset": cfg.dataset_of(model), "model": model}
+
+
+def _pruning(cfg: Config, model, n_train: int, steps_per_epoch: int, flip: int, seed: int,
+             **overrides) -> bern.BernoulliPruning:
+    kw = dict(weight_precision=cfg.weight_precision, unit_cost=cfg.unit_cost, theta_lr=cfg.theta_lr,
+              theta_tau=cfg.theta_tau * steps_per_epoch, theta_momentum=cfg.theta_momentum,
+              flip_examples=flip, check_every=cfg.check_every, shrink_every=cfg.shrink_every,
+              record_every=cfg.record_every, seed=seed, lo=cfg.band, hi=1 - cfg.band)
+    return bern.BernoulliPruning(model, n_train, **{**kw, **overrides})
+
+
+def _first_batches(data, batch_size: int, count: int, seed: int = 0) -> list:
+    from .data import batches
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for x, y in batches(data.train, batch_size, shuffle=True, generator=gen, drop_last=True):
+        out.append((x, y))
+        if len(out) >= count:
+            break
+    return out
+
+
+def flip_tradeoff(cfg: Config, model_name: str, data) -> dict:
+    """The estimator's variance and step time for every number of flipped examples of ``flip_grid``
+    (:func:`pruning_lib.bernoulli.flip_tradeoff`), on the model at its first initial width as training
+    starts (seed 0), cached; and the number chosen from it (:func:`~pruning_lib.bernoulli.choose_flip_examples`)."""
+    width = cfg.widths_of(model_name)[0]
+    spec = {**_method_spec(cfg, model_name), "width": width, "grid": list(cfg.flip_grid),
+            "batches": cfg.flip_batches, "efficiency": cfg.flip_efficiency}
+    store = Store(cfg.results_dir, "bernoulli_flip", spec)
+    if store.exists("tradeoff.csv"):
+        rows = store.frame("tradeoff")
+    else:
+        torch.manual_seed(0)
+        model = build_model(model_name, width=width, **data.model_kwargs())
+        bern.attach_bernoulli_gates(model, cfg.theta_init)
+        batches = _first_batches(data, cfg.batch_size, cfg.flip_batches)
+        settings = dict(weight_precision=cfg.weight_precision, unit_cost=cfg.unit_cost,
+                        check_every=cfg.check_every, lo=cfg.band, hi=1 - cfg.band)
+        rows = pd.DataFrame(bern.flip_tradeoff(model, batches, cfg.flip_grid, len(data.train),
+                                               rounds=max(3, cfg.step_repeats), **settings))
+        store.save_frame("tradeoff", rows)
+    rows = rows.assign(model=model_name, width=width)
+    chosen = bern.choose_flip_examples(rows.to_dict("records"), cfg.flip_efficiency)
+    return {"rows": rows, "chosen": chosen}
 
 
 def _initial_widths(model) -> dict[str, int]:
@@ -109,9 +178,23 @@ def _param_count(model) -> int:
     return int(sum(p.numel() for p in model.parameters() if id(p) not in theta_ids))
 
 
-def train_gated(cfg: Config, model_name: str, width: float, seed: int, data) -> dict:
-    """One gated run, cached: summary, history, per-epoch times and theta trajectories."""
-    spec = {**_method_spec(cfg, model_name), "width": width, "seed": seed}
+def _forward_flops(model, data) -> int:
+    from .metrics import layer_flops
+
+    was = model.training
+    try:
+        return int(sum(layer_flops(model, data.input_shape).values()))
+    finally:
+        model.train(was)
+
+
+def train_gated(cfg: Config, model_name: str, width: float, seed: int, data, flip: int) -> dict:
+    """One gated run, cached: summary, history, per-epoch times and theta trajectories.
+
+    After training, the compacted network's training step is timed against the initial network's (same
+    settings, fresh gates at ``theta_init``), best of ``step_repeats`` interleaved repeats of
+    ``check_every`` steps on the same batches."""
+    spec = {**_method_spec(cfg, model_name), "width": width, "seed": seed, "flip_examples": flip}
     store = Store(cfg.results_dir, "bernoulli", spec)
     if all(store.exists(f) for f in ("summary.json", "history.csv", "epochs.csv", "trajectory.pt")):
         return {"summary": store.json("summary"), "history": store.frame("history"),
@@ -120,22 +203,20 @@ def train_gated(cfg: Config, model_name: str, width: float, seed: int, data) -> 
     model = build_model(model_name, width=width, **data.model_kwargs())
     initial = _initial_widths(model)
     initial_params = _param_count(model)
+    initial_flops = _forward_flops(model, data)
     bern.attach_bernoulli_gates(model, cfg.theta_init)
-    bp = bern.BernoulliPruning(model, len(data.train), weight_precision=cfg.weight_precision,
-                               unit_cost=cfg.unit_cost, theta_lr=cfg.theta_lr,
-                               theta_momentum=cfg.theta_momentum, flip_examples=cfg.flip_examples,
-                               shrink_every=cfg.shrink_every, record_every=cfg.record_every, seed=seed,
-                               lo=cfg.band, hi=1 - cfg.band)
+    steps_per_epoch = num_batches(data.train, cfg.batch_size)
+    bp = _pruning(cfg, model, len(data.train), steps_per_epoch, flip, seed)
     history = fit(model, data, optimizer=bp.optimizers(cfg.lr), loss_fn=bp.loss_fn, penalties=bp.penalties(),
                   callbacks=[bp], epochs=cfg.epochs_of(model_name), batch_size=cfg.batch_size, seed=seed,
                   progress=False)
-    steps_per_epoch = num_batches(data.train, cfg.batch_size)
-    bp.remove_dead([])  # last removal (optimizer no longer needed)
+    bp.remove_dead(bp._opts)  # last removal
     final = bp.widths()
     thetas = bern.gate_thetas(model)
     removed = pd.DataFrame(bp.removed_at, columns=["step", "group", "removed"])
     total_steps = int(history["step"].iloc[-1])
     early = float(removed.loc[removed["step"] <= total_steps / 4, "removed"].sum())
+    final_flops = _forward_flops(model, data)
     summary = {
         "model": model_name, "width": width, "seed": seed, "dataset": cfg.dataset_of(model_name),
         "test_error": 1 - float(history["test_accuracy"].iloc[-1]),
@@ -143,8 +224,24 @@ def train_gated(cfg: Config, model_name: str, width: float, seed: int, data) -> 
         "initial": initial, "final": final, "initial_params": initial_params,
         "final_params": _param_count(model), "removed_first_quarter": early,
         "removed_total": float(removed["removed"].sum()), "total_steps": total_steps,
-        "steps_per_epoch": steps_per_epoch, "threads": torch.get_num_threads(),
+        "steps_per_epoch": steps_per_epoch, "threads": torch.get_num_threads(), "flip_examples": flip,
+        "initial_flops": initial_flops, "final_flops": final_flops,
     }
+    # The compacted network's step against the initial network's, side by side (theta keeps learning in
+    # both, as in training; nothing is removed while timing, so both stay the size they are).
+    torch.manual_seed(seed)
+    start = build_model(model_name, width=width, **data.model_kwargs())
+    bern.attach_bernoulli_gates(start, cfg.theta_init)
+    bp0 = _pruning(cfg, start, len(data.train), steps_per_epoch, flip, seed, shrink_every=0, record_every=0)
+    bp0.optimizers(cfg.lr)
+    bp.shrink_every, bp.record_every = 0, 0
+    bp._state.step = total_steps  # the final network continues with its own step size
+    device = next(model.parameters()).device
+    start.to(device)
+    batches = [(x.to(device), y.to(device)) for x, y in _first_batches(data, cfg.batch_size, 4, seed)]
+    ms = bern.compare_steps({"initial": bp0, "final": bp}, batches, rounds=cfg.step_repeats,
+                            block=cfg.check_every)
+    summary.update(step_initial_ms=ms["initial"], step_final_ms=ms["final"])
     epochs = pd.DataFrame({"epoch": np.arange(1, len(bp.timer.epoch_seconds) + 1),
                            "seconds": bp.timer.epoch_seconds})
     trajectory = {"steps": [s for s, _ in bp.trajectory],
@@ -159,7 +256,7 @@ def train_gated(cfg: Config, model_name: str, width: float, seed: int, data) -> 
 def train_dense_reference(cfg: Config, model_name: str, width: float, seed: int, data) -> dict:
     """The same network without gates, same schedule, weight prior and thread count: the reference
     test error and epoch time."""
-    spec = {**_method_spec(cfg, model_name), "width": width, "seed": seed, "dense": True}
+    spec = {**_dense_spec(cfg, model_name), "width": width, "seed": seed, "dense": True}
     store = Store(cfg.results_dir, "bernoulli_dense", spec)
     if store.exists("summary.json") and store.exists("epochs.csv"):
         return {"summary": store.json("summary"), "epochs": store.frame("epochs")}
@@ -186,30 +283,45 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict[str, pd.DataFrame
     ``runs`` (one row per gated run), ``widths`` (model, width, seed, layer, initial, final),
     ``history`` (evaluations during training), ``undecided`` (share of undecided theta per recorded step),
     ``trajectory`` (theta of up to 40 units per layer, first seed of every width), ``epoch_times``
-    (seconds per epoch, gated and dense) and ``dense`` (one row per dense run).
+    (seconds per epoch, gated and dense), ``dense`` (one row per dense run) and ``flip`` (the
+    estimator's variance/cost trade-off per model, with the number of flipped examples used).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.num_threads)
     try:
         datasets = {}
         units = [(m, w, s) for m in cfg.models for w in cfg.widths_of(m) for s in cfg.seeds_of(m)]
-        dense_units = [(m, w, s) for m in cfg.models for w in cfg.widths_of(m)
+        dense_units = [(m, w, s) for m in cfg.models for w in cfg.widths_of(m)[:cfg.dense_widths]
                        for s in cfg.seeds_of(m)[:cfg.dense_seeds]]
-        runs, widths, hist, undec, traj, times, dense = [], [], [], [], [], [], []
+        runs, widths, hist, undec, traj, times, dense, flips = [], [], [], [], [], [], [], []
         bar = progress_bar(total=len(units) + len(dense_units), desc="bernoulli gates", progress=progress)
-        for m, w, s in units:
+        chosen = {}
+        for m in cfg.models:
             ds = cfg.dataset_of(m)
             if ds not in datasets:
                 datasets[ds] = load_dataset(ds, root=cfg.data_root)
-            r = train_gated(cfg, m, w, s, datasets[ds])
+            if cfg.flip_examples > 0:
+                chosen[m] = cfg.flip_examples
+            else:
+                f = flip_tradeoff(cfg, m, datasets[ds])
+                chosen[m] = f["chosen"]
+                flips.append(f["rows"].assign(chosen=f["rows"]["flip_examples"] == f["chosen"]))
+        for m, w, s in units:
+            r = train_gated(cfg, m, w, s, datasets[cfg.dataset_of(m)], chosen[m])
             sm = r["summary"]
             key = dict(model=m, width=w, seed=s)
+            ep = r["epochs"].sort_values("epoch")["seconds"].to_numpy()
             runs.append({**key, "test_error": sm["test_error"], "undecided": sm["undecided"],
                          "initial_params": sm["initial_params"], "final_params": sm["final_params"],
                          "early_share": sm["removed_first_quarter"] / max(sm["removed_total"], 1.0),
                          "initial_arch": "-".join(str(v) for v in sm["initial"].values()),
                          "final_arch": "-".join(str(v) for v in sm["final"].values()),
-                         "total_final_units": sum(sm["final"].values())})
+                         "total_final_units": sum(sm["final"].values()), "flip_examples": sm["flip_examples"],
+                         "first_epoch_s": float(ep[0]), "last_epoch_s": float(ep[-1]),
+                         "epoch_ratio": float(ep[-1] / ep[0]),
+                         "kept_flops": sm["final_flops"] / sm["initial_flops"],
+                         "step_initial_ms": sm["step_initial_ms"], "step_final_ms": sm["step_final_ms"],
+                         "step_ratio": sm["step_final_ms"] / sm["step_initial_ms"]})
             for layer, n0 in sm["initial"].items():
                 widths.append({**key, "layer": layer, "initial": n0, "final": sm["final"][layer]})
             hist.append(r["history"].assign(**key))
@@ -237,10 +349,12 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict[str, pd.DataFrame
         bar.close()
     finally:
         torch.set_num_threads(threads)
+    flip_cols = ["flip_examples", "variance", "step_ms", "step_ms_fit", "work", "efficiency", "model", "width", "chosen"]
     return {"runs": pd.DataFrame(runs), "widths": pd.DataFrame(widths),
             "history": pd.concat(hist, ignore_index=True), "undecided": pd.concat(undec, ignore_index=True),
             "trajectory": pd.concat(traj, ignore_index=True), "epoch_times": pd.concat(times, ignore_index=True),
-            "dense": pd.DataFrame(dense)}
+            "dense": pd.DataFrame(dense, columns=["model", "width", "seed", "test_error", "params"]),
+            "flip": pd.concat(flips, ignore_index=True) if flips else pd.DataFrame(columns=flip_cols)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -464,7 +578,9 @@ def measurements(cfg: Config, results: dict) -> dict:
     (a Series indexed by seed, the mean over models and widths of that seed) unless said otherwise."""
     runs, w, times, dense = results["runs"], results["widths"], results["epoch_times"], results["dense"]
     out = {"undecided": claims.seed_means(runs, "undecided") * 100,
-           "early_share": claims.seed_means(runs, "early_share") * 100}
+           "early_share": claims.seed_means(runs, "early_share") * 100,
+           "epoch_ratio": claims.seed_means(runs, "epoch_ratio"),
+           "step_ratio": claims.seed_means(runs, "step_ratio")}
     # Epoch time: the dense network's median epoch against the gated network's last epoch (same seed).
     pairs = []
     for (m, wd, s), g in times[times["kind"] == "dense"].groupby(["model", "width", "seed"]):
@@ -530,11 +646,20 @@ CLAIMS = {
         "models and widths",
         claims.AtLeast(limit=50.0, fmt="{:.1f}", unit="%"), paper="pruning early in training"),
     "cheaper": claims.Claim(
-        "Subsequent training iterations are considerably cheaper",
+        "Subsequent training iterations are considerably cheaper: the last epoch against the first",
         "Guenter & Sideris 2022, abstract",
-        "training seconds: dense epoch (median) minus the gated network's last epoch, paired by seed",
-        claims.Exceeds(fmt="{:+.3f}", unit="s", a_name="dense", b_name="gated last"),
-        paper="cost of later iterations reduced"),
+        "training seconds of the last gated epoch ÷ the first (forward, backward, θ estimator, optimizer "
+        "steps, removals; same run), per seed the mean over models and widths; 'considerably' read as at "
+        "least halved (our threshold)",
+        claims.AtMost(limit=0.5, fmt="{:.2f}", unit="× the first epoch"), paper="cost of later iterations reduced"),
+    "cheaper_step": claims.Claim(
+        "Subsequent training iterations are considerably cheaper: the compacted network's step against the "
+        "initial network's",
+        "Guenter & Sideris 2022, abstract",
+        "one training step of the network left at the end ÷ one of the initial gated network (same batches, "
+        "best of interleaved repeats), per seed the mean over models and widths; at least halved (our "
+        "threshold)",
+        claims.AtMost(limit=0.5, fmt="{:.2f}", unit="× the initial step"), paper="cost of later iterations reduced"),
     "width": claims.Claim(
         "Pruning level is consistent regardless of the initial size of the network",
         "Guenter & Sideris 2022, abstract",
@@ -553,12 +678,13 @@ CLAIMS = {
         claims.SeedBootstrap(statistic=mean_cv, name="mean CV", sign=-1.0, limit=0.15, fmt="{:.3f}"),
         paper="robust to initialisation"),
     "accuracy": claims.Claim(
-        "Pruning keeps the accuracy of the dense network",
+        "Better test accuracy than other structured pruning methods at similar pruning levels",
         "Guenter & Sideris 2022, abstract and Sec. 5",
-        "test error of the gated run minus the dense network's (same schedule and seed, pp), per seed the "
-        "mean over models and widths",
-        claims.AtMost(limit=0.5, fmt="{:+.2f}", unit="pp"),
-        paper="better test accuracy than other structured methods"),
+        "not measured here: it needs L0-HC and polarization run on the same LeNets, MNIST-5k and schedule, "
+        "each swept to the same kept units or FLOPs; their modules were being changed while this chapter "
+        "was rerun, and the sweeps do not fit the cpu budget. The published rows (full MNIST) are shown, "
+        "not judged.",
+        claims.AtMost(limit=0.0), paper="better test accuracy than other structured methods"),
 }
 LAYER_RULE = claims.AtMost(limit=25.0, fmt="{:.1f}", unit="%")
 
@@ -578,12 +704,12 @@ def claims_table(cfg: Config, results: dict) -> pd.DataFrame:
     rows = [
         (CLAIMS["binary"], ev(m["undecided"], "undecided")),
         (CLAIMS["early"], ev(m["early_share"], "kept_share")),
-        (CLAIMS["cheaper"], ev((m["dense_epoch"], m["gated_last_epoch"]), "kept_share")
-         if len(m["dense_epoch"]) else None),
+        (CLAIMS["cheaper"], ev(m["epoch_ratio"], "kept_share")),
+        (CLAIMS["cheaper_step"], ev(m["step_ratio"], "kept_share")),
         (CLAIMS["width"], layer_verdicts or None),
         (CLAIMS["width_error"], ev(m["error_gap"], "test_accuracy", [model]) if len(m["error_gap"]) else None),
         (CLAIMS["init"], ev(m["final_units"], "kept_share") if len(m["final_units"]) else None),
-        (CLAIMS["accuracy"], ev(m["dense_gap"], "test_accuracy") if len(m["dense_gap"]) else None),
+        (CLAIMS["accuracy"], None),
     ]
     return claims.ledger(CHAPTER, rows, cfg.profile, cfg.results_dir, budget=cfg.budget)
 
@@ -605,3 +731,56 @@ def closing_numbers(cfg: Config, results: dict) -> pd.DataFrame:
                      "first epoch s": first, "last epoch s": last, "dense epoch s": dense,
                      "last / dense": last / dense if dense == dense else float("nan")})
     return pd.DataFrame(rows)
+
+
+def speed_table(cfg: Config, results: dict) -> pd.DataFrame:
+    """Per model and initial width (mean over seeds): the last gated epoch against the first (estimator
+    included, same run) beside the kept-FLOPs fraction and issue 15's goal (last/first ≤ kept FLOPs +
+    0.1); the compacted network's step against the initial network's (best of interleaved repeats);
+    the dense network's epoch as a note."""
+    runs, t = results["runs"], results["epoch_times"]
+    rows = []
+    for (model, width), g in runs.groupby(["model", "width"], sort=False):
+        dense = t[(t["kind"] == "dense") & (t["model"] == model) & (t["width"] == width)]["seconds"]
+        goal = g["kept_flops"] + 0.1
+        rows.append({"model": model, "initial": _arch_label(model, width, results["widths"]),
+                     "seeds": len(g), "flipped examples": int(g["flip_examples"].iloc[0]),
+                     "first epoch s": g["first_epoch_s"].mean(), "last epoch s": g["last_epoch_s"].mean(),
+                     "last / first": g["epoch_ratio"].mean(), "kept FLOPs": g["kept_flops"].mean(),
+                     "goal: kept FLOPs + 0.1": goal.mean(),
+                     "seeds meeting the goal": f"{int((g['epoch_ratio'] <= goal).sum())} of {len(g)}",
+                     "initial step ms": g["step_initial_ms"].mean(), "final step ms": g["step_final_ms"].mean(),
+                     "final / initial step": g["step_ratio"].mean(),
+                     "dense epoch s (note)": float(dense.median()) if len(dense) else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def plot_flip_tradeoff(results: dict, efficiency: float = 0.5):
+    """The estimator's variance, the step's cost and the variance reduction per second against the
+    number of flipped examples, measured as training starts; the number used is marked."""
+    from . import plotting
+
+    f = results["flip"]
+    fig, axes = plotting.figure(ncols=3, width=10.5, height=3.0)
+    for i, (model, g) in enumerate(f.groupby("model", sort=False)):
+        g = g.sort_values("flip_examples")
+        c = f"C{i}"
+        axes[0].plot(g["flip_examples"], g["variance"], marker="o", color=c, label=model)
+        axes[1].plot(g["flip_examples"], g["step_ms"], ls="none", marker="o", color=c, label=f"{model} measured")
+        axes[1].plot(g["flip_examples"], g["step_ms_fit"], color=c, label=f"{model} Theil-Sen line")
+        axes[2].plot(g["flip_examples"], g["efficiency"], marker="o", color=c, label=model)
+        pick = g[g["chosen"]]
+        axes[2].scatter(pick["flip_examples"], pick["efficiency"], s=120, facecolors="none", edgecolors="k",
+                        zorder=3, label="used" if i == 0 else None)
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("flipped examples per step")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("variance of the θ-gradient estimate")
+    axes[1].set_ylabel("training step (ms)")
+    axes[2].set_ylabel("variance reduction per second\n(relative to the best)")
+    if len(f):
+        axes[2].axhline(efficiency, color="0.5", ls="--", lw=0.8)
+    for ax in axes:
+        ax.legend(fontsize=7)
+    return fig

@@ -193,9 +193,139 @@ def test_config_profiles_and_missing_dataset(tmp_path):
     for p in ("smoke", "cpu", "paper"):
         bc.Config.from_profile(p)
     cfg = bc.Config.from_profile("cpu")
-    assert len(cfg.seeds) >= 5 and len(cfg.widths) >= 3
+    assert len(cfg.seeds) >= 3 and len(cfg.conv_seeds) >= 3 and len(cfg.widths) >= 3
+    assert cfg.theta_tau > 0 and cfg.flip_examples == 0  # decaying theta step; flips chosen by measurement
     with pytest.raises(ConfigError):
         bc.Config.from_namespace({"profile": "cpu", "bogus": 1})
     paper = bc.Config.from_profile("paper", data_root=str(tmp_path), results_dir=str(tmp_path))
     with pytest.raises(DatasetNotFoundError):
         bc.run_experiment(paper, progress=False)
+
+
+def test_estimator_reuses_the_forward_and_flips_only_the_units_asked_for():
+    """Passing the training forward's per-example losses and a subset of units changes nothing but
+    the work: the estimates of the chosen units are those of the full computation, the others 0."""
+    for make in (_tiny_mlp, _tiny_conv):
+        m = make()
+        B.attach_bernoulli_gates(m, 0.5)
+        x = torch.randn(8, 1, *((2, 2) if make is _tiny_mlp else (6, 6)))
+        y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+        m.train()
+        est = B.FlipEstimator(flip_examples=5)
+        est.begin(m)
+        with torch.no_grad():
+            losses = F.cross_entropy(m(x), y, reduction="none")
+        est.generator = torch.Generator().manual_seed(7)
+        full = est.gradients(m, y)
+        est.generator = torch.Generator().manual_seed(7)
+        units = {name: torch.tensor([0, g.theta.numel() - 1]) for name, g in B.bernoulli_gates(m).items()}
+        part = est.gradients(m, y, units=units, base_loss=losses)
+        for name, idx in units.items():
+            assert torch.allclose(part[name][idx], full[name][idx], atol=1e-6)
+            rest = torch.ones_like(part[name], dtype=torch.bool)
+            rest[idx] = False
+            assert (part[name][rest] == 0).all()
+        assert any((full[n][u] != 0).any() for n, u in units.items())  # not vacuous
+        est.clear(m)
+        est.end()
+
+
+def test_per_example_cross_entropy_matches_torch():
+    logits, y = torch.randn(50, 7) * 5, torch.randint(0, 7, (50,))
+    assert torch.allclose(B.per_example_cross_entropy(logits, y), F.cross_entropy(logits, y, reduction="none"),
+                          atol=1e-5)
+
+
+def _vertex_problem():
+    """Four inputs, three hidden units, two classes, weights fixed.  Unit 0 carries class 0, unit 1
+    class 1, unit 2 has no outgoing weight: with a price per active unit the optimum is (1, 1, 0)."""
+    m = build_model("lenet300_100", in_channels=1, image_size=2, hidden=(3,), num_classes=2)
+    with torch.no_grad():
+        m.head[0].weight.copy_(torch.eye(3, 4))
+        m.head[0].bias.zero_()
+        m.classifier.weight.copy_(torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0]]))
+        m.classifier.bias.zero_()
+    x = torch.tensor([[1.0, 0, 1, 0], [0, 1.0, 1, 0], [1.0, 0, 1, 0], [0, 1.0, 1, 0]]).view(4, 1, 2, 2)
+    y = torch.tensor([0, 1, 0, 1])
+    return m, x, y
+
+
+def _vertex_cost(m, x, y, kappa, vertex):
+    """Mean loss + kappa * d_j per active unit at a vertex (eval mode multiplies by theta)."""
+    gate = B.bernoulli_gates(m)["fc1"]
+    with torch.no_grad():
+        gate.theta.copy_(torch.tensor(vertex, dtype=torch.float32))
+    m.eval()
+    with torch.no_grad():
+        loss = float(F.cross_entropy(m(x), y))
+    return loss + kappa * 5 * sum(vertex)  # d_j = 4 weights + 1 bias
+
+
+@pytest.mark.parametrize("schedule", ["robbins_monro", "constant"])
+def test_theta_schedule_leaves_no_undecided_gate_at_the_vertex_optimum(schedule):
+    import itertools
+
+    kappa = 0.01
+    m, x, y = _vertex_problem()
+    B.attach_bernoulli_gates(m, 0.5)
+    costs = {v: _vertex_cost(m, x, y, kappa, v) for v in itertools.product((0.0, 1.0), repeat=3)}
+    best = min(costs, key=costs.get)
+    assert best == (1.0, 1.0, 0.0)  # the known optimum, checked by enumerating the vertices
+    assert sorted(costs.values())[1] - costs[best] > 0.04  # with a clear margin
+    with torch.no_grad():
+        B.bernoulli_gates(m)["fc1"].theta.fill_(0.5)
+    m.train()
+    torch.manual_seed(0)
+    tau = 20.0 if schedule == "robbins_monro" else 0.0
+    # One flipped example a step (the noisiest estimator), weights frozen (Adam's lr 0), dataset size 1:
+    # the step descends exactly the cost above.
+    bp = B.BernoulliPruning(m, 1, weight_precision=0.0, unit_cost=kappa, theta_lr=1.0, theta_tau=tau,
+                            flip_examples=1, shrink_every=1, record_every=1, seed=0)
+    bp.optimizers(lr=0.0)
+    for _ in range(1000):
+        bp.step(x, y)
+    last = torch.stack([t["fc1"] for _, t in bp.trajectory[-100:]])  # original unit order
+    undecided = ((last > 0.01) & (last < 0.99)).any(1).float().mean()
+    if schedule == "robbins_monro":
+        assert bp.widths() == {"fc1": 2}  # unit 2 reached 0 and was removed
+        assert ((bp.full_thetas()["fc1"] - torch.tensor([1.0, 1.0, 0.0])).abs() < 0.01).all()  # the optimum
+        assert undecided == 0  # not one undecided gate over the last 100 steps
+        assert bp.theta_lr_at(1000) == pytest.approx(1.0 / (1 + 1000 / 20.0))
+    else:  # a constant step keeps kicking the decided units off 1: what the decaying step cures
+        assert undecided > 0.1
+
+
+def test_decided_units_are_estimated_only_on_check_steps():
+    m = _tiny_mlp()
+    B.attach_bernoulli_gates(m, 1.0)
+    with torch.no_grad():
+        B.bernoulli_gates(m)["fc1"].theta[0] = 0.5
+    bp = B.BernoulliPruning(m, 100, unit_cost=0.1, theta_lr=0.0, flip_examples=4, check_every=3,
+                            shrink_every=0, record_every=0)
+    bp.optimizers()
+    x, y = torch.randn(6, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2])
+    grads = []
+    for _ in range(3):
+        bp.step(x, y)
+        grads.append({k: g.theta.grad.clone() for k, g in B.bernoulli_gates(m).items()})
+    for step, g in enumerate(grads, start=1):
+        assert g["fc1"][0] != 0  # the undecided unit: every step
+        decided = torch.cat([g["fc1"][1:], g["fc2"]])
+        assert (decided != 0).all() if step % 3 == 0 else (decided == 0).all()
+
+
+def test_choose_flip_examples_takes_the_fewest_with_enough_efficiency():
+    rows = [{"flip_examples": m, "efficiency": e} for m, e in ((2, 0.2), (8, 0.55), (16, 0.8), (100, 1.0))]
+    assert B.choose_flip_examples(rows, 0.5) == 8
+    assert B.choose_flip_examples(rows, 0.9) == 100
+
+
+def test_flip_tradeoff_measures_variance_falling_with_examples():
+    m = _tiny_mlp(hidden=(6, 4))
+    B.attach_bernoulli_gates(m, 0.7)
+    torch.manual_seed(0)
+    batches = [(torch.randn(32, 1, 2, 2), torch.randint(0, 3, (32,))) for _ in range(40)]
+    rows = B.flip_tradeoff(m, batches, [1, 32], 1000, rounds=2, unit_cost=0.01)
+    v = {r["flip_examples"]: r["variance"] for r in rows}
+    assert v[32] < v[1] / 4  # 1/m in theory (iid examples): measured, with room for noise
+    assert all(r["step_ms"] > 0 and 0 < r["efficiency"] <= 1 for r in rows)

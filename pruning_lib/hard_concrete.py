@@ -28,7 +28,8 @@ Penalties (:class:`CostModel`):
 * :meth:`CostModel.louizos_l0` - Louizos' expected L0 norm: each channel's weight count times ``P(z != 0)``,
   with the input channels counted at their nominal number (independent groups), divided by the data size.
 * :meth:`CostModel.expected_params` - Dep-L0's expected parameter count ``sum_l k_l^2 E[C_in^l] E[C_out^l]``
-  with ``E[C] = sum_c P(z_c != 0)`` chained, ``E[C_in^l] = E[C_out^(l-1)]`` (official ``SparseChannel._reg_w``);
+  with ``E[C] = sum_c P(z_c != 0)`` chained, ``E[C_in^l] = E[C_out^(l-1)]`` (official ``SparseChannel._reg_w``),
+  over the conv layers only (``layers="conv"``, the official code's scope) or over every conv and linear layer;
   :meth:`CostModel.expected_flops` is the same sum weighted by each layer's output positions.
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ from .gates import get_gates, scale_channels, set_gates
 from .train import Callback
 
 __all__ = [
-    "BETA", "GAMMA", "ZETA", "LOG_ALPHA_RANGE",
+    "BETA", "GAMMA", "ZETA", "LOG_ALPHA_RANGE", "LAYER_SCOPES",
     "sample_gate", "test_gate", "prob_nonzero", "log_alpha_from_drop_rate",
     "HardConcreteGate", "L0Gate", "GateGenerator", "GeneratedGate",
     "attach_l0_gates", "attach_dep_l0_gates", "gate_log_alphas", "gate_probabilities", "set_fixed",
@@ -53,6 +54,7 @@ __all__ = [
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
 LOG_ALPHA_RANGE = (math.log(1e-2), math.log(1e2))  # clamp of the free log_alphas (official code)
+LAYER_SCOPES = ("all", "conv")  # which layers CostModel.expected_params counts
 _EPS = 1e-6  # u is drawn from U(eps, 1 - eps), as in the official code
 
 
@@ -341,33 +343,44 @@ class CostModel:
                 n_in, n_out, fan = m.in_features, m.out_features, 1
             g_in = in_group.get(name)
             per_in = n_in // self.group_channels[g_in] if g_in is not None else 1  # features per channel
-            self.layers.append(dict(layer=name, in_group=g_in, out_group=out_group.get(name), n_in=n_in,
-                                    n_out=n_out, per_in=per_in, fan=fan, positions=positions[name]))
+            self.layers.append(dict(layer=name, conv=isinstance(m, nn.Conv2d), in_group=g_in,
+                                    out_group=out_group.get(name), n_in=n_in, n_out=n_out, per_in=per_in, fan=fan,
+                                    positions=positions[name]))
         self.producer_weights = {out_group[name]: m.weight[0].numel() + (m.bias is not None)
                                  for name, m in model.named_modules() if name in out_group}
 
-    def _expected(self, probs: Mapping[str, torch.Tensor], flops: bool):
+    def _expected(self, probs: Mapping[str, torch.Tensor], flops: bool, layers: str = "all"):
+        if layers not in LAYER_SCOPES:
+            raise ValueError(f"layers must be one of {LAYER_SCOPES}, got {layers!r}")
         total = 0.0
         for l in self.layers:
+            if layers == "conv" and not l["conv"]:
+                continue
             e_in = probs[l["in_group"]].sum() * l["per_in"] if l["in_group"] in probs else l["n_in"]
             e_out = probs[l["out_group"]].sum() if l["out_group"] in probs else l["n_out"]
             term = e_in * l["fan"] * e_out
             total = total + (2 * l["positions"] * term if flops else term)
         return total if torch.is_tensor(total) else torch.tensor(float(total))
 
-    def expected_params(self, model_or_probs) -> torch.Tensor:
-        """Dep-L0's penalty term ``sum_l fan_l E[C_in^l] E[C_out^l]`` (chained expected channel counts)."""
-        return self._expected(self._probs(model_or_probs), flops=False)
+    def expected_params(self, model_or_probs, layers: str = "all") -> torch.Tensor:
+        """Dep-L0's penalty term ``sum_l fan_l E[C_in^l] E[C_out^l]`` (chained expected channel counts).
 
-    def expected_flops(self, model_or_probs) -> torch.Tensor:
-        """Expected FLOPs of one example (2 per multiply-add; weights of convs and linears only)."""
-        return self._expected(self._probs(model_or_probs), flops=True)
+        ``layers="all"`` sums every conv and linear layer (the classifier included): the expected parameter
+        count of the whole network.  ``layers="conv"`` sums the convolutions only, the scope of the official
+        Dep-L0 code, whose ``regularization()`` walks the gated conv layers (``SparseChannel``) and leaves the
+        classifier out; its VGG-16 and ResNets have no hidden linear layer."""
+        return self._expected(self._probs(model_or_probs), flops=False, layers=layers)
 
-    def nominal_params(self) -> int:
-        return int(self._expected({}, flops=False))
+    def expected_flops(self, model_or_probs, layers: str = "all") -> torch.Tensor:
+        """Expected FLOPs of one example (2 per multiply-add; weights of convs and linears only, or of the
+        convs only with ``layers="conv"``)."""
+        return self._expected(self._probs(model_or_probs), flops=True, layers=layers)
 
-    def nominal_flops(self) -> int:
-        return int(self._expected({}, flops=True))
+    def nominal_params(self, layers: str = "all") -> int:
+        return int(self._expected({}, flops=False, layers=layers))
+
+    def nominal_flops(self, layers: str = "all") -> int:
+        return int(self._expected({}, flops=True, layers=layers))
 
     def louizos_l0(self, model_or_probs, n_data: int = 1) -> torch.Tensor:
         """Louizos et al.'s group L0 penalty: ``(1 / N) sum_channels P(z != 0) * |weights of the channel|``

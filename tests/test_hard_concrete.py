@@ -175,6 +175,30 @@ def test_expected_parameter_count_penalty_by_hand():
     assert cost.nominal_params() == 25 * 2 + 2 * 25 * 5 + 5 * 16 * 50 + 50 * 10
 
 
+def test_conv_scope_counts_the_convolutions_only():
+    """The official Dep-L0 code penalises the gated conv layers (``regularization()`` walks them); with
+    ``layers="conv"`` the linear layers drop out of the count and their gates get no gradient from it."""
+    model = _lenet()
+    cost = hc.CostModel(model, (1, 28, 28))
+    hc.attach_l0_gates(model)
+    torch.manual_seed(2)
+    las = {"conv1": torch.randn(2), "conv2": torch.randn(5), "fc1": torch.randn(50)}
+    _set_log_alphas(model, las)
+    e1, e2, e3 = (float(torch.sigmoid(las[k] - (2 / 3) * math.log(0.1 / 1.1)).sum()) for k in ("conv1", "conv2", "fc1"))
+    conv = 1 * 25 * e1 + e1 * 25 * e2
+    assert float(cost.expected_params(model, "conv").detach()) == pytest.approx(conv, rel=1e-5)
+    assert float(cost.expected_params(model, "all").detach()) == pytest.approx(conv + e2 * 16 * e3 + e3 * 10, rel=1e-5)
+    assert cost.nominal_params("conv") == 25 * 2 + 2 * 25 * 5
+    cost.expected_params(model, "conv").backward()
+    gates = get_gates(model)
+    fc1 = gates["fc1"].log_alpha_param.grad
+    assert fc1 is None or float(fc1.abs().sum()) == 0.0
+    assert float(gates["conv1"].log_alpha_param.grad.abs().min()) > 0
+    assert float(gates["conv2"].log_alpha_param.grad.abs().min()) > 0
+    with pytest.raises(ValueError):
+        cost.expected_params(model, "linear")
+
+
 @pytest.mark.parametrize("name,method", [("lenet5_caffe", "l0_hc"), ("small_vgg", "dep_l0_forward"),
                                          ("small_vgg", "l0_hc")])
 def test_compaction_preserves_outputs_and_reaches_the_effective_count(name, method):

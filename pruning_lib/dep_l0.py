@@ -9,7 +9,12 @@ The gated network is then compacted (:func:`pruning_lib.hard_concrete.compact_ga
 parameters and FLOPs are measured on the physically smaller network.
 
 Both methods use the same penalty in a comparison, as in the official repository (whose own L0-HC baseline
-uses Dep-L0's expected-parameter-count penalty); ``penalty="l0"`` switches both to Louizos' expected L0.
+uses Dep-L0's expected-parameter-count penalty).  By default it counts the conv layers only, the scope of the
+official code (``penalty="conv_params"``); ``"params"`` counts every conv and linear layer, and ``"l0"``
+switches both methods to Louizos' expected L0.
+
+The claims compare the methods on the accuracy-against-FLOPs frontier, one value per seed
+(:func:`accuracy_at_matched_flops`); FLOPs removed at the same lambda is a figure (:func:`plot_same_lambda`).
 """
 from __future__ import annotations
 

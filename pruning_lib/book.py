@@ -386,7 +386,8 @@ def write_run_record(root: str | Path, job: Job, status: str, start: float, seco
                      executor: str | None = None) -> Path:
     """Record one chapter run, atomically: ``{"chapter", "status", "profile", "budget", "parameters",
     "start", "seconds", "git_commit", "error", "notebook", "executor"}`` (``executor``: where its units
-    ran, ``$PRUNING_EXECUTOR``, or None for the chapter's own default). ``status`` is ``running`` (written when it
+    ran, ``$PRUNING_EXECUTOR``, or None for the chapter's own default). ``status`` is ``running``
+    (written when it
     starts: a run killed mid-way leaves it so), ``ok``, ``failed`` or ``interrupted``; only ``ok`` means
     the book's notebook and the claims table come from this run. ``start`` is UTC ISO 8601, ``seconds``
     the wall time."""

@@ -1376,8 +1376,9 @@ def unit_key(spec: Any) -> str:
     return digest(plain(spec))
 
 
-def map_units(fn: Callable[[Any, str], Any], specs: typing.Iterable[Any], *, results_dir: str | Path = "results",
-              executor: "str | Executor | Any | None" = None, workers: int = 1,
+def map_units(fn: Callable[[Any, str], Any], specs: typing.Iterable[Any], *,
+              results_dir: str | Path = "results", executor: "str | Executor | Any | None" = None,
+              workers: int = 1,
               done: Callable[[Any], bool] | None = None,
               inputs: Callable[[Any], typing.Iterable["Store"]] | None = None,
               key: Callable[[Any], str] | None = None, resources: str | dict | None = None,
@@ -1399,12 +1400,16 @@ def map_units(fn: Callable[[Any, str], Any], specs: typing.Iterable[Any], *, res
     ``$PRUNING_RESOURCES``): what each unit asks of a Dask worker (worker resources).
 
     Results come back in the order of ``specs``; the bar advances as units finish (``bar``: an open
-    progress bar to advance instead of a new one, left open, for a sweep in several calls). When a unit fails,
-    no more are started, those running finish, every finished unit (the failed unit's finished parts
-    too) is stored, and :class:`UnitError` is raised naming the unit, where it ran, and its traceback.
+    progress bar to advance instead of a new one, left open, for a sweep in several calls). When a unit
+    fails, no more are started, those running finish, every finished unit (the failed unit's finished
+    parts too) is stored, and :class:`UnitError` is raised naming the unit, where it ran, and its
+    traceback.
     """
+    from collections import Counter
+
     specs = list(specs)
     keys = [(key or unit_key)(s) for s in specs]
+    copies = Counter(keys)
     client = None
     if isinstance(executor, Executor):
         ex = executor
@@ -1432,11 +1437,11 @@ def map_units(fn: Callable[[Any, str], Any], specs: typing.Iterable[Any], *, res
 
                     raise _unit_error(specs, keys, [(i, "this process", type(exc).__name__, str(exc),
                                                      traceback.format_exc())], None, results_dir) from exc
-                bar.update(keys.count(keys[i]))
+                bar.update(copies[keys[i]])
             else:
                 remote.append(i)
         if remote:
-            _run_remote(fn, specs, keys, remote, results, ex, client, res, inputs, results_dir, bar)
+            _run_remote(fn, specs, keys, remote, results, ex, client, res, inputs, results_dir, bar, copies)
     finally:
         if own:
             bar.close()
@@ -1457,11 +1462,18 @@ def _unit_error(specs, keys, failures, stored, results_dir) -> UnitError:
 
 
 def _describe(spec: Any, limit: int = 200) -> str:
-    text = repr(spec)
+    """A unit's spec in one short line: a config (a dataclass) by its class name, the rest by repr."""
+    def short(x):
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            return f"{type(x).__name__}(...)"
+        if isinstance(x, (list, tuple)):
+            return "(" + ", ".join(short(v) for v in x) + ("," if len(x) == 1 else "") + ")"
+        return repr(x)
+    text = short(spec)
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _run_remote(fn, specs, keys, todo, results, ex, client, resources, inputs, results_dir, bar):
+def _run_remote(fn, specs, keys, todo, results, ex, client, resources, inputs, results_dir, bar, copies):
     """The units ``todo`` on the pool or the Dask cluster, a few per worker in flight (each one's inputs
     are packed when it is sent); the units a worker finished are installed as soon as it returns. After
     a failure nothing more is sent; the units in flight finish and are stored, then the error is raised."""
@@ -1499,7 +1511,7 @@ def _run_remote(fn, specs, keys, todo, results, ex, client, resources, inputs, r
                     failures.append((i, out["where"], e["type"], e["message"], e["traceback"]))
                     continue
                 results[i] = out["result"]
-                bar.update(keys.count(keys[i]))
+                bar.update(copies[keys[i]])
     except BaseException:
         backend.cancel(list(running))
         backend.close(cancel=True)

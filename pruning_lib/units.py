@@ -27,7 +27,8 @@ Dask worker for one GPU (workers started with ``dask worker ADDRESS --nthreads 1
 per GPU), so a cluster of GPU machines trains a chapter's units side by side. The workers return each
 unit's files and this process writes them into the results cache (no shared disk needed)::
 
-    python -m pruning_lib.book units 03 --profile paper --missing --executor tcp://host:8786 --resources GPU=1 --bf16
+    python -m pruning_lib.book units 03 --profile paper --missing --executor tcp://host:8786 \
+        --resources GPU=1 --bf16
 
 ``--bf16``, ``--channels-last`` and ``--workers N`` are GPU run settings
 (:class:`pruning_lib.train.RunSettings`): they act on CUDA only, are not part of the hash (like the
@@ -214,7 +215,8 @@ def map_units_cli(todo: list[Unit], results_dir: str, settings, executor: str, r
     todo = [u for u in todo if not u.done]
     if not todo:
         return []
-    say(f"{stem}: {len(todo)} unit(s) on {executor}" + (f", each asking for {resources}" if resources else ""))
+    asking = f", each asking for {resources}" if resources else ""
+    say(f"{stem}: {len(todo)} unit(s) on {executor}{asking}")
     try:
         out = map_units(_run_one, [(u, settings) for u in todo], results_dir=results_dir, executor=executor,
                         resources=resources, key=lambda spec: spec[0].key, desc=f"{stem} units")

@@ -14,7 +14,8 @@ from pruning_lib.runs import ConfigError, Store, UnitError, map_units
 
 def square(x, results_dir):
     """A unit: its result is cached in a Store under ``results_dir``; returns it."""
-    return Store(results_dir, "test/square", {"x": x}).json("value", lambda: {"y": x * x, "where": os.getpid()})["y"]
+    store = Store(results_dir, "test/square", {"x": x})
+    return store.json("value", lambda: {"y": x * x, "where": os.getpid()})["y"]
 
 
 def square_or_fail(spec, results_dir):
@@ -122,7 +123,8 @@ def test_a_unit_failing_on_a_dask_worker_loses_no_finished_unit(tmp_path, dask_c
     assert err.key == "5" and err.spec == specs[2]
     message = str(err)
     assert "unit 5" in message and "ValueError: boom on unit 5" in message
-    assert "square_or_fail" in err.remote_traceback and "raise ValueError" in message  # the worker's traceback
+    # the worker's traceback
+    assert "square_or_fail" in err.remote_traceback and "raise ValueError" in message
     assert "(pid " in err.where
     finished = sorted(int(p.name) for p in ran.iterdir())
     assert finished, "no unit finished before the error"
@@ -218,7 +220,8 @@ def test_the_book_runner_passes_the_executor_to_the_kernels(tmp_path, monkeypatc
     monkeypatch.delenv(runs.RESOURCES_ENV, raising=False)
     params = new_code_cell('profile = "cpu"')
     params.metadata["tags"] = ["parameters"]
-    body = new_code_cell("import os\nprint(os.environ.get('PRUNING_EXECUTOR'), os.environ.get('PRUNING_RESOURCES'))")
+    body = new_code_cell("import os\n"
+                         "print(os.environ.get('PRUNING_EXECUTOR'), os.environ.get('PRUNING_RESOURCES'))")
     nb = new_notebook(cells=[params, body], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                                      "language": "python"}})
     (tmp_path / "notebooks").mkdir()

@@ -31,8 +31,9 @@ def parameters_cell(path: Path) -> list[tuple[str, object]]:
     assert len(cells) == 1, f"{path.name}: {len(cells)} cells tagged `parameters` (needs exactly one)"
     out = []
     for node in ast.parse(cells[0].source).body:
-        assert isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name), \
-            f"{path.name}: the parameters cell holds `name = value` lines only, not {ast.unparse(node)!r}"
+        simple = (isinstance(node, ast.Assign) and len(node.targets) == 1
+                  and isinstance(node.targets[0], ast.Name))
+        assert simple, f"{path.name}: the parameters cell holds `name = value` lines only, not {ast.unparse(node)!r}"
         out.append((node.targets[0].id, ast.literal_eval(node.value)))
     return out
 
@@ -72,7 +73,8 @@ def test_parameters_cell_leaves_values_to_the_profile(notebook):
         assert name in cell, f"{notebook.name} does not declare {name!r}, which the book runner passes"
         assert cell[name] == value, f"{notebook.name}: {name} = {cell[name]!r}; the runner assumes {value!r}"
         if name in defaults:
-            assert defaults[name] == value, f"{cls.__name__}.{name} defaults to {defaults[name]!r}, not {value!r}"
+            assert defaults[name] == value, \
+                f"{cls.__name__}.{name} defaults to {defaults[name]!r}, not {value!r}"
     for name, value in cell.items():
         assert value is None or name in RUNNER, (
             f"{notebook.name}: {name} = {value!r} in the parameters cell; give None (the profile's value)")

@@ -10,7 +10,8 @@ with the statistics of the claims ledger (:mod:`pruning_lib.claims`):
   (:func:`interpolate_log`); points outside the reference's range are left out, not extrapolated;
 * the per-seed differences of a level give a Student-t interval (:func:`pruning_lib.claims.t_interval`);
   the level is *above* when the interval lies above 0, *below* when it lies below, else *tied*
-  (fewer than three seeds: always tied, as in the ledger);
+  (fewer than three seeds, or a run behind the level that had not settled: always tied, as in the
+  ledger, whose :class:`~pruning_lib.claims.Exceeds` judgements of the same differences these match);
 * the curve's class (:func:`classify`): **dominant** (every level above), **better** (some above, none
   below), **mixed** (some above, some below), **worse** (some below, none above), **dominated** (every level
   below); **tied** when no level is separated, and **not compared** when no level falls inside the
@@ -46,6 +47,7 @@ def differences(points: pd.DataFrame, reference: pd.DataFrame, cost: str = "flop
     difference ``value - reference(seed) at cost``; ``reference`` has ``seed``, ``cost``, ``value``
     (one curve per seed). Rows whose cost is outside their seed's reference range get NaN."""
     curves = {s: g for s, g in reference.groupby("seed")}
+    # (the reference's ``settled`` column, if any, is read by verdicts())
     out = points.copy()
     ref = []
     for _, row in points.iterrows():
@@ -56,15 +58,20 @@ def differences(points: pd.DataFrame, reference: pd.DataFrame, cost: str = "flop
     return out
 
 
-def level_outcomes(diffs: pd.DataFrame, level: str = "level", level_ci: float = LEVEL) -> pd.DataFrame:
-    """Per level: n seeds compared, mean difference, t interval and outcome (+1 above, -1 below, 0 tied)."""
+def level_outcomes(diffs: pd.DataFrame, level: str = "level", level_ci: float = LEVEL,
+                   reference_settled: bool = True) -> pd.DataFrame:
+    """Per level: n seeds compared, mean difference, t interval and outcome (+1 above, -1 below, 0 tied).
+    With a boolean ``settled`` column, a level whose compared runs (or the reference's, see
+    ``reference_settled``) did not all settle is tied."""
     rows = []
     for lv, g in diffs.groupby(level, sort=True):
-        d = g.set_index("seed")["difference"].dropna()
+        g = g[g["difference"].notna()]
+        d = g.set_index("seed")["difference"]
         iv = t_interval(d, level_ci)
+        settled = reference_settled and (bool(g["settled"].all()) if "settled" in g else True)
         if iv.n == 0:
             outcome = np.nan
-        elif iv.n < MIN_REPLICATES:
+        elif iv.n < MIN_REPLICATES or not settled:
             outcome = 0
         else:
             outcome = 1 if iv.low > 0 else -1 if iv.high < 0 else 0
@@ -96,8 +103,9 @@ def verdicts(points: pd.DataFrame, reference: pd.DataFrame, by: str = "method", 
              value: str = "accuracy") -> pd.DataFrame:
     """One row per ``by`` group of ``points``: its class against ``reference`` and the levels counted."""
     rows = []
+    ref_settled = bool(reference["settled"].all()) if "settled" in reference else True
     for name, g in points.groupby(by, sort=False):
-        out = level_outcomes(differences(g, reference, cost, value))
+        out = level_outcomes(differences(g, reference, cost, value), reference_settled=ref_settled)
         o = out["outcome"]
         rows.append({by: name, "class": classify(o), "levels": int(o.notna().sum()),
                      "above": int((o == 1).sum()), "tied": int((o == 0).sum()), "below": int((o == -1).sum()),

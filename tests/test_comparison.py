@@ -258,3 +258,13 @@ def test_paper_profile_on_cifar10_stand_in(tmp_path, monkeypatch):
     table = cmp.claims_table(cfg, out, results_dir=pd_.results)
     assert (table["profile"] == "paper").all() and len(table)
     assert len(cmp.latency(cfg, out)) and len(cmp.overlap(cfg, out))
+
+
+def test_pareto_unsettled_levels_are_tied_like_the_ledger():
+    pts, ref = _curves((0.05, 0.05, 0.05, 0.05))
+    pts["settled"] = True
+    pts.loc[pts["level"] == 2, "settled"] = False
+    v = pareto.verdicts(pts, ref)
+    assert (v.loc[0, "class"], v.loc[0, "above"], v.loc[0, "tied"]) == ("better", 3, 1)
+    ref["settled"] = False  # an unsettled reference decides nothing
+    assert pareto.verdicts(pts, ref).loc[0, "class"] == "tied"

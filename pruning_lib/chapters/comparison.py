@@ -97,7 +97,7 @@ class Config(RunConfig):
                                                  "last quarter of its (last) training phase")
     overlap_compression: float = param(8.0, low=1.0, help="compression at which masks are compared")
     timing_batch: int = param(256, low=1, help="the large batch of the latency measurement")
-    timing_repeats: int = param(7, low=1, help="best of this many interleaved rounds")
+    timing_repeats: int = param(30, low=1, help="best of this many interleaved rounds")
     data_root: str = param("data")
     results_dir: str = param("results")
 

@@ -793,6 +793,7 @@ def plot_overlap(frame: pd.DataFrame):
     """Heat map of the intersection over union of the kept weights."""
     fig, ax = plotting.figure(width=7.5, height=6.0)
     im = ax.imshow(frame.to_numpy(), vmin=0, vmax=1, cmap="viridis")
+    ax.grid(False)
     ax.set_xticks(range(len(frame.columns)), frame.columns, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(frame.index)), frame.index, fontsize=7)
     for i in range(len(frame.index)):

@@ -25,7 +25,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch import nn
@@ -33,6 +32,7 @@ from torch import nn
 from pruning_lib.compact import compact
 from pruning_lib.metrics import layer_flops
 from pruning_lib.models import build_model
+from pruning_lib.timing import best_forward_seconds
 
 SETTINGS = {
     "lenet5": dict(model="lenet5_caffe", width=1.0, shape=(1, 28, 28)),
@@ -63,20 +63,9 @@ def channels(model: nn.Module) -> str:
     return "/".join(str(model.get_submodule(g.slot).channels) for g in model.channel_groups())
 
 
-@torch.no_grad()
 def best_times(models: list[nn.Module], x: torch.Tensor, repeats: int, inner: int) -> list[float]:
     """Best (over ``repeats`` interleaved rounds) mean time of one forward over ``inner`` calls, per model."""
-    for m in models:
-        for _ in range(3):
-            m(x)
-    best = [float("inf")] * len(models)
-    for _ in range(repeats):
-        for i, m in enumerate(models):
-            t = time.perf_counter()
-            for _ in range(inner):
-                m(x)
-            best[i] = min(best[i], (time.perf_counter() - t) / inner)
-    return best
+    return best_forward_seconds(models, x, repeats, inner, warmup=3)
 
 
 def main():

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .. import claims, lottery, masks as masks_mod, metrics, pareto, plotting
+from .. import claims, lottery, masks as masks_mod, metrics, pareto, plotting, timing
 from .. import criteria as crit
 from .. import data as data_mod
 from .. import hard_concrete as hc
@@ -573,22 +573,10 @@ def pareto_table(points: pd.DataFrame) -> pd.DataFrame:
     return pareto.verdicts(others, ref)
 
 
-@torch.no_grad()
 def best_times(models: list[nn.Module], x: torch.Tensor, repeats: int, inner: int) -> list[float]:
-    """Best (over ``repeats`` interleaved rounds) mean time of one forward over ``inner`` calls per model (the
-    same measurement as ``benchmarks/compact_latency.py``: other jobs only ever add time)."""
-    for m in models:
-        m.eval()
-        for _ in range(3):
-            m(x)
-    best = [math.inf] * len(models)
-    for _ in range(repeats):
-        for i, m in enumerate(models):
-            t = time.perf_counter()
-            for _ in range(inner):
-                m(x)
-            best[i] = min(best[i], (time.perf_counter() - t) / inner)
-    return best
+    """Best (over ``repeats`` interleaved rounds) mean time of one forward over ``inner`` calls per model
+    (:func:`pruning_lib.timing.best_forward_seconds`, as ``benchmarks/compact_latency.py`` measures)."""
+    return timing.best_forward_seconds(models, x, repeats, inner, warmup=3)
 
 
 def latency(cfg: Config, out: dict) -> pd.DataFrame:

@@ -1,0 +1,43 @@
+"""One way to time things: the best of interleaved repeats.
+
+On a shared machine other processes only ever add time, so the least disturbed measurement is the minimum
+over repeats; timing the candidates alternately (dense, compacted, dense, compacted, ...) exposes them to
+the same disturbances. Chapters that time networks and ``benchmarks/`` use this module.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["best_of", "best_forward_seconds"]
+
+
+def best_of(fns: Sequence[Callable[[], object]], repeats: int, inner: int = 1, warmup: int = 1) -> list[float]:
+    """For each callable, the best (over ``repeats`` interleaved rounds) mean wall time of one call, each round
+    timing ``inner`` calls (short calls need several to be timed well), after ``warmup`` untimed calls."""
+    if repeats < 1 or inner < 1:
+        raise ValueError(f"repeats and inner must be at least 1, got {repeats} and {inner}")
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    best = [math.inf] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            best[i] = min(best[i], (time.perf_counter() - t0) / inner)
+    return best
+
+
+@torch.no_grad()
+def best_forward_seconds(models: Sequence[nn.Module], x: torch.Tensor, repeats: int, inner: int = 1,
+                         warmup: int = 1) -> list[float]:
+    """:func:`best_of` for one forward pass of each model on ``x``, in eval mode, without autograd."""
+    for m in models:
+        m.eval()
+    return best_of([lambda m=m: m(x) for m in models], repeats, inner, warmup)

@@ -1320,7 +1320,7 @@ class _Pool:
 
 
 class _Dask:
-    """A Dask client: each unit a task (asking for ``resources``), its inputs scattered to the cluster."""
+    """A Dask client: each unit a task (asking for ``resources``) that carries its inputs."""
 
     def __init__(self, ex: Executor, client, resources: dict[str, float]):
         self.client = client if client is not None else _dask_client(ex, resources)
@@ -1345,9 +1345,16 @@ class _Dask:
         return max(1, sum(int(w.get("nthreads", 1)) for w in self._workers()))
 
     def submit(self, fn, spec, inputs, key, resources):
-        data = self.client.scatter(inputs, hash=False) if inputs else []
-        return self.client.submit(_run_on_worker, fn, spec, data, key=f"unit-{key}-{self.token}",
-                                  resources=resources or None, pure=False)
+        import warnings
+
+        # The inputs travel inside the task, not scattered ahead: scattered data ties a task to the
+        # worker holding it, and units pile up there while other workers idle. Only a few units are in
+        # flight at once, so the scheduler never holds many; its warning about large tasks would print
+        # into the notebook, which then may not be published.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sending large graph")
+            return self.client.submit(_run_on_worker, fn, spec, inputs, key=f"unit-{key}-{self.token}",
+                                      resources=resources or None, pure=False)
 
     def wait(self, futures):
         from distributed import wait

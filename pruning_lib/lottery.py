@@ -35,7 +35,7 @@ from torch import nn
 from . import claims, criteria as crit, data as data_mod, masks as masks_mod, plotting, reference
 from .masks import Mask
 from .models import build_model
-from .runs import RunConfig, Store, param, progress_bar
+from .runs import RunConfig, Store, digest, map_units, param, parse_executor, progress_bar
 from .train import Callback, cross_entropy, fit
 
 CHAPTER = "02_lottery_tickets"
@@ -422,8 +422,11 @@ class Results:
     wall_seconds: float = float("nan")  # of the run that computed the results (recorded once)
 
 
-def _work(cfg: Config, setup: str, seed: int, kind: str, arg) -> None:
-    """One task of a parallel run (in a worker process): its results land in the Store."""
+def _work(task, results_dir: str) -> None:
+    """One task of a parallel run (on a :func:`runs.map_units` worker): a seed's dense round, one chain
+    with its re-init controls, or one SNIP run; its units land in the worker's Store ``results_dir``."""
+    cfg, setup, seed, kind, arg = task
+    cfg = cfg.replace(results_dir=results_dir)  # not hashed: the worker's own results folder
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     unit = Unit(cfg, setup, data_mod.load_dataset(SETUPS[setup]["dataset"], root="data"))
@@ -438,62 +441,78 @@ def _work(cfg: Config, setup: str, seed: int, kind: str, arg) -> None:
         snip_round(unit, seed, arg)
 
 
+def _task_stores(task) -> list[Store]:
+    """The units a task reads or writes (under ``cfg.results_dir``): the seed's dense round, and a chain's
+    rounds and controls (a stopped chain resumes from its rounds) or the SNIP run."""
+    cfg, setup, seed, kind, arg = task
+    unit, root = Unit(cfg, setup, None), cfg.results_dir
+    stores = [Store(root, "lottery/dense", unit.dense_spec(seed))]
+    if kind == "chain":
+        for rd in range(1, cfg.rounds + 1):
+            spec = chain_spec(unit, seed, arg, rd)
+            stores.append(Store(root, "lottery/round", spec))
+            if arg in cfg.reinit_criteria:
+                stores.append(Store(root, "lottery/reinit", {**spec, "control": "reinit"}))
+    elif kind == "snip":
+        stores.append(Store(root, "lottery/snip", {**unit.dense_spec(seed), "snip_density": arg,
+                                                   "grad_batches": cfg.grad_batches,
+                                                   "grad_batch_size": cfg.grad_batch_size}))
+    return stores
+
+
+_TASK_FILE = {"lottery/dense": "dense.pt", "lottery/round": "final.pt", "lottery/reinit": "reinit.pt",
+              "lottery/snip": "snip.pt"}
+
+
+def _task_done(task) -> bool:
+    """Whether every unit of ``task`` is in the Store (then it only loads, in the calling process)."""
+    return all(s.exists(_TASK_FILE[s.kind]) for s in _task_stores(task))
+
+
 def _all_cached(cfg: Config) -> bool:
     """Whether every unit of ``cfg`` is already in the Store (then no worker needs to start)."""
-    for setup in cfg.setups:
-        unit = Unit(cfg, setup, None)
-        for seed in cfg.seeds:
-            root = cfg.results_dir
-            if not Store(root, "lottery/dense", unit.dense_spec(seed)).exists("dense.pt"):
-                return False
-            for c in cfg.criteria:
-                for rd in range(1, cfg.rounds + 1):
-                    spec = chain_spec(unit, seed, c, rd)
-                    if not Store(root, "lottery/round", spec).exists("final.pt"):
-                        return False
-                    if c in cfg.reinit_criteria and not Store(
-                            root, "lottery/reinit", {**spec, "control": "reinit"}).exists("reinit.pt"):
-                        return False
-            for d in cfg.snip_densities:
-                spec = {**unit.dense_spec(seed), "snip_density": d, "grad_batches": cfg.grad_batches,
-                        "grad_batch_size": cfg.grad_batch_size}
-                if not Store(root, "lottery/snip", spec).exists("snip.pt"):
-                    return False
-    return True
+    dense, rest = _tasks(cfg)
+    return all(_task_done(t) for t in dense + rest)
+
+
+def _tasks(cfg: Config) -> tuple[list, list]:
+    """The tasks of a parallel run: the dense rounds, then the chains and SNIP runs (the longest, chains
+    with a re-init control, first, for a balanced finish)."""
+    dense = [(cfg, s, seed, "dense", None) for s in cfg.setups for seed in cfg.seeds]
+    rest = ([(cfg, s, seed, "chain", c) for s in cfg.setups for seed in cfg.seeds for c in cfg.criteria] +
+            [(cfg, s, seed, "snip", d) for s in cfg.setups for seed in cfg.seeds for d in cfg.snip_densities])
+    rest.sort(key=lambda t: (t[3] != "chain", t[4] not in cfg.reinit_criteria))
+    return dense, rest
 
 
 def _run_parallel(cfg: Config, progress: bool) -> None:
-    """Fill the Store with ``cfg.workers`` processes (spawned: safe from a notebook kernel); the dense
-    rounds first, since every chain of a seed starts from them."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    dense = [(s, seed, "dense", None) for s in cfg.setups for seed in cfg.seeds]
-    rest = ([(s, seed, "chain", c) for s in cfg.setups for seed in cfg.seeds for c in cfg.criteria] +
-            [(s, seed, "snip", d) for s in cfg.setups for seed in cfg.seeds for d in cfg.snip_densities])
-    # the longest tasks (chains with a re-init control) first, for a balanced finish
-    rest.sort(key=lambda t: (t[2] != "chain", t[3] not in cfg.reinit_criteria))
+    """Fill the Store through :func:`runs.map_units` (``$PRUNING_EXECUTOR``, else ``cfg.workers`` spawned
+    processes): the dense rounds first, since every chain of a seed starts from them; each task gets the
+    finished units it reads, and its workers' units are stored here."""
+    dense, rest = _tasks(cfg)
     bar = progress_bar(total=len(dense) + len(rest), desc="lottery chains", progress=progress)
-    with ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn")) as pool:
+    try:
         for batch in (dense, rest):
-            for f in as_completed([pool.submit(_work, cfg, *t) for t in batch]):
-                f.result()
-                bar.update()
-    bar.close()
+            todo = [t for t in batch if not _task_done(t)]  # finished tasks are read later, here
+            bar.update(len(batch) - len(todo))
+            map_units(_work, todo, results_dir=cfg.results_dir, workers=cfg.workers, inputs=_task_stores,
+                      key=lambda t: digest([t[1:], t[0].digest()]), bar=bar)
+    finally:
+        bar.close()
 
 
 def run_experiment(cfg: Config, progress: bool = True) -> Results:
     """Every chain, control and one-shot SNIP run of ``cfg``, each round a cached Store unit.
 
-    With ``cfg.workers > 1`` the units are computed by that many processes first; the frames are then
-    assembled from the Store.
+    With ``cfg.workers > 1`` (or ``$PRUNING_EXECUTOR`` set) the units are computed first by
+    :func:`runs.map_units` (processes, or Dask workers); the frames are then assembled from the Store.
     """
 
     import time
     t0 = time.perf_counter()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)  # small MLPs: more threads only add contention
-    if cfg.workers > 1 and not _all_cached(cfg):
+    if parse_executor(None, cfg.workers).kind != "serial" and not _all_cached(cfg):
         _run_parallel(cfg, progress)
         progress = False
     n_units = len(cfg.setups) * len(cfg.seeds) * (

@@ -36,7 +36,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -52,7 +51,7 @@ from .data import batches, load_dataset
 from .gates import GateSlot, scale_channels, set_block_gates, set_gates
 from .metrics import layer_flops
 from .models import build_model
-from .runs import RunConfig, Store, param, progress_bar
+from .runs import Executor, RunConfig, Store, in_worker, map_units, param, parse_executor, progress_bar
 from .train import Callback, cross_entropy, evaluate, fit
 
 CHAPTER = "05_polarization"
@@ -787,37 +786,52 @@ def _unit(kind: str, cfg: Config, rest) -> dict:
     return {"dense": _dense_unit, "gated": _gate_unit, "baseline": _baseline_unit}[kind](cfg, *rest)
 
 
-def _call(args):
-    """Worker-process entry: one thread per process, so ``workers`` processes share the cores."""
-    kind, cfg, root, rest = args
-    torch.set_num_threads(1)
-    _RESULTS_ROOT[0] = root
+def _pool_unit(task, results_dir: str) -> dict:
+    """One unit for :func:`runs.map_units`. On a worker (one thread per process, so ``workers``
+    processes share the cores) it writes to the worker's results folder; serially, to this process's."""
+    kind, cfg, rest = task
+    if in_worker():
+        torch.set_num_threads(1)
+    _RESULTS_ROOT[0] = results_dir
     return _unit(kind, cfg, rest)
 
 
-def _run_phase(units, cfg, root, workers, bar):
-    args = [(kind, cfg, root, rest) for kind, rest in units]
-    if workers > 1 and len(args) > 1:
-        import multiprocessing as mp
+def _unit_stores(task, root: str) -> tuple[Store, list[Store]]:
+    """A unit's own Store (the specs its function uses) and the finished units it reads: a baseline
+    reads its gated run's keep masks and the dense weights."""
+    kind, cfg, rest = task
+    if kind == "dense":
+        return Store(root, "polarization/dense", _train_spec(cfg, *rest)), []
+    if kind == "gated":
+        return Store(root, "polarization/gated", _gate_spec(cfg, *rest)), []
+    method, model, dataset, seed, target = rest
+    gate_spec = _gate_spec(cfg, model, dataset, seed, target, cfg.polarizer_weight)
+    own = Store(root, "polarization/baseline",
+                {"method": method, "gated": gate_spec, "finetune_epochs": cfg.finetune_epochs})
+    return own, [Store(root, "polarization/gated", gate_spec),
+                 Store(root, "polarization/dense", _train_spec(cfg, model, dataset, seed))]
 
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            out = []
-            for r in pool.map(_call, args):
-                out.append(r)
-                bar.update(1)
-            return out
-    out = []
-    for kind, _, _, rest in args:
-        out.append(_unit(kind, cfg, rest))
-        bar.update(1)
-    return out
+
+def _run_phase(units, cfg, root, workers, bar):
+    """The units of one phase through :func:`runs.map_units`: ``$PRUNING_EXECUTOR`` (Dask workers, ...),
+    else ``workers`` spawned processes (a phase of one unit runs here); finished units only load, here."""
+    tasks = [(kind, cfg, rest) for kind, rest in units]
+    root = str(root)
+    executor = parse_executor(None, workers)
+    if executor.kind == "process" and len(tasks) < 2:
+        executor = Executor("serial")
+    return map_units(_pool_unit, tasks, results_dir=root, executor=executor, bar=bar,
+                     done=lambda t: _unit_stores(t, root)[0].exists("metrics.json"),
+                     inputs=lambda t: _unit_stores(t, root)[1],
+                     key=lambda t: f"{t[0]}-{_unit_stores(t, root)[0].key}")
 
 
 def run_experiment(cfg: Config, results_dir: str = "results", progress: bool = True) -> dict[str, pd.DataFrame]:
     """Run (or load) every unit: dense networks, gated runs (sweep + no-polarizer runs), baselines.
 
     Each unit (one model x dataset x seed x target x method) is its own :class:`~pruning_lib.runs.Store`
-    entry.  ``cfg.workers > 1`` runs the independent units of each phase in that many processes.
+    entry.  The independent units of each phase run through :func:`runs.map_units`: in ``cfg.workers``
+    processes when it is > 1, or where ``$PRUNING_EXECUTOR`` says (a Dask cluster).
 
     Returns ``{"runs": one row per gated/baseline run, "gates": per-gate statistics, "dense": the dense
     networks, "wall_seconds": this call's wall time, "compute_seconds": the summed time of every unit when

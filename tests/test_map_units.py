@@ -94,6 +94,7 @@ def test_process_pool_matches_a_plain_loop(tmp_path):
 
 
 def test_process_pool_carries_a_closure(tmp_path):
+    pytest.importorskip("cloudpickle")  # installed with Dask: it carries what pickle cannot
     offset = 10
     out = map_units(lambda x, root: x + offset, [1, 2], results_dir=tmp_path, executor="process:1",
                     progress=False)

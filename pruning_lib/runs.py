@@ -1410,7 +1410,8 @@ def map_units(fn: Callable[[Any, str], Any], specs: typing.Iterable[Any], *,
     progress bar to advance instead of a new one, left open, for a sweep in several calls). When a unit
     fails, no more are started, those running finish, every finished unit (the failed unit's finished
     parts too) is stored, and :class:`UnitError` is raised naming the unit, where it ran, and its
-    traceback.
+    traceback. A unit run in this process (serially, or one that only loads) raises its own exception,
+    with a note naming the unit.
     """
     from collections import Counter
 
@@ -1439,11 +1440,11 @@ def map_units(fn: Callable[[Any, str], Any], specs: typing.Iterable[Any], *,
             if ex.kind == "serial" or (done is not None and done(spec)):
                 try:
                     results[i] = fn(spec, str(results_dir))
-                except Exception as exc:
-                    import traceback
-
-                    raise _unit_error(specs, keys, [(i, "this process", type(exc).__name__, str(exc),
-                                                     traceback.format_exc())], None, results_dir) from exc
+                except Exception as exc:  # here the caller sees its own exception (a missing dataset stays
+                    # a DatasetNotFoundError), with a note naming the unit
+                    exc.add_note(f"in unit {keys[i]} ({_describe(spec)}), run in this process; the units "
+                                 f"finished before it are stored in {results_dir}/ (rerun to resume)")
+                    raise
                 bar.update(copies[keys[i]])
             else:
                 remote.append(i)

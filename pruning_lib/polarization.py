@@ -52,6 +52,7 @@ from .gates import GateSlot, scale_channels, set_block_gates, set_gates
 from .metrics import layer_flops
 from .models import build_model
 from .runs import Executor, RunConfig, Store, in_worker, map_units, param, parse_executor, progress_bar
+from .timing import best_forward_seconds
 from .train import Callback, cross_entropy, evaluate, fit
 
 CHAPTER = "05_polarization"
@@ -509,27 +510,6 @@ def _gate_spec(cfg: Config, model: str, dataset: str, seed: int, target: float, 
             "density_scope": cfg.density_scope, "block_gates": cfg.block_gates, "gate_lr": cfg.gate_lr}
 
 
-@torch.no_grad()
-def _inference_seconds(models: list[nn.Module], x: torch.Tensor, repeats: int, inner: int = 1) -> list[float]:
-    """Fastest wall time of one forward pass on ``x`` for each model (eval mode, one warm-up pass each),
-    each timing the mean of ``inner`` passes (short passes, batch 1, need several to be timed well).
-
-    The models are timed alternately and the minimum is kept: on a shared machine, other processes only
-    ever add time, so the minimum is the least disturbed measurement.
-    """
-    for m in models:
-        m.eval()
-        m(x)
-    best = [math.inf] * len(models)
-    for _ in range(repeats):
-        for i, m in enumerate(models):
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                m(x)
-            best[i] = min(best[i], (time.perf_counter() - t0) / inner)
-    return best
-
-
 def lr_scheduler(optimizer: torch.optim.Optimizer, epochs: float, kind: str = "constant"):
     """The learning-rate schedule of the chapter's trainings (dense and gated alike), stepped once an
     epoch by :func:`pruning_lib.train.fit`: ``"constant"`` (None) or ``"cosine"``, ``0.5 (1 + cos(pi e / E))``
@@ -690,8 +670,8 @@ def _gate_unit(cfg: Config, model: str, dataset: str, seed: int, target: float, 
             diff = float((small(x) - net.eval()(x)).abs().max())
         compact_acc = evaluate(small, data.test)["accuracy"]
         dense = _strip_gates(net)
-        t_dense, t_small = _inference_seconds([dense, small], x, cfg.timing_repeats)
-        t_dense1, t_small1 = _inference_seconds([dense, small], x[:1], cfg.timing_repeats, inner=10)
+        t_dense, t_small = best_forward_seconds([dense, small], x, cfg.timing_repeats)
+        t_dense1, t_small1 = best_forward_seconds([dense, small], x[:1], cfg.timing_repeats, inner=10)
         gates = test_stats.rename(columns={"mean": "mean_test", "agreement": "agreement_test"})
         gates["mean_train"] = train_stats["mean"].to_numpy()
         store.save_frame("gates", gates)

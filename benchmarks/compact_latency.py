@@ -63,11 +63,6 @@ def channels(model: nn.Module) -> str:
     return "/".join(str(model.get_submodule(g.slot).channels) for g in model.channel_groups())
 
 
-def best_times(models: list[nn.Module], x: torch.Tensor, repeats: int, inner: int) -> list[float]:
-    """Best (over ``repeats`` interleaved rounds) mean time of one forward over ``inner`` calls, per model."""
-    return best_forward_seconds(models, x, repeats, inner, warmup=3)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--settings", default="lenet5,resnet20,resnet20_w1")
@@ -98,7 +93,7 @@ def main():
                 x = x.contiguous(memory_format=torch.channels_last)
                 models = [m.to(memory_format=torch.channels_last) for m in models]
             inner = max(1, int(64 / batch ** 0.5))  # batch 1: 64 forwards per round, batch 256: 4
-            t = best_times(models, x, args.repeats, inner)
+            t = best_forward_seconds(models, x, args.repeats, inner, warmup=3)
             for k, net, red, tc in zip(keeps, nets, reductions, t[1:]):
                 speed = t[0] / tc
                 print(f"{name:12s} {k:5.2f} {channels(net):>16s} {batch:5d} {1e3 * t[0]:9.3f} {1e3 * tc:10.3f} "

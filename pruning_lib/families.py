@@ -217,10 +217,3 @@ def _load_builtin() -> None:
     for cls in _BUILTIN:
         if cls.name not in _REGISTRY:
             register(cls)
-
-
-def parameter_groups(name: str, model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """``(weights, gate parameters)`` of ``model`` for family ``name``, split by identity in one place."""
-    fam = get(name)
-    return fam.weight_parameters(model), fam.gate_parameters(model)
-

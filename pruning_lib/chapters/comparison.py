@@ -573,12 +573,6 @@ def pareto_table(points: pd.DataFrame) -> pd.DataFrame:
     return pareto.verdicts(others, ref)
 
 
-def best_times(models: list[nn.Module], x: torch.Tensor, repeats: int, inner: int) -> list[float]:
-    """Best (over ``repeats`` interleaved rounds) mean time of one forward over ``inner`` calls per model
-    (:func:`pruning_lib.timing.best_forward_seconds`, as ``benchmarks/compact_latency.py`` measures)."""
-    return timing.best_forward_seconds(models, x, repeats, inner, warmup=3)
-
-
 def latency(cfg: Config, out: dict) -> pd.DataFrame:
     """The first seed's compacted structured networks against the dense one, timed in one run on CPU in eval
     mode: batch 1 and ``timing_batch``; speed-up, FLOPs reduction and their ratio (1.0 is the limit).
@@ -603,7 +597,7 @@ def latency(cfg: Config, out: dict) -> pd.DataFrame:
     for batch in (1, cfg.timing_batch):
         x = torch.randn(batch, *shape)
         inner = max(1, int(64 / batch ** 0.5))
-        t = best_times([dense_net, twin, *nets], x, cfg.timing_repeats, inner)
+        t = timing.best_forward_seconds([dense_net, twin, *nets], x, cfg.timing_repeats, inner, warmup=3)
         noise = max(t[0], t[1]) / min(t[0], t[1])
         for r, tc in zip(rows, t[2:]):
             table.append({**r, "batch": batch, "dense_ms": 1e3 * t[0], "compact_ms": 1e3 * tc,

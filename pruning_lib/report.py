@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from .claims import COLUMNS as claims_columns
+from .claims import COLUMNS as CLAIM_COLUMNS  # the ledger's columns: one list
 
 META_KEY = "pruning_lib/run"  # the key of the settings output's metadata that the build reads
 ORDER = ("held", "did not hold", "inconclusive", "not measured", "not judged")
@@ -165,7 +165,6 @@ def verdict_matrix(table: pd.DataFrame, titles: Mapping[str, str] | None = None)
     return fig
 
 
-CLAIM_COLUMNS = claims_columns  # the ledger's columns (pruning_lib.claims.COLUMNS): one list
 
 
 def gather_verdicts(results_dir: str | Path, profile: str, budget: float = 1.0

@@ -54,7 +54,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .compact import compact
 from .gates import GateSlot, get_gates, scale_channels, set_gates
-from .train import Callback
+from .train import Callback, EpochTimer
 
 __all__ = [
     "BernoulliGate", "attach_bernoulli_gates", "bernoulli_gates", "gate_thetas", "project_",
@@ -576,38 +576,6 @@ def shrink_(model: nn.Module, keep: Mapping[str, torch.Tensor],
 # --------------------------------------------------------------------------------------------------
 # Training: the callback that plugs all of it into pruning_lib.train.fit
 # --------------------------------------------------------------------------------------------------
-
-class EpochTimer(Callback):
-    """Wall time of the training work of every epoch (forward, backward, estimator, optimizer steps,
-    removal), excluding evaluation: timing starts in :meth:`loss_fn` and stops in :meth:`after_step`.
-    Use ``loss_fn=timer.loss_fn`` in :func:`~pruning_lib.train.fit` and put the timer *last* in the
-    callbacks."""
-
-    def __init__(self):
-        self.epoch_seconds: list[float] = []
-        self._acc = 0.0
-        self._t0: float | None = None
-
-    def start(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self._t0 = time.perf_counter()
-
-    def loss_fn(self, model, x, y):
-        self.start()
-        return F.cross_entropy(model(x), y)
-
-    def after_step(self, state) -> None:
-        if self._t0 is not None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self._acc += time.perf_counter() - self._t0
-            self._t0 = None
-
-    def after_epoch(self, state) -> None:
-        self.epoch_seconds.append(self._acc)
-        self._acc = 0.0
-
 
 class BernoulliPruning(Callback):
     """Learns the gates' ``theta`` by projected SGD on the cost and removes units at 0 during training.

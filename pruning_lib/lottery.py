@@ -23,7 +23,6 @@ criteria of a seed. Only weights are pruned, never biases.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -36,7 +35,7 @@ from . import claims, criteria as crit, data as data_mod, masks as masks_mod, pl
 from .masks import Mask
 from .models import build_model
 from .runs import RunConfig, Store, digest, map_units, param, parse_executor, progress_bar
-from .train import Callback, cross_entropy, fit
+from .train import Callback, EarlyStop, cross_entropy, fit
 
 CHAPTER = "02_lottery_tickets"
 # one-shot SNIP on LeNet-300-100, full MNIST (Lee et al. 2019, Table 1): density (or "dense") -> key in
@@ -187,26 +186,6 @@ def expected_remaining(model: nn.Module, rates: dict[str, float], rounds: int) -
     """Closed-form fraction of weights left after ``rounds`` rounds of per-layer pruning."""
     params = dict(model.named_parameters())
     return masks_mod.remaining_fraction_per_layer(rates, {n: params[n].numel() for n in rates}, rounds)
-
-
-class EarlyStop(Callback):
-    """Ends training ``patience`` iterations after the lowest validation loss seen so far."""
-
-    def __init__(self, patience: int | None):
-        self.patience = patience
-        self._seen = 0
-        self._best_step, self._best = 0, math.inf
-
-    def after_step(self, state) -> None:
-        h = state.history
-        if self.patience is None or len(h) == self._seen:
-            return
-        for row in h[self._seen:]:
-            if row["val_loss"] < self._best:
-                self._best, self._best_step = row["val_loss"], row["step"]
-        self._seen = len(h)
-        if h[-1]["step"] - self._best_step >= self.patience:
-            state.stop = True
 
 
 class Snapshot(Callback):

@@ -216,6 +216,60 @@ class Callback:
     def load_state_dict(self, state: dict) -> None: ...
 
 
+# Generic callbacks: any chapter's training can use them
+
+class EarlyStop(Callback):
+    """Ends training ``patience`` iterations after the lowest validation loss seen so far."""
+
+    def __init__(self, patience: int | None):
+        self.patience = patience
+        self._seen = 0
+        self._best_step, self._best = 0, math.inf
+
+    def after_step(self, state) -> None:
+        h = state.history
+        if self.patience is None or len(h) == self._seen:
+            return
+        for row in h[self._seen:]:
+            if row["val_loss"] < self._best:
+                self._best, self._best_step = row["val_loss"], row["step"]
+        self._seen = len(h)
+        if h[-1]["step"] - self._best_step >= self.patience:
+            state.stop = True
+
+
+class EpochTimer(Callback):
+    """Wall time of the training work of every epoch (forward, backward, estimator, optimizer steps,
+    removal), excluding evaluation: timing starts in :meth:`loss_fn` and stops in :meth:`after_step`.
+    Use ``loss_fn=timer.loss_fn`` in :func:`~pruning_lib.train.fit` and put the timer *last* in the
+    callbacks."""
+
+    def __init__(self):
+        self.epoch_seconds: list[float] = []
+        self._acc = 0.0
+        self._t0: float | None = None
+
+    def start(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+
+    def loss_fn(self, model, x, y):
+        self.start()
+        return F.cross_entropy(model(x), y)
+
+    def after_step(self, state) -> None:
+        if self._t0 is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self._acc += time.perf_counter() - self._t0
+            self._t0 = None
+
+    def after_epoch(self, state) -> None:
+        self.epoch_seconds.append(self._acc)
+        self._acc = 0.0
+
+
 def _distributed() -> tuple[int, int]:
     """(rank, world size); initialises the process group when launched by torchrun."""
     if not dist.is_available():

@@ -119,7 +119,8 @@ def test_classify_counts():
 #    most 25 % beyond it (whole units: on the smoke stand-in's LeNet-300-100, a unit of fc1 is 1/300 of it);
 #  * polarization: its target is a soft density loss on the gates; the channel sparsity of the consensus
 #    gates is recorded against it, within 0.5 on the smoke run (seconds of training, not a quality check);
-#  * L0-HC and Dep-L0 have no target (a penalty): their achieved FLOPs sparsity is recorded, in [0, 1].
+#  * L0-HC, Dep-L0 and Bernoulli gates have no target (a penalty): their achieved FLOPs sparsity is
+#    recorded, in [0, 1]. LNPT is unstructured with a target, like magnitude (one weight).
 UNSTRUCTURED_TOL = None  # one weight, computed from the model
 
 
@@ -140,7 +141,7 @@ def test_every_method_records_requested_and_achieved(smoke_run):
     for _, r in pts.iterrows():
         m = r["method"]
         assert 0.0 <= r["achieved_sparsity"] <= 1.0
-        if m in ("random", "magnitude", "gmp", "snip", "imp"):
+        if m in ("random", "magnitude", "gmp", "snip", "imp", "lnpt"):
             assert r["requested_unit"] == "weights"
             assert abs(r["achieved_sparsity"] - r["requested_sparsity"]) <= 1.0 / weights + 1e-12, r.to_dict()
             assert r["params_reduction"] == pytest.approx(r["requested"], rel=0.02)
@@ -159,6 +160,24 @@ def test_every_method_records_requested_and_achieved(smoke_run):
     assert set(lat["batch"]) == {1, cfg.timing_batch} and (lat["speedup"] > 0).all()
     ov = cmp.overlap(cfg, out)
     assert np.allclose(np.diag(ov.to_numpy()), 1.0)
+
+
+def test_bernoulli_keep_maps_back_to_the_original_units(smoke_run):
+    """Bernoulli pruning removes units while it trains; the recorded ``keep`` is over the original units,
+    and the compacted network's FLOPs equal those of the architecture it describes (what Scratch-B and the
+    latency table rebuild)."""
+    cfg, out = smoke_run
+    data = out["data"]
+    net = build_model(cfg.model, **data.model_kwargs())
+    widths = {g.name: net.get_submodule(g.slot).channels for g in net.channel_groups()}
+    pts = out["points"]
+    for (m, lv), p in out["units"].items():
+        if m != "bernoulli":
+            continue
+        assert {k: v.numel() for k, v in p["keep"].items()} == widths
+        row = pts[(pts["method"] == m) & (pts["level"] == lv) & (pts["seed"] == cfg.seeds[0])].iloc[0]
+        arch = cmp.architecture(cfg, data, cfg.seeds[0], p["keep"])
+        assert metrics.summary(arch, tuple(data.input_shape))["flops"] == row["effective_flops"]
 
 
 def test_scratch_b_uses_the_compacted_architecture_fresh_weights_and_the_same_compute(smoke_run):
@@ -237,7 +256,8 @@ def test_config_profiles_and_checks():
 
 def test_paper_profile_on_cifar10_stand_in(tmp_path, monkeypatch):
     """ResNet-20 on a generated CIFAR-10 stand-in read from data/ in the documented layout: every method the
-    paper profile runs (IMP and SNIP have no chapter-2 setup for ResNet-20 and say so), one level, one seed,
+    paper profile runs (IMP and SNIP have no chapter-2 setup for ResNet-20, Bernoulli gates' estimator no
+    residual blocks, and they say so), one level, one seed,
     a few steps; the numbers mean nothing."""
     from test_paper_profiles import PaperData
 
@@ -251,10 +271,12 @@ def test_paper_profile_on_cifar10_stand_in(tmp_path, monkeypatch):
     out = cmp.run_experiment(cfg, progress=False)
     pts = out["points"]
     ran = set(pts["method"])
-    assert {"random", "magnitude", "gmp", "l1_filter", "polarization", "l0_hc", "dep_l0"} <= ran
-    assert {f"scratch_b:{m}" for m in cmp.STRUCTURED} <= ran
+    assert {"random", "magnitude", "gmp", "lnpt", "l1_filter", "polarization", "l0_hc", "dep_l0"} <= ran
+    assert {f"scratch_b:{m}" for m in cmp.STRUCTURED if m != "bernoulli"} <= ran
     statuses = dict(zip(cmp.method_table(cfg)["method"], cmp.method_table(cfg)["status"]))
     assert statuses[cmp.label("imp")].startswith("not run in paper")
+    assert statuses[cmp.label("bernoulli")].startswith("not run in paper")  # no flip estimator for ResNets
+    assert "bernoulli" not in ran
     table = cmp.claims_table(cfg, out, results_dir=pd_.results)
     assert (table["profile"] == "paper").all() and len(table)
     assert len(cmp.latency(cfg, out)) and len(cmp.overlap(cfg, out))

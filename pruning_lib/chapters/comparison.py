@@ -5,14 +5,17 @@ is placed on one axis, the effective FLOPs of the pruned network (:func:`pruning
 structured networks after compaction):
 
 * unstructured, with a target (the weight sparsity ``1 - 1/c`` for each compression ``c``): random and
-  global magnitude pruning of a pre-trained network, then fine-tuning (:mod:`pruning_lib.criteria`);
+  global magnitude pruning of a pre-trained network, then fine-tuning (:mod:`pruning_lib.methods.criteria`);
   gradual magnitude pruning (:mod:`pruning_lib.methods.gmp`); IMP with rewinding and one-shot SNIP at
-  initialisation, run by chapter 2's own code (:func:`pruning_lib.lottery.imp_chain`,
-  :func:`pruning_lib.lottery.snip_round`);
+  initialisation, run by chapter 2's own code (:func:`pruning_lib.chapters.lottery_tickets.imp_chain`,
+  :func:`pruning_lib.chapters.lottery_tickets.snip_round`); LNPT (chapter 6's method, :mod:`pruning_lib.methods.lnpt`):
+  a fresh student pruned at initialisation by the label-free score towards the dense network of the
+  pre-training phase (the teacher), then trained without labels for the rest of the budget;
 * structured: L1-norm filter pruning with a FLOPs target (:mod:`pruning_lib.methods.l1_filter`),
-  polarization with a target channel sparsity (:func:`pruning_lib.polarization.train_gated`), and L0-HC and
-  Dep-L0 (:mod:`pruning_lib.hard_concrete`), driven by a penalty on the expected FLOPs whose weight
-  ``lambda`` is swept: their points are placed by what they achieved;
+  polarization with a target channel sparsity (:func:`pruning_lib.methods.polarization.train_polarized`), and L0-HC and
+  Dep-L0 (:mod:`pruning_lib.methods.hard_concrete`), driven by a penalty on the expected FLOPs whose weight
+  ``lambda`` is swept, and Bernoulli gates (chapter 4, :mod:`pruning_lib.methods.bernoulli`), whose unit
+  cost ``kappa`` is swept: their points are placed by what they achieved;
 * Scratch-B for each structured method (:mod:`pruning_lib.methods.scratch`).
 
 Each run records what was requested and what was achieved. Verdicts: each method's curve against global
@@ -31,23 +34,24 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .. import claims, lottery, masks as masks_mod, metrics, pareto, plotting, timing
-from .. import criteria as crit
+from .. import claims, masks as masks_mod, metrics, pareto, plotting, timing
+from ..methods import criteria as crit
+from . import lottery_tickets as lottery
 from .. import data as data_mod
-from .. import hard_concrete as hc
-from .. import polarization as polar
-from ..baselines import train_dense
+from ..methods import hard_concrete as hc
+from ..methods import polarization as polar
+from .dense_baselines import train_dense
 from ..compact import compact
 from ..methods import gmp, l1_filter, scratch
 from ..models import build_model
 from ..runs import RunConfig, Store, param, progress_bar
-from ..train import evaluate, fit
+from ..train import default_device, evaluate, fit
 
 CHAPTER = "07_comparison"
-UNSTRUCTURED = ("random", "magnitude", "gmp", "imp", "snip")
-STRUCTURED = ("l1_filter", "polarization", "l0_hc", "dep_l0")
+UNSTRUCTURED = ("random", "magnitude", "gmp", "imp", "snip", "lnpt")
+STRUCTURED = ("l1_filter", "polarization", "l0_hc", "dep_l0", "bernoulli")
 METHODS = UNSTRUCTURED + STRUCTURED
-PENALTY_METHODS = ("l0_hc", "dep_l0")
+PENALTY_METHODS = ("l0_hc", "dep_l0", "bernoulli")  # swept by a penalty weight, placed by what they achieved
 REFERENCE = "magnitude"
 METHOD_LABELS = {
     "dense": "dense", "random": "random + fine-tune", "magnitude": "global magnitude + fine-tune",
@@ -56,11 +60,7 @@ METHOD_LABELS = {
     "lnpt": "LNPT (label-free)", "bernoulli": "Bernoulli gates",
 }
 # Methods of the book this chapter does not run, and why (shown as rows of the methods table).
-NOT_RUN = {
-    "lnpt": "its method function (lnpt.pruned_student) needs chapter 6's Context: a teacher trained on half "
-            "of the training set and a student trained on the other half, a different data budget",
-    "bernoulli": "its flip estimator costs several forward passes a step; not sized into the cpu budget yet",
-}
+NOT_RUN: dict[str, str] = {}
 MODELS = ("lenet300_100", "lenet5_caffe", "resnet20", "resnet56")
 DATASETS = ("fashion_mnist", "mnist5k", "mnist", "synthetic-mnist", "synthetic-cifar", "cifar10")
 
@@ -84,6 +84,18 @@ class Config(RunConfig):
     gate_lr: float = param(0.1, low=0.0, help="Adam learning rate of the L0-HC / Dep-L0 gates")
     polarization_gate_lr: float = param(0.01, low=0.0, help="Adam learning rate of polarization's gating modules")
     init_log_alpha: float = param(3.0, help="initial log alpha of the hard-concrete gates")
+    bernoulli_costs: tuple[float, ...] = param((0.1, 0.2, 0.4, 0.8, 1.6), low=0.0,
+                                               help="Bernoulli gates: sweep of the unit cost kappa (nats per "
+                                                    "parameter of an active unit)")
+    theta_init: float = param(0.9, low=0.0, high=1.0, help="Bernoulli gates: initial theta of every unit")
+    theta_lr: float = param(3.0, low=0.0, help="Bernoulli gates: theta's SGD step a at the start")
+    theta_tau: float = param(1.5, low=0.0, help="Bernoulli gates: tau in epochs of the step a / (1 + t / tau)")
+    flip_examples: int = param(16, low=1, help="Bernoulli gates: flipped examples per step of the estimator")
+    check_every: int = param(10, low=1, help="Bernoulli gates: units at theta = 1 estimated every N steps")
+    lnpt_score_batches: int = param(10, low=1, help="LNPT: unlabelled batches the pruning score sums over")
+    lnpt_temperature: float = param(4.0, low=0.01, help="LNPT: distillation temperature")
+    lnpt_gap_weight: float = param(1.0, low=0.0, help="LNPT: weight of the learning gap in the label-free loss")
+    lnpt_kd_weight: float = param(1.0, low=0.0, help="LNPT: weight of distillation in the label-free loss")
     polarizer_weight: float = param(2.0, low=0.0, help="polarization: weight of the polarizer")
     density_weight: float = param(10.0, low=0.0, help="polarization: weight of the density loss")
     gmp_start: float = param(0.1, low=0.0, high=1.0, help="GMP: first pruning step, fraction of the run")
@@ -106,6 +118,7 @@ class Config(RunConfig):
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
         # seconds: the generated stand-in, two levels, one seed; numbers mean nothing
         "smoke": dict(dataset="synthetic-mnist", compressions=(2.0, 8.0), lambdas=(1.0, 8.0), seeds=(0,),
+                      bernoulli_costs=(0.1, 1.6), lnpt_score_batches=2,
                       epochs=1.0, pretrain_epochs=0.5, batch_size=64, rewind_iteration=2, gmp_steps=4,
                       timing_repeats=2, timing_batch=32, evals_per_epoch=2),
         "cpu": dict(),
@@ -157,7 +170,7 @@ def _base_spec(cfg: Config, seed: int) -> dict:
 
 
 def dense(cfg: Config, data, seed: int, epochs: float):
-    """Chapter 1's dense unit (:func:`pruning_lib.baselines.train_dense`), shared with every chapter that
+    """Chapter 1's dense unit (:func:`.dense_baselines.train_dense`), shared with every chapter that
     asks for the same network: ``(model, history)``."""
     return train_dense(cfg.model, cfg.dataset, seed, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                        evals_per_epoch=cfg.evals_per_epoch, results_dir=cfg.results_dir,
@@ -320,8 +333,8 @@ def _mask_row(cfg, data, method, level, seed, mask, hist, requested, epochs, den
 
 
 def imp_points(cfg: Config, data, seed: int, dense_ref: dict) -> list[dict]:
-    """IMP with rewinding, chapter 2's :func:`~pruning_lib.lottery.imp_chain` (cached there): one point per
-    round, at ``(1 - imp_rate)^r`` of the weights; round r has trained ``r + 1`` times the budget."""
+    """IMP with rewinding, chapter 2's :func:`~pruning_lib.chapters.lottery_tickets.imp_chain` (cached
+    there): one point per round, at ``(1 - imp_rate)^r`` of the weights; round r has trained ``r + 1`` times the budget."""
     lcfg = lottery_config(cfg, data)
     unit = lottery.Unit(lcfg, cfg.setup, data)
     records = lottery.imp_chain(unit, seed, "magnitude", lcfg.rounds)
@@ -339,7 +352,7 @@ def imp_points(cfg: Config, data, seed: int, dense_ref: dict) -> list[dict]:
 
 def snip_point(cfg: Config, data, c: float, seed: int, dense_ref: dict) -> dict:
     """One-shot SNIP at initialisation to ``1/c`` of the weights, then the budget's training, through chapter
-    2's :func:`~pruning_lib.lottery.snip_round` (cached there)."""
+    2's :func:`~pruning_lib.chapters.lottery_tickets.snip_round` (cached there)."""
     lcfg = lottery_config(cfg, data)
     rec = lottery.snip_round(lottery.Unit(lcfg, cfg.setup, data), seed, 1 / c)
     row = _mask_row(cfg, data, "snip", c, seed, rec["mask"], rec["history"], c, cfg.epochs, dense_ref,
@@ -349,7 +362,7 @@ def snip_point(cfg: Config, data, c: float, seed: int, dense_ref: dict) -> dict:
 
 def hard_concrete_unit(cfg: Config, data, method: str, lam: float, seed: int, dense_ref: dict) -> dict:
     """L0-HC or Dep-L0 (forward chain) trained from scratch for the budget with the penalty
-    ``lam * E[FLOPs] / FLOPs`` (:class:`~pruning_lib.hard_concrete.CostModel`), then compacted."""
+    ``lam * E[FLOPs] / FLOPs`` (:class:`~pruning_lib.methods.hard_concrete.CostModel`), then compacted."""
     spec = {**_base_spec(cfg, seed), "method": method, "lambda": lam, "gate_lr": cfg.gate_lr,
             "init_log_alpha": cfg.init_log_alpha}
 
@@ -385,7 +398,7 @@ def hard_concrete_unit(cfg: Config, data, method: str, lam: float, seed: int, de
 
 
 def polarization_unit(cfg: Config, data, c: float, seed: int, dense_ref: dict) -> dict:
-    """Polarization (chapter 5's :func:`~pruning_lib.polarization.train_gated`) from scratch for the budget
+    """Polarization (chapter 5's :func:`~pruning_lib.methods.polarization.train_polarized`) from scratch for the budget
     with target channel sparsity ``1 - 1/c`` in every layer; the consensus gates on the validation split
     decide what compaction removes."""
     spec = {**_base_spec(cfg, seed), "method": "polarization", "compression": c, "gate_lr": cfg.polarization_gate_lr,
@@ -393,10 +406,10 @@ def polarization_unit(cfg: Config, data, c: float, seed: int, dense_ref: dict) -
 
     def compute():
         net = _build(cfg, data, seed)
-        hist, _ = polar.train_gated(net, data, target=1 - 1 / c, polarizer_weight=cfg.polarizer_weight,
-                                    density_weight=cfg.density_weight, epochs=cfg.epochs,
-                                    batch_size=cfg.batch_size, lr=cfg.lr, gate_lr=cfg.polarization_gate_lr,
-                                    seed=seed)
+        hist, _ = polar.train_polarized(net, data, target=1 - 1 / c, polarizer_weight=cfg.polarizer_weight,
+                                        density_weight=cfg.density_weight, epochs=cfg.epochs,
+                                        batch_size=cfg.batch_size, lr=cfg.lr, gate_lr=cfg.polarization_gate_lr,
+                                        seed=seed)
         net = net.cpu().eval()
         keep = polar.static_keep(polar.gate_statistics(net, data.val))
         achieved = polar.keep_sparsity(net, keep, "layer")
@@ -406,6 +419,104 @@ def polarization_unit(cfg: Config, data, c: float, seed: int, dense_ref: dict) -
                    epochs=cfg.epochs, seconds=float(hist["seconds"].iloc[-1]), dense_ref=dense_ref)
         return {"row": row, "history": hist, "mask": None, "keep": {k: v.cpu() for k, v in keep.items()}}
     return _unit(cfg, "polarization", spec, compute)
+
+
+def lnpt_unit(cfg: Config, data, c: float, seed: int, dense_ref: dict) -> dict:
+    """LNPT (Xiao et al. 2024; chapter 6's method) within this chapter's budget. The dense network after
+    ``pretrain_epochs`` is the mature teacher (trained with labels, as the paper's cloud model is); a fresh
+    student of the same architecture is pruned at initialisation to ``1 - 1/c`` of its weights by the
+    label-free score (SNIP's ``|w * dL/dw|`` with the learning gap plus distillation as ``L``, summed over
+    ``lnpt_score_batches`` unlabelled batches, global ranking) and trained without labels for the rest of the
+    budget (:func:`pruning_lib.methods.lnpt.train_label_free`). Pre-training and the student's training make
+    the budget, as for random and magnitude pruning. The student never reads a label: they are withheld."""
+    spec = {**_base_spec(cfg, seed), "method": "lnpt", "compression": c, "pretrain_epochs": cfg.pretrain_epochs,
+            "score_batches": cfg.lnpt_score_batches, "temperature": cfg.lnpt_temperature,
+            "gap_weight": cfg.lnpt_gap_weight, "kd_weight": cfg.lnpt_kd_weight}
+
+    def compute():
+        from ..methods import lnpt as lnpt_method
+
+        teacher_net, pre_hist = dense(cfg, data, seed, cfg.pretrain_epochs)
+        # the teacher's answers for an in-memory training split are computed once (exact either way)
+        cached = isinstance(data.train, data_mod.TensorSplit)
+        teacher = lnpt_method.TeacherOutputs(teacher_net.to(default_device()),
+                                             cache_x=data.train.x if cached else None)
+        gap_scale = teacher.mean_sq_norm(None if cached else lnpt_method.stack_inputs(data.train, 2048))
+        student = _build(cfg, data, seed + 1_000_003)  # a fresh initialisation, not the teacher's
+        loss = lnpt_method.LabelFreeLoss(teacher, gap_weight=cfg.lnpt_gap_weight, kd_weight=cfg.lnpt_kd_weight,
+                                         temperature=cfg.lnpt_temperature, gap_scale=gap_scale)
+        gen = torch.Generator().manual_seed(seed)
+        unlabelled = data_mod.batches(lnpt_method.withhold_labels(data.train), cfg.batch_size, shuffle=True,
+                                      generator=gen)
+        score_batches = [b for _, b in zip(range(cfg.lnpt_score_batches), unlabelled)]
+        scores = lnpt_method.label_free_scores(student, loss, score_batches)
+        mask = masks_mod.mask_from_scores(scores, 1 - 1 / c, scope="global")
+        masks_mod.apply_mask(student, mask)
+        hist = lnpt_method.train_label_free(
+            student, teacher, data, gap_weight=cfg.lnpt_gap_weight, kd_weight=cfg.lnpt_kd_weight,
+            temperature=cfg.lnpt_temperature, gap_scale=gap_scale, lr=cfg.lr,
+            epochs=cfg.epochs - cfg.pretrain_epochs, batch_size=cfg.batch_size, eval_every=_eval_every(cfg, data),
+            seed=seed + 1, progress=False, desc=f"lnpt x{c:g}")
+        student = student.cpu()
+        mask = masks_mod.current_mask(student).cpu()
+        masks_mod.make_permanent(student)
+        seconds = float(pre_hist["seconds"].iloc[-1] + hist["seconds"].iloc[-1])
+        row = _row(cfg, data, "lnpt", c, seed, student, mask, hist, requested=c, requested_unit="weights",
+                   requested_sparsity=1 - 1 / c, achieved_sparsity=mask.sparsity, epochs=cfg.epochs,
+                   seconds=seconds, dense_ref=dense_ref)
+        return {"row": row, "history": hist, "mask": mask, "keep": None}
+    return _unit(cfg, "lnpt", spec, compute)
+
+
+def bernoulli_unit(cfg: Config, data, kappa: float, seed: int, dense_ref: dict) -> dict:
+    """Bernoulli gates (Guenter & Sideris 2022; chapter 4's :class:`~pruning_lib.methods.bernoulli.BernoulliPruning`)
+    trained from scratch for the budget with unit cost ``kappa``: units whose ``theta`` reaches 0 are removed
+    during training; the network left is compacted with its eval-mode gates (``theta``) folded in. Placed
+    by the FLOPs it achieved. ``theta_lr`` is ours: chapter 4's 30 (for 4,000 training images) drove every
+    unit of LeNet-300-100 to 0 within one epoch of Fashion-MNIST's 55,000 in a probe."""
+    spec = {**_base_spec(cfg, seed), "method": "bernoulli", "unit_cost": kappa, "theta_init": cfg.theta_init,
+            "theta_lr": cfg.theta_lr, "theta_tau": cfg.theta_tau, "flip_examples": cfg.flip_examples,
+            "check_every": cfg.check_every}
+
+    def compute():
+        from .. import families
+        from ..methods import bernoulli as bern
+
+        net = _build(cfg, data, seed)
+        bern.attach_bernoulli_gates(net, cfg.theta_init)
+        spe = steps_per_epoch(cfg, data)
+        bp = bern.BernoulliPruning(net, len(data.train), unit_cost=kappa, theta_lr=cfg.theta_lr,
+                                   theta_tau=cfg.theta_tau * spe, flip_examples=cfg.flip_examples,
+                                   check_every=cfg.check_every, shrink_every=5, record_every=0, seed=seed)
+        total = max(1, math.ceil(cfg.epochs * spe))
+        hist = fit(net, data, optimizer=bp.optimizers(cfg.lr), loss_fn=bp.loss_fn, penalties=bp.penalties(),
+                   callbacks=[bp], iterations=total, batch_size=cfg.batch_size, eval_every=_eval_every(cfg, data),
+                   seed=seed, progress=False, desc=f"bernoulli κ={kappa:g}")
+        bp.remove_dead(bp._opts)
+        net = net.cpu().eval()
+        family = families.get("bernoulli")
+        keep, _ = family.decide(net)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # an emptied group keeps one zeroed channel
+            small = family.compact(net)
+        achieved = 1 - metrics.summary(small, tuple(data.input_shape))["flops"] / dense_ref["flops"]
+        row = _row(cfg, data, "bernoulli", kappa, seed, small, None, hist, requested=float("nan"),
+                   requested_unit="—", requested_sparsity=float("nan"), achieved_sparsity=achieved,
+                   epochs=cfg.epochs, seconds=float(hist["seconds"].iloc[-1]), dense_ref=dense_ref)
+        row["undecided"] = bern.undecided_fraction(bern.gate_thetas(net))
+        return {"row": row, "history": hist, "mask": None, "keep": _full_keep(cfg, data, bp, keep)}
+    return _unit(cfg, "bernoulli", spec, compute)
+
+
+def _full_keep(cfg: Config, data, bp, keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``keep`` over the *original* units: Bernoulli pruning removes units during training, so the gates left
+    index the survivors; :attr:`BernoulliPruning.orig_index` maps them back."""
+    out = {}
+    for name, k in keep.items():
+        full = torch.zeros(bp.initial_width[name], dtype=torch.bool)
+        full[bp.orig_index[name][k.cpu()]] = True
+        out[name] = full
+    return out
 
 
 def architecture(cfg: Config, data, seed: int, keep: dict[str, torch.Tensor]) -> nn.Module:
@@ -447,13 +558,28 @@ def plan(cfg: Config) -> list[tuple[str, float, int]]:
     """Every (method, level, seed) point the run produces (IMP: its rounds)."""
     out = []
     for m in cfg.methods:
-        if m in ("imp", "snip") and cfg.setup not in lottery.SETUPS:
+        if why_not_run(cfg, m):
             continue
-        levels = (cfg.lambdas if m in PENALTY_METHODS else
+        levels = (penalty_levels(cfg, m) if m in PENALTY_METHODS else
                   [1 / (1 - cfg.imp_rate) ** r for r in range(1, imp_rounds(cfg) + 1)] if m == "imp"
                   else cfg.compressions)
         out += [(m, float(lv), s) for lv in levels for s in cfg.seeds]
     return out
+
+
+def why_not_run(cfg: Config, method: str) -> str | None:
+    """Why ``method`` cannot run on this configuration's model (``None`` when it can)."""
+    if method in ("imp", "snip") and cfg.setup not in lottery.SETUPS:
+        return f"chapter 2 has no setup {cfg.setup}"
+    if method == "bernoulli" and cfg.model.startswith("resnet"):
+        return "the flip estimator of chapter 4 re-runs the layers above a gate and handles plain " \
+               "feed-forward networks only (no residual blocks)"
+    return None
+
+
+def penalty_levels(cfg: Config, method: str) -> tuple[float, ...]:
+    """The penalty weights a penalty-driven method sweeps: kappa for Bernoulli gates, lambda otherwise."""
+    return cfg.bernoulli_costs if method == "bernoulli" else cfg.lambdas
 
 
 def method_table(cfg: Config) -> pd.DataFrame:
@@ -464,15 +590,17 @@ def method_table(cfg: Config) -> pd.DataFrame:
             status = f"not run in {cfg.profile}: {NOT_RUN[m]}"
         elif m not in cfg.methods:
             status = "not selected"
-        elif m in ("imp", "snip") and cfg.setup not in lottery.SETUPS:
-            status = f"not run in {cfg.profile}: chapter 2 has no setup {cfg.setup}"
+        elif why_not_run(cfg, m):
+            status = f"not run in {cfg.profile}: {why_not_run(cfg, m)}"
         else:
             status = "run"
-        placed = ("penalty λ, placed by what it achieved" if m in PENALTY_METHODS else
+        placed = ("unit cost κ, placed by what it achieved" if m == "bernoulli" else
+                  "penalty λ, placed by what it achieved" if m in PENALTY_METHODS else
                   "target: weight sparsity 1 - 1/c" if m in UNSTRUCTURED else
                   "target: FLOPs / c" if m == "l1_filter" else "target: channel sparsity 1 - 1/c per layer"
                   if m == "polarization" else "—")
         budget = ("pre-train + fine-tune = budget" if m in ("random", "magnitude", "l1_filter") else
+                  "teacher pre-train + label-free student = budget" if m == "lnpt" else
                   "r + 1 budgets at round r" if m == "imp" else "budget" if m in METHODS else "—")
         rows.append({"method": label(m), "kind": "structured" if m in STRUCTURED or m == "bernoulli"
                      else "unstructured", "placed by": placed, "training": budget, "status": status})
@@ -497,7 +625,7 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict[str, Any]:
         bar.update(1)
     points = []
     for seed in cfg.seeds:
-        if "imp" in cfg.methods and cfg.setup in lottery.SETUPS:
+        if "imp" in cfg.methods and not why_not_run(cfg, "imp"):
             points += imp_points(cfg, data, seed, ref)
             bar.update(imp_rounds(cfg))
     for m, lv, seed in todo:
@@ -509,6 +637,10 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict[str, Any]:
             p = gmp_unit(cfg, data, lv, seed, ref)
         elif m == "snip":
             p = snip_point(cfg, data, lv, seed, ref)
+        elif m == "lnpt":
+            p = lnpt_unit(cfg, data, lv, seed, ref)
+        elif m == "bernoulli":
+            p = bernoulli_unit(cfg, data, lv, seed, ref)
         elif m in PENALTY_METHODS:
             p = hard_concrete_unit(cfg, data, m, lv, seed, ref)
         else:
@@ -623,7 +755,8 @@ def overlap(cfg: Config, out: dict) -> pd.DataFrame:
     for i, a in enumerate(names):
         for j, b in enumerate(names):
             x, y = chosen[a][0], chosen[b][0]
-            m[i, j] = float((x & y).sum()) / max(float((x | y).sum()), 1.0)
+            union = float((x | y).sum())
+            m[i, j] = float((x & y).sum()) / union if union else 1.0  # two empty masks agree
     frame = pd.DataFrame(m, index=[f"{n} (÷{chosen[n][1]:.1f})" for n in names], columns=names)
     frame.index.name = "method (achieved FLOPs ÷)"
     return frame

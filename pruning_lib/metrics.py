@@ -73,3 +73,13 @@ def summary(model: nn.Module, input_shape: tuple[int, ...], mask: Mask | None = 
     return {"params": params, "effective_params": eff, "compression": params / max(eff, 1),
             "flops": flops, "effective_flops": eff_flops, "speedup": flops / max(eff_flops, 1),
             "density": eff / max(params, 1)}
+
+
+def count_connections(model: nn.Module) -> int:
+    """Connections: the entries of every conv/linear weight (biases, norms excluded)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, PRUNABLE_TYPES))
+
+
+def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """FLOPs of one example through the model's conv/linear layers (:func:`layer_flops`, summed)."""
+    return int(sum(layer_flops(model, tuple(input_shape)).values()))

@@ -178,7 +178,7 @@ class Polarization(GateFamily):
     name = "polarization"
 
     def _pol(self):
-        from . import polarization
+        from .methods import polarization
 
         return polarization
 

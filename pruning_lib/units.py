@@ -34,11 +34,12 @@ unit's files and this process writes them into the results cache (no shared disk
 (:class:`pruning_lib.train.RunSettings`): they act on CUDA only, are not part of the hash (like the
 device), and each unit records them with the device in its ``provenance.json``.
 
-Registered chapters: ``03_dep_l0`` (every unit: the dense baselines and each gated run), and
-``01_dense_baselines`` (each dense network). Chapters 02, 04, 05 and 06 are not registered: their units
-depend on one another (lottery rounds resume from the previous round's weights; the Bernoulli, polarization
-and LNPT chapters share teachers and dense runs inside one ``run_experiment``) and need their own split
-first.
+Registered chapters: ``03_dep_l0`` (every unit: the dense baselines and each gated run),
+``01_dense_baselines`` (each dense network) and ``05_polarization`` (dense, gated and baseline units; a
+baseline first trains the gated and dense units it reads when they are missing). Chapters 02, 04 and 06
+are not registered: their units depend on one another (lottery rounds resume from the previous round's
+weights; the Bernoulli and LNPT chapters share teachers and dense runs inside one ``run_experiment``) and
+need their own split first.
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ from typing import Any, Callable, Sequence
 REGISTRY: dict[str, str] = {
     "01_dense_baselines": "pruning_lib.baselines:work_units",
     "03_dep_l0": "pruning_lib.dep_l0:work_units",
+    "05_polarization": "pruning_lib.chapters.polarization:work_units",
 }
 
 

@@ -115,7 +115,7 @@ def test_gate_family_contract(family, model_name):
 
     # a finite scalar penalty with a gradient to the gates (polarization's comes from the last forward)
     if family == "polarization":
-        from pruning_lib.polarization import set_mode
+        from pruning_lib.methods.polarization import set_mode
         set_mode(model, "dynamic")
         model.train()
         model(x)
@@ -135,7 +135,7 @@ def test_gate_family_contract(family, model_name):
         # round trips: state_dict into a fresh attached model, deepcopy, pickle
         twin = fam.attach(_build(model_name))
         if family == "polarization":
-            from pruning_lib.polarization import set_mode
+            from pruning_lib.methods.polarization import set_mode
             set_mode(twin, "static")
         twin.load_state_dict(model.state_dict())
         twin.eval()

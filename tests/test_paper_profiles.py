@@ -67,7 +67,7 @@ class PaperData:
         # each of a run's many tiny evaluations costs more than the evaluations (half of a test's time), so
         # batch in the test's process (tests/test_data_layouts.py batches the same stand-ins with loader
         # processes, and one test here runs a chapter with one, see `with_loader_processes`)
-        from pruning_lib import polarization  # imported `batches` by name
+        from pruning_lib.chapters import polarization  # imported `batches` by name
 
         self._modules = (data_mod, polarization)
         self._batches = data_mod.batches
@@ -306,7 +306,7 @@ def test_ch4_bernoulli_gates_paper_profile(paper_data, monkeypatch, models):
 
 @pytest.mark.parametrize("dataset", ["cifar100", "tiny-imagenet"])
 def test_ch5_polarization_paper_profile(paper_data, monkeypatch, dataset):
-    from pruning_lib import polarization as P
+    from pruning_lib.chapters import polarization as P
 
     getattr(paper_data, dataset.replace("-", "_"))()
     # the chapter keeps loaded datasets by (name, root): "data" in another test meant another folder

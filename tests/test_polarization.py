@@ -1,11 +1,17 @@
-"""Tests of chapter 05 (Zhi et al. 2023): gates, STE, density loss, polarizer, consensus, compaction."""
+"""Tests of chapter 05 (Zhi et al. 2023): gates, STE, density loss, polarizer, consensus, compaction (the method,
+`pruning_lib.methods.polarization`), and the chapter's config, units, claims and text
+(`pruning_lib.chapters.polarization`)."""
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from pruning_lib import polarization as P
+from pruning_lib.chapters import polarization as C
+from pruning_lib.methods import polarization as P
+from pruning_lib.metrics import count_connections
 from pruning_lib.compact import remove_blocks
 from pruning_lib.models import build_model
 from pruning_lib.runs import ConfigError
@@ -81,8 +87,8 @@ def test_achieved_density_lands_near_target_on_toy_problem(tiny_data, scope):
     torch.manual_seed(0)
     net = build_model("lenet5_caffe", width=0.2, **tiny_data.model_kwargs())
     target = 0.6
-    P.train_gated(net, tiny_data, target=target, polarizer_weight=2.0, density_weight=10.0, scope=scope,
-                  epochs=4, batch_size=16, lr=2e-3, gate_lr=3e-2, seed=0)
+    P.train_polarized(net, tiny_data, target=target, polarizer_weight=2.0, density_weight=10.0, scope=scope,
+                      epochs=4, batch_size=16, lr=2e-3, gate_lr=3e-2, seed=0)
     keep = P.static_keep(P.gate_statistics(net, tiny_data.train))
     assert abs(P.keep_sparsity(net, keep, scope) - target) <= 0.1
     # and the measure can fail: all gates open is far from the target
@@ -119,7 +125,7 @@ def test_compact_network_equals_gated_network_at_inference(name):
     x = torch.randn(16, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(small(x), net(x), atol=1e-5)
-    assert P.connections(small) < P.connections(net) - sum(
+    assert count_connections(small) < count_connections(net) - sum(
         sum(p.numel() for n, p in gm.named_parameters() if n.endswith("weight"))
         for gm in P.gating_modules(net).values())
     if name == "resnet20":
@@ -193,21 +199,21 @@ def test_train_flops_counter_saves_nothing_when_all_gates_open(tiny_data):
 
 
 def test_config_profiles_and_paper_needs_data(tmp_path):
-    P.Config.from_profile("smoke")
+    C.Config.from_profile("smoke")
     for profile in ("cpu", "paper"):
-        cfg = P.Config.from_profile(profile)
+        cfg = C.Config.from_profile(profile)
         assert len(cfg.targets) >= 4 and min(cfg.targets) <= 0.3 and max(cfg.targets) >= 0.9
         for m in cfg.models:  # firm verdicts need three seeds of every model (issue 12)
             assert len(cfg.model_seeds(m)) >= 3
     with pytest.raises(ConfigError):
-        P.Config.from_namespace({"profile": "cpu", "bogus": 1})
+        C.Config.from_namespace({"profile": "cpu", "bogus": 1})
     with pytest.raises(ConfigError):
-        P.Config.from_profile("cpu", polarizer_form="l1")
-    cfg = P.Config.from_profile("paper", data_root=str(tmp_path))
+        C.Config.from_profile("cpu", polarizer_form="l1")
+    cfg = C.Config.from_profile("paper", data_root=str(tmp_path))
     from pruning_lib.data import DatasetNotFoundError
 
     with pytest.raises(DatasetNotFoundError):
-        P.run_experiment(cfg, results_dir=str(tmp_path / "results"), progress=False)
+        C.run_experiment(cfg, results_dir=str(tmp_path / "results"), progress=False)
 
 
 def test_drop_at_interpolates_per_seed():
@@ -215,9 +221,9 @@ def test_drop_at_interpolates_per_seed():
 
     runs = pd.DataFrame({"model": "m", "dataset": "d", "method": "polarization", "seed": [0, 0, 1, 1],
                          "connection_sparsity": [0.4, 0.6, 0.2, 0.3], "accuracy_drop": [0.0, 2.0, 1.0, 1.0]})
-    out = P.drop_at(runs, "m", "d", 0.5)
+    out = C.drop_at(runs, "m", "d", 0.5)
     assert out[0] == pytest.approx(1.0) and math.isnan(out[1])
-    assert P.drop_at(runs, "m", "d", 0.1) == [0.0, 1.0]  # below the sweep: the least sparse run's drop
+    assert C.drop_at(runs, "m", "d", 0.1) == [0.0, 1.0]  # below the sweep: the least sparse run's drop
 
 
 def test_cosine_schedule_decays_every_group_to_near_zero():
@@ -244,7 +250,7 @@ def test_training_step_seconds_times_both_steps_and_leaves_the_model_alone(tiny_
     P.add_gating(net)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     pen = P.gated_penalties(0.5, 2.0, 10.0)
-    out = P.training_step_seconds(net, tiny_data, penalties=pen, batch_size=16, lr=1e-3, gate_lr=1e-2,
+    out = C.training_step_seconds(net, tiny_data, penalties=pen, batch_size=16, lr=1e-3, gate_lr=1e-2,
                                   repeats=2)
     assert set(out) == {"step_seconds_gated", "step_seconds_dense"}
     assert all(0 < v < 10 for v in out.values())
@@ -279,9 +285,9 @@ def _fake_results(ratio, settled=True, seeds=(0, 1, 2)):
 # 0.97: a 3 % saving is inside the timing tolerance (5 %), so it is not called a saving
 @pytest.mark.parametrize("ratio,verdict", [(1.3, "did not hold"), (0.6, "held"), (0.97, "did not hold")])
 def test_training_time_claim_is_judged_on_measured_wall_clock(ratio, verdict):
-    cfg = P.Config.from_profile("cpu")
+    cfg = C.Config.from_profile("cpu")
     for settled in (True, False):  # timing does not wait for the accuracy to settle
-        table = P.claims_table(cfg, _fake_results(ratio, settled), results_dir=None)
+        table = C.claims_table(cfg, _fake_results(ratio, settled), results_dir=None)
         row = table[table["claim"].str.contains("wall-clock")]
         assert len(row) == 1
         assert row["verdict"].iloc[0] == verdict
@@ -289,12 +295,106 @@ def test_training_time_claim_is_judged_on_measured_wall_clock(ratio, verdict):
 
 
 def test_static_vs_dynamic_claim_fails_when_static_loses_accuracy():
-    cfg = P.Config.from_profile("cpu")
+    cfg = C.Config.from_profile("cpu")
     res = _fake_results(1.0)
     pol = res["runs"]["method"] == "polarization"
-    table = P.claims_table(cfg, res, results_dir=None)
+    table = C.claims_table(cfg, res, results_dir=None)
     row = lambda t: t[t["claim"].str.contains("static sub-network")]["verdict"].iloc[0]  # noqa: E731
     assert row(table) == "held"
     res["runs"].loc[pol, "static_accuracy"] = 0.90 - 0.001 * res["runs"].loc[pol, "seed"]
-    assert row(P.claims_table(cfg, res, results_dir=None)) == "did not hold"
-    assert row(P.claims_table(cfg, _fake_results(1.0, settled=False), results_dir=None)) == "inconclusive"
+    assert row(C.claims_table(cfg, res, results_dir=None)) == "did not hold"
+    assert row(C.claims_table(cfg, _fake_results(1.0, settled=False), results_dir=None)) == "inconclusive"
+
+
+# --- the chapter's units outside the notebook (python -m pruning_lib.book units 05) ----------------------
+
+def _run_keys(cfg):
+    """(kind, hash) of every unit run_experiment sends to runs.map_units, in its order (map_units
+    replaced by a recorder; the run stops after the last phase)."""
+    from pruning_lib.runs import Store
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(fn, tasks, *, results_dir, key, **kw):
+        for t in tasks:
+            kind = key(t).split("-", 1)[0]
+            own = C._unit_stores(t, results_dir)[0]
+            assert key(t) == f"{kind}-{own.key}" and isinstance(own, Store)
+            seen.append((own.kind, own.key))
+        if tasks[0][0] == "baseline":
+            raise Stop
+        return [{"test_accuracy": 0.0} for _ in tasks]
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(C, "map_units", record)
+    try:
+        with pytest.raises(Stop):
+            C.run_experiment(cfg, progress=False)
+    finally:
+        mp.undo()
+    return seen
+
+
+def test_work_units_list_the_notebooks_stores(tmp_path):
+    cfg = C.Config.from_profile("smoke", results_dir=str(tmp_path))
+    listed = C.work_units(cfg)
+    keys = [(u.kind, u.key) for u in listed]
+    assert keys == _run_keys(cfg)  # the hashes and order of the notebook's own run
+    assert keys == [(u.kind, u.key) for u in C.work_units(cfg)]  # a stable listing
+    n = len(cfg.models) * len(cfg.datasets)  # one seed each in the smoke profile
+    kinds = [k for k, _ in keys]
+    assert kinds.count("polarization/dense") == n and kinds.count("polarization/baseline") == 2 * n * 2
+    assert kinds.count("polarization/gated") == n * (len(cfg.targets) + 1)  # the sweep and no polarizer
+    assert not any(u.done for u in listed)
+    assert all(u.datasets == ("synthetic-mnist",) for u in listed)
+
+
+def test_units_from_the_command_line_write_what_the_notebook_reads(tmp_path, monkeypatch, capsys):
+    """Every unit of one smoke network through `book units --missing`; then the chapter's run only loads
+    (its training functions replaced by failures) and a baseline run alone first trains its inputs."""
+    from pruning_lib import book
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(C, "_DATA_CACHE", {})
+    argv = ["units", "05", "--profile", "smoke", "-p", "models", "[lenet5_caffe]", "-p", "results_dir",
+            str(tmp_path / "a")]
+    assert book.main(argv + ["--missing"]) == 0
+    assert book.main(argv + ["--list"]) == 0
+    cfg = C.Config.from_profile("smoke", models=("lenet5_caffe",), results_dir=str(tmp_path / "a"))
+    out = capsys.readouterr().out
+    assert all(f"{u.key}  done" in out for u in C.work_units(cfg))
+    no = lambda *a, **k: pytest.fail("trained instead of reading the cache")  # noqa: E731
+    monkeypatch.setattr(C, "fit", no)
+    monkeypatch.setattr(P, "fit", no)
+    runs = C.run_experiment(cfg, progress=False)["runs"]
+    assert len(runs) == len(cfg.targets) * 3 + 1
+    monkeypatch.undo()
+    monkeypatch.setattr(C, "_DATA_CACHE", {})
+
+    # one baseline alone, in an empty folder: its gated and dense inputs are trained first, same results
+    fresh = cfg.replace(results_dir=str(tmp_path / "b"))
+    base = [u for u in C.work_units(fresh) if u.kind == "polarization/baseline"][0]
+    base.run(fresh.results_dir)
+    done = {u.key for u in C.work_units(fresh) if u.done}
+    assert len(done) == 3 and base.key in done
+    for kind in ("polarization/dense", "polarization/baseline"):
+        key = next(u.key for u in C.work_units(fresh) if u.kind == kind and u.key in done)
+        a, b = (json.loads(Path(root, kind, key, "metrics.json").read_text())
+                for root in (cfg.results_dir, fresh.results_dir))
+        assert {k: v for k, v in a.items() if "seconds" not in k} == \
+            {k: v for k, v in b.items() if "seconds" not in k}
+
+
+def test_verdict_finds_the_claim_of_a_network():
+    cfg = C.Config.from_profile("cpu")
+    table = C.claims_table(cfg, _fake_results(0.6), results_dir=None)
+    label = f"{C.model_label('lenet5_caffe')}, d"
+    assert label == "LeNet-5-Caffe, d"
+    v, ours = C.verdict(table, label, "wall-clock")
+    row = table[table["claim"].str.contains("wall-clock")]
+    assert (v, ours) == (row["verdict"].iloc[0], row["ours"].iloc[0]) and v == "held"
+    assert C.verdict(table, label, "no such claim") == ("not measured", "—")
+    assert C.verdict(table, "ResNet-20, d", "wall-clock") == ("not measured", "—")

@@ -1,31 +1,9 @@
-"""Consensus sub-networks with polarization-regularized binary gates (Zhi et al. 2023, arXiv 2302.10798).
+"""Chapter 05, "Consensus sub-networks with polarization regularization" (Zhi et al. 2023, arXiv 2302.10798).
 
-Chapter ``05_polarization``.  The method, as far as the paper's public text describes it [abs] and as we
-reconstruct the rest [recon]:
-
-* **Binary gates from a small gating module** [abs].  Every prunable channel group (and, in ResNets, every
-  residual block) gets a :class:`GatingModule`: global-average-pooled features -> ``Linear -> ReLU -> Linear``
-  -> logits ``a``; the gate is ``g = 1[sigmoid(a) > 1/2]`` per input.  The gate sits in the group's
-  :class:`~pruning_lib.gates.GateSlot` (after the norm, before the ReLU).
-* **Straight-through estimator** [abs]: the forward pass uses the binary ``g``, the backward pass the
-  gradient of ``p = sigmoid(a)`` (:func:`straight_through`).
-* **Density loss** [recon]: ``L_d = lambda_d * mean_l (rho_l - (1 - s))^2`` where ``rho_l`` is the mean gate
-  value of channel group ``l`` over the batch and its channels and ``s`` the user-set sparsity
-  (:func:`density_loss`; ``scope="global"`` pools all gates, ``"weighted"`` weights each gate by the
-  connections it switches off).  In the default per-layer scope block gates are not pulled to the target;
-  a block goes only when its inputs agree it should.
-* **Polarizer** [abs, form recon]: drives every gate's *mean over inputs* ``m_c = mean_n g_{n,c}`` to 0 or 1,
-  so that all inputs agree on every gate (the "consensus").  The paper's text available to us (abstract and
-  third-party summaries of arXiv 2302.10798) names a "polarizing loss" but we could not read its equation;
-  our default is the simplest function with the required shape, ``R(m) = mean_c m_c (1 - m_c)``
-  (:func:`polarizer`, ``form="product"``): zero exactly at ``m = 0`` and ``m = 1``, maximal at 1/2.  Zhuang et
-  al. (2020, "Neuron-level structured pruning using polarization regularizer", Eq. 2; reference code
-  ``bn_sparsity``) use ``R(m) = t ||m||_1 - ||m - mean(m)||_1`` on BN scales in [0, 1] (ResNet-56:
-  ``lambda = 5e-5``, ``t = 1.4``); it is available as ``form="zhuang"``.
-* **Static sub-network** [abs]: after the single training pass, a gate whose mean over the training inputs is
-  below 1/2 is agreed "off"; those channels (and blocks) are removed by :func:`pruning_lib.compact.compact`
-  and :func:`pruning_lib.compact.remove_blocks`, and the gating modules are dropped.  With a polarized
-  consensus the static network computes what the gated one does for (almost) every input.
+The method (gating modules, straight-through gates, density loss, polarizer, consensus, compaction) is
+:mod:`pruning_lib.methods.polarization`; this module holds the chapter: its Config, its units of work (dense
+networks, gated runs of the target sweep and without polarizer, baselines), :func:`run_experiment`, tables,
+figures and claims.
 
 Baselines at equal sparsity: *magnitude* (the dense network's channels ranked by the L1 norm of their filters,
 the same number kept per group as the gates kept, then a short fine-tune) and *random* (random channels, same
@@ -44,365 +22,27 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import claims as claims_mod
-from .claims import AtLeast, AtMost, Claim, Exceeds
-from .compact import compact, remove_blocks
-from .data import batches, load_dataset
-from .gates import GateSlot, scale_channels, set_block_gates, set_gates
-from .metrics import layer_flops
-from .models import build_model
-from .runs import Executor, RunConfig, Store, in_worker, map_units, param, parse_executor, progress_bar
-from .timing import best_forward_seconds
-from .train import Callback, cross_entropy, evaluate, fit
+from .. import claims as claims_mod
+from ..claims import AtLeast, AtMost, Claim
+from ..data import batches, load_dataset
+from ..methods.polarization import (apply_static, compact_static, gate_statistics, gated_optimizer,
+                                    gated_penalties, keep_sparsity, lr_scheduler, set_mode, static_keep,
+                                    strip_gates, train_polarized, train_step)
+from ..metrics import count_connections, count_flops
+from ..models import build_model
+from ..runs import Executor, RunConfig, Store, in_worker, map_units, param, parse_executor, progress_bar
+from ..timing import best_forward_seconds
+from ..train import evaluate, fit
 
 CHAPTER = "05_polarization"
 METHODS = ("polarization", "magnitude", "random")
 
 __all__ = [
-    "CHAPTER", "Config", "GatingModule", "straight_through", "add_gating", "gating_modules", "density_loss",
-    "polarizer", "polarization_penalty", "gate_statistics", "static_keep", "keep_sparsity", "compact_static", "set_mode",
-    "TrainFlops", "connections", "train_gated", "run_experiment", "plot_sweep", "plot_gate_histograms",
-    "plot_consensus", "plot_compute", "sweep_table", "latency_table", "claims_table", "training_step_seconds",
-    "lr_scheduler", "gated_optimizer", "gated_penalties",
+    "CHAPTER", "METHODS", "Config", "work_units", "run_experiment", "training_step_seconds", "sweep_table",
+    "latency_table", "no_polarizer_table", "plot_sweep", "plot_gate_value_histograms", "plot_consensus",
+    "plot_compute", "model_label", "drop_at", "settled_runs", "claims_table", "verdict", "sweep_summary",
+    "findings",
 ]
-
-
-# --------------------------------------------------------------------------------------------------------
-# Gates
-# --------------------------------------------------------------------------------------------------------
-
-
-class _BinaryGate(torch.autograd.Function):
-    """Forward ``1[a > 0]``; backward the sigmoid's slope at ``clamp(a, -bound, bound)``."""
-
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, bound: float) -> torch.Tensor:
-        ctx.save_for_backward(a)
-        ctx.bound = bound
-        return (a > 0).to(a.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (a,) = ctx.saved_tensors
-        if ctx.bound != math.inf:  # clamp(a, -inf, inf) is a (NaN and -0.0 included): skip that pass
-            a = a.clamp(-ctx.bound, ctx.bound)
-        s = torch.sigmoid(a)
-        return grad * s * (1 - s), None
-
-
-def straight_through(logits: torch.Tensor, bound: float = math.inf) -> torch.Tensor:
-    """Binary gate ``1[sigmoid(a) > 1/2] = 1[a > 0]`` in the forward pass; in the backward pass the gradient
-    of ``sigmoid(a)`` (the straight-through estimator).
-
-    ``bound < inf`` evaluates that slope at ``a`` clamped to ``[-bound, bound]``, so that saturated gates keep
-    a gradient of at least ``sigmoid'(bound)``.  The default is the plain slope: in our MNIST runs the clamp
-    let the density loss push hard through every gate into the backbone and training collapsed.
-    """
-    return _BinaryGate.apply(logits, bound)
-
-
-class GatingModule(nn.Module):
-    """Per-input binary gates for ``channels`` channels (or one gate for a whole block, ``out=1``).
-
-    ``pooled(x) -> Linear(C, hidden) -> ReLU -> Linear(hidden, out) -> sigmoid -> > 1/2`` with the
-    straight-through estimator (Zhi et al. 2023, Sec. 3 [recon]).  ``mode``:
-
-    * ``"dynamic"`` (training, and the gated network at test time): per-input gates ``[N, out]``; the last
-      ones are kept in ``self.last_gate`` (STE values, with gradient) for the density loss and the polarizer.
-    * ``"static"``: the consensus gates in the buffer ``static_mask`` ``[out]`` (what compaction removes).
-
-    ``init_bias`` starts every gate open (``sigmoid(1) = 0.73``) so training begins from the dense network.
-    """
-
-    def __init__(self, channels: int, out: int | None = None, hidden: int | None = None, init_bias: float = 1.0):
-        super().__init__()
-        self.channels = int(channels)
-        self.out = self.channels if out is None else int(out)
-        hidden = hidden or int(min(64, max(4, channels // 4)))
-        self.net = nn.Sequential(nn.Linear(self.channels, hidden), nn.ReLU(), nn.Linear(hidden, self.out))
-        nn.init.constant_(self.net[-1].bias, init_bias)
-        self.register_buffer("static_mask", torch.ones(self.out))
-        self.cost = 1.0  # connections one of its gates switches off (set by add_gating; density weighting)
-        self.mode = "dynamic"
-        self.last_gate: torch.Tensor | None = None
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
-        return self.net(pooled)
-
-    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logits(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "static":
-            z = self.static_mask.to(x.dtype)
-            return scale_channels(x, z if self.out > 1 else z.reshape(()))
-        g = straight_through(self.logits(x))
-        self.last_gate = g
-        if self.out == 1:  # block gate: one value per input, broadcast over the branch's channels
-            g = g.expand(-1, x.shape[1])
-        return scale_channels(x, g)
-
-    def extra_repr(self) -> str:
-        return f"channels={self.channels}, out={self.out}, mode={self.mode}"
-
-
-def add_gating(model: nn.Module, block_gates: bool = True, init_bias: float = 1.0) -> dict[str, GatingModule]:
-    """Put a :class:`GatingModule` in every channel-group slot (and every residual block's ``branch_slot``
-    when ``block_gates``).  Returns them by name (group names; block paths prefixed ``"block:"``)."""
-    out: dict[str, GatingModule] = {}
-    gates = {}
-    for g in model.channel_groups():
-        slot = model.get_submodule(g.slot)
-        gates[g.name] = GatingModule(slot.channels, init_bias=init_bias)
-        gates[g.name].cost = float(_channel_cost(model, g))
-    set_gates(model, gates)
-    out.update(gates)
-    if block_gates and model.residual_blocks():
-        bg = {}
-        for path in model.residual_blocks():
-            block = model.get_submodule(path)
-            bg[path] = GatingModule(block.branch_slot.channels, out=1, init_bias=init_bias)
-            bg[path].cost = float(sum(m.weight.numel() for n, m in block.named_modules()
-                                      if isinstance(m, nn.Conv2d) and not n.startswith("downsample")))
-        set_block_gates(model, bg)
-        out.update({f"block:{k}": v for k, v in bg.items()})
-    return out
-
-
-def _channel_cost(model: nn.Module, group) -> int:
-    """Connections attached to one channel of ``group``: its producer's filter plus its consumers' inputs."""
-    w = model.get_submodule(group.producer).weight
-    cost = w[0].numel()
-    for path in group.consumers:
-        m = model.get_submodule(path)
-        if isinstance(m, nn.Conv2d):
-            cost += m.weight.shape[0] * m.weight[0, 0].numel()
-        elif isinstance(m, nn.Linear):
-            cost += m.out_features * group.spatial
-    return cost
-
-
-def gating_modules(model: nn.Module) -> dict[str, GatingModule]:
-    """The gating modules in ``model``'s slots, by name (channel groups, then ``"block:<path>"``)."""
-    out = {}
-    for g in model.channel_groups():
-        gate = model.get_submodule(g.slot).gate
-        if isinstance(gate, GatingModule):
-            out[g.name] = gate
-    for path in model.residual_blocks():
-        block = model.get_submodule(path)
-        slot = getattr(block, "branch_slot", None)
-        if isinstance(slot, GateSlot) and isinstance(slot.gate, GatingModule):
-            out[f"block:{path}"] = slot.gate
-    return out
-
-
-def set_mode(model: nn.Module, mode: str) -> None:
-    """Switch every gating module to ``"dynamic"`` (per-input) or ``"static"`` (consensus mask) gates."""
-    if mode not in ("dynamic", "static"):
-        raise ValueError(f"mode must be 'dynamic' or 'static', got {mode!r}")
-    for gm in gating_modules(model).values():
-        gm.mode = mode
-
-
-# --------------------------------------------------------------------------------------------------------
-# Losses
-# --------------------------------------------------------------------------------------------------------
-
-
-def density_loss(model: nn.Module, target_sparsity: float, scope: str = "layer") -> torch.Tensor:
-    """Squared distance of the gate density to ``1 - s``, from the last forward's STE gate values [recon].
-
-    * ``"layer"``: ``mean_l (rho_l - (1 - s))^2``, every channel group pulled to the target (block gates are
-      left to the polarizer and the task loss);
-    * ``"global"``: ``(rho - (1 - s))^2`` with all gates pooled (one vote per gate);
-    * ``"weighted"``: as global, but each gate weighted by the connections it switches off
-      (:attr:`GatingModule.cost`), so the target is (to first order) a fraction of connections.
-    """
-    gms = [gm for gm in gating_modules(model).values() if gm.last_gate is not None]
-    if not gms:
-        raise RuntimeError("density_loss: no gate values recorded; run a forward pass in dynamic mode first")
-    target = 1.0 - target_sparsity
-    if scope == "layer":
-        # Block gates are single gates: pulling each to a density of 1 - s would fight the polarizer, so in
-        # this scope the channel gates carry the target and a block goes only when its inputs agree it is off.
-        chans = [gm for gm in gms if gm.out > 1] or gms
-        return torch.stack([(gm.last_gate.mean() - target) ** 2 for gm in chans]).mean()
-    if scope in ("global", "weighted"):
-        w = [gm.cost if scope == "weighted" else 1.0 for gm in gms]
-        total = sum(wi * gm.last_gate.sum(1).mean() for wi, gm in zip(w, gms))
-        count = sum(wi * gm.out for wi, gm in zip(w, gms))
-        return (total / count - target) ** 2
-    raise ValueError(f"scope must be 'layer', 'global' or 'weighted', got {scope!r}")
-
-
-def polarizer(m: torch.Tensor, form: str = "product", t: float = 1.4) -> torch.Tensor:
-    """Polarization of gate means ``m`` (each in [0, 1]).
-
-    * ``"product"`` (default, our reconstruction): ``mean_c m_c (1 - m_c)``; 0 exactly when every
-      ``m_c`` is 0 or 1, largest (1/4) at 1/2.
-    * ``"zhuang"``: Zhuang et al. (2020), Eq. 2, per element: ``t * mean|m| - mean|m - mean(m)|``; for a fixed
-      ``mean(m)`` it is smallest when the ``m_c`` split into 0s and one common value.
-    """
-    if form == "product":
-        return (m * (1 - m)).mean()
-    if form == "zhuang":
-        return t * m.abs().mean() - (m - m.mean()).abs().mean()
-    raise ValueError(f"polarizer form must be 'product' or 'zhuang', got {form!r}")
-
-
-def polarization_penalty(model: nn.Module, form: str = "product", t: float = 1.4) -> torch.Tensor:
-    """Mean over gating modules of :func:`polarizer` applied to each gate's mean over the batch's inputs."""
-    gms = [gm for gm in gating_modules(model).values() if gm.last_gate is not None]
-    if not gms:
-        raise RuntimeError("polarization_penalty: no gate values recorded; run a forward pass first")
-    return torch.stack([polarizer(gm.last_gate.mean(0), form, t) for gm in gms]).mean()
-
-
-# --------------------------------------------------------------------------------------------------------
-# Gate statistics, static sub-network, compaction
-# --------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def gate_statistics(model: nn.Module, split, batch_size: int = 500) -> pd.DataFrame:
-    """Per gate: its mean over the inputs of ``split`` (dynamic gates, eval mode) and the agreement
-    ``max(m, 1 - m)``, the fraction of inputs that agree with the majority decision (the "consensus")."""
-    from .data import batches
-
-    was_training = model.training
-    model.eval()
-    set_mode(model, "dynamic")
-    gms = gating_modules(model)
-    sums = {k: 0.0 for k in gms}
-    n = 0
-    device = next(model.parameters()).device
-    for x, _ in batches(split, batch_size, device=device):
-        model(x)
-        for k, gm in gms.items():
-            sums[k] = sums[k] + gm.last_gate.detach().sum(0)
-        n += len(x)
-    model.train(was_training)
-    rows = []
-    for k, gm in gms.items():
-        mean = (sums[k] / max(n, 1)).cpu()
-        for c, m in enumerate(mean.tolist()):
-            rows.append({"gate": k, "kind": "block" if k.startswith("block:") else "channel", "index": c,
-                         "mean": m, "agreement": max(m, 1 - m)})
-    return pd.DataFrame(rows)
-
-
-def static_keep(stats: pd.DataFrame) -> dict[str, torch.Tensor]:
-    """Consensus decisions from :func:`gate_statistics`: gate name -> bool tensor (mean >= 1/2 keeps)."""
-    return {k: torch.tensor((g.sort_values("index")["mean"] >= 0.5).to_numpy())
-            for k, g in stats.groupby("gate", sort=False)}
-
-
-def keep_sparsity(model: nn.Module, keep: dict[str, torch.Tensor], scope: str = "layer") -> float:
-    """Sparsity of the consensus gates measured as the density loss measures it (``scope``), i.e. the
-    quantity whose target the user set."""
-    gms = gating_modules(model)
-    closed = {k: (~keep[k]).float() for k in gms}
-    if scope == "layer":
-        chans = [k for k, gm in gms.items() if gm.out > 1] or list(gms)
-        return float(np.mean([float(closed[k].mean()) for k in chans]))
-    w = {k: (gm.cost if scope == "weighted" else 1.0) for k, gm in gms.items()}
-    return float(sum(w[k] * float(closed[k].sum()) for k in gms) / sum(w[k] * gms[k].out for k in gms))
-
-
-def apply_static(model: nn.Module, keep: dict[str, torch.Tensor]) -> None:
-    """Load consensus decisions into the gating modules' ``static_mask`` and switch them to static mode."""
-    for k, gm in gating_modules(model).items():
-        gm.static_mask.copy_(keep[k].to(gm.static_mask))
-    set_mode(model, "static")
-
-
-def compact_static(model: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
-    """The physically smaller network: channels agreed off removed (:func:`~pruning_lib.compact.compact`),
-    blocks agreed off replaced by their shortcut (:func:`~pruning_lib.compact.remove_blocks`), gates dropped.
-
-    Equals ``model`` with static gates (:func:`apply_static`) in eval mode."""
-    channel_keep = {k: v for k, v in keep.items() if not k.startswith("block:")}
-    removed = [k[len("block:"):] for k, v in keep.items() if k.startswith("block:") and not bool(v.any())]
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # an emptied group keeps one zeroed channel (documented)
-        small = compact(model, channel_keep)
-    return remove_blocks(small, removed) if removed else small
-
-
-def connections(model: nn.Module) -> int:
-    """Number of connections: weights of every Conv/Linear layer (biases and norms excluded)."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
-
-
-def _flops(model: nn.Module, input_shape) -> int:
-    return int(sum(layer_flops(model, tuple(input_shape)).values()))
-
-
-def _strip_gates(model: nn.Module) -> nn.Module:
-    from .gates import clear_gates
-
-    return clear_gates(copy.deepcopy(model))
-
-
-# --------------------------------------------------------------------------------------------------------
-# Training compute
-# --------------------------------------------------------------------------------------------------------
-
-
-class TrainFlops(Callback):
-    """FLOPs executed in training by an implementation that skips gated-off channels, as a fraction of the
-    dense network's.
-
-    A gate is known only after its producer's output (it is computed from it), so a closed channel saves the
-    FLOPs of its *consumers* (their input channels), not of its producer; a block gate, computed from the
-    branch output, saves nothing.  The gating modules' own FLOPs are added.  Forward FLOPs are counted; the
-    backward pass scales the same way, so the ratio holds for training.
-    """
-
-    def __init__(self, model: nn.Module, input_shape):
-        dense = _strip_gates(model)
-        self.layer = layer_flops(dense, tuple(input_shape))
-        self.dense = float(sum(self.layer.values()))
-        self.consumers = {}  # group name -> consumer paths (layers whose input channels it gates)
-        for g in model.channel_groups():
-            self.consumers[g.name] = [c for c in g.consumers if c in self.layer]
-        self.gate_flops = 0.0
-        for gm in gating_modules(model).values():
-            self.gate_flops += sum(2 * m.in_features * m.out_features for m in gm.net if isinstance(m, nn.Linear))
-        self.executed = 0.0
-        self.samples = 0
-
-    def after_step(self, state) -> None:
-        gms = gating_modules(state.model)
-        n = None
-        saved = 0.0
-        for name, paths in self.consumers.items():
-            gm = gms.get(name)
-            if gm is None or gm.last_gate is None:
-                continue
-            closed = 1.0 - gm.last_gate.detach().mean(1)  # per input: fraction of channels off
-            n = closed.numel()
-            saved += float(closed.sum()) * sum(self.layer[p] for p in paths)
-        if n is None:
-            return
-        self.samples += n
-        self.executed += n * (self.dense + self.gate_flops) - saved
-
-    def fraction(self) -> float:
-        return self.executed / max(self.samples * self.dense, 1.0)
-
-    def log(self, state) -> dict[str, float]:
-        return {"train_flops_fraction": self.fraction()}
-
-    def state_dict(self) -> dict:
-        return {"executed": self.executed, "samples": self.samples}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.executed, self.samples = state["executed"], state["samples"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -447,6 +87,7 @@ class Config(RunConfig):
     timing_batch: int = param(256, low=1, help="batch size of the inference-time measurement (and batch 1)")
     timing_repeats: int = param(10, low=1, help="best of this many: inference passes, training steps")
     workers: int = param(1, low=1, high=64, help="parallel processes for independent runs")
+    results_dir: str = param("results", help="results cache")
 
     NOT_HASHED: ClassVar[tuple[str, ...]] = RunConfig.NOT_HASHED + ("workers", "timing_repeats")
     BUDGETED: ClassVar[tuple[str, ...]] = ("epochs", "finetune_epochs")
@@ -463,7 +104,7 @@ class Config(RunConfig):
     }
 
     def check(self) -> None:
-        from .runs import ConfigError
+        from ..runs import ConfigError
 
         if not self.targets:
             raise ConfigError("parameter 'targets': give at least one target sparsity")
@@ -510,70 +151,6 @@ def _gate_spec(cfg: Config, model: str, dataset: str, seed: int, target: float, 
             "density_scope": cfg.density_scope, "block_gates": cfg.block_gates, "gate_lr": cfg.gate_lr}
 
 
-def lr_scheduler(optimizer: torch.optim.Optimizer, epochs: float, kind: str = "constant"):
-    """The learning-rate schedule of the chapter's trainings (dense and gated alike), stepped once an
-    epoch by :func:`pruning_lib.train.fit`: ``"constant"`` (None) or ``"cosine"``, ``0.5 (1 + cos(pi e / E))``
-    at epoch ``e`` of ``E = ceil(epochs)``, on every parameter group (the gating modules' too)."""
-    if kind == "constant":
-        return None
-    if kind != "cosine":
-        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {kind!r}")
-    total = max(int(math.ceil(epochs)), 1)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * min(e / total, 1))))
-
-
-def gated_optimizer(model: nn.Module, lr: float, gate_lr: float | None = None) -> torch.optim.Adam:
-    """Adam with two parameter groups: the network at ``lr``, its gating modules at ``gate_lr`` (default
-    ``lr``)."""
-    gms = gating_modules(model)
-    gate_params = {id(p) for gm in gms.values() for p in gm.parameters()}
-    return torch.optim.Adam([
-        {"params": [p for p in model.parameters() if id(p) not in gate_params], "lr": lr},
-        {"params": [p for gm in gms.values() for p in gm.parameters()], "lr": gate_lr or lr}])
-
-
-def gated_penalties(target: float, polarizer_weight: float, density_weight: float, form: str = "product",
-                    t: float = 1.4, scope: str = "layer") -> dict:
-    """The terms added to the cross-entropy in the one training pass: ``density`` (always) and
-    ``polarizer`` (when ``polarizer_weight > 0``), for :func:`pruning_lib.train.fit`'s ``penalties``."""
-    penalties = {"density": lambda m: density_weight * density_loss(m, target, scope)}
-    if polarizer_weight > 0:
-        penalties["polarizer"] = lambda m: polarizer_weight * polarization_penalty(m, form, t)
-    return penalties
-
-
-def train_gated(model: nn.Module, data, *, target: float, polarizer_weight: float, density_weight: float,
-                form: str = "product", t: float = 1.4, scope: str = "layer", block_gates: bool = True,
-                epochs: float = 1.0, batch_size: int = 128, lr: float = 1e-3, gate_lr: float | None = None,
-                lr_schedule: str = "constant", seed: int = 0,
-                progress: bool = False) -> tuple[pd.DataFrame, TrainFlops]:
-    """One training pass of ``model`` with gating modules, CE + density loss + polarizer (in place).
-
-    The gating modules get their own learning rate ``gate_lr`` (default ``lr``): Adam with two parameter
-    groups (:func:`gated_optimizer`), both following ``lr_schedule`` (:func:`lr_scheduler`).  Returns the
-    history and the :class:`TrainFlops` counter.  Uses :func:`pruning_lib.train.fit`.
-    """
-    add_gating(model, block_gates=block_gates)
-    optimizer = gated_optimizer(model, lr, gate_lr)
-    counter = TrainFlops(model, data.input_shape)
-    penalties = gated_penalties(target, polarizer_weight, density_weight, form, t, scope)
-    hist = fit(model, data, optimizer=optimizer, epochs=epochs, batch_size=batch_size, penalties=penalties,
-               scheduler=lr_scheduler(optimizer, epochs, lr_schedule), callbacks=[counter], seed=seed,
-               progress=progress, desc=f"gated s={target}")
-    return hist, counter
-
-
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, penalties: dict, x, y) -> None:
-    """One optimizer step as :func:`pruning_lib.train.fit` takes it: cross-entropy plus penalties, backward,
-    update."""
-    loss = cross_entropy(model, x, y)
-    for pen in penalties.values():
-        loss = loss + pen(model)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-
-
 def training_step_seconds(gated: nn.Module, data, *, penalties: dict, batch_size: int, lr: float,
                           gate_lr: float | None = None, repeats: int = 10, seed: int = 0) -> dict[str, float]:
     """Wall time of one training step with the gates against one step of the dense network, side by side.
@@ -586,7 +163,7 @@ def training_step_seconds(gated: nn.Module, data, *, penalties: dict, batch_size
     """
     g = copy.deepcopy(gated)
     set_mode(g, "dynamic")
-    d = _strip_gates(gated)
+    d = strip_gates(gated)
     g.train()
     d.train()
     gen = torch.Generator().manual_seed(seed)
@@ -595,13 +172,13 @@ def training_step_seconds(gated: nn.Module, data, *, penalties: dict, batch_size
     steps = {"gated": (g, gated_optimizer(g, lr, gate_lr), penalties),
              "dense": (d, torch.optim.Adam(d.parameters(), lr=lr), {})}
     for m, opt, pen in steps.values():
-        _train_step(m, opt, pen, x, y)
+        train_step(m, opt, pen, x, y)
     best = {k: math.inf for k in steps}
     for r in range(repeats):
         order = list(steps) if r % 2 == 0 else list(steps)[::-1]  # alternate who goes first
         for k in order:
             t0 = time.perf_counter()
-            _train_step(*steps[k], x, y)
+            train_step(*steps[k], x, y)
             best[k] = min(best[k], time.perf_counter() - t0)
     return {"step_seconds_gated": best["gated"], "step_seconds_dense": best["dense"]}
 
@@ -632,7 +209,7 @@ def _dense_unit(cfg: Config, model: str, dataset: str, seed: int) -> dict:
         secs = time.perf_counter() - t0
         store.save_torch("model", net.cpu().state_dict())
         return {"test_accuracy": float(hist["test_accuracy"].iloc[-1]), "train_seconds": secs,
-                "connections": connections(net), "flops": _flops(net.cpu(), data.input_shape)}
+                "connections": count_connections(net), "flops": count_flops(net.cpu(), data.input_shape)}
 
     return store.json("metrics", _timed(compute))
 
@@ -644,13 +221,13 @@ def _gate_unit(cfg: Config, model: str, dataset: str, seed: int, target: float, 
     def compute():
         data = _data(dataset, cfg.data_root)
         net = _build(cfg, model, data, seed)
-        dense_conn, dense_flops = connections(net), _flops(net, data.input_shape)
+        dense_conn, dense_flops = count_connections(net), count_flops(net, data.input_shape)
         t0 = time.perf_counter()
-        hist, counter = train_gated(net, data, target=target, polarizer_weight=pw,
-                                    density_weight=cfg.density_weight, form=cfg.polarizer_form,
-                                    t=cfg.zhuang_t, scope=cfg.density_scope, block_gates=cfg.block_gates,
-                                    epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                                    gate_lr=cfg.gate_lr, lr_schedule=cfg.lr_schedule, seed=seed)
+        hist, counter = train_polarized(net, data, target=target, polarizer_weight=pw,
+                                        density_weight=cfg.density_weight, form=cfg.polarizer_form,
+                                        t=cfg.zhuang_t, scope=cfg.density_scope, block_gates=cfg.block_gates,
+                                        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                                        gate_lr=cfg.gate_lr, lr_schedule=cfg.lr_schedule, seed=seed)
         secs = time.perf_counter() - t0
         # the wall-clock cost of the one pass against dense training: the two steps side by side, here
         steps = training_step_seconds(
@@ -669,7 +246,7 @@ def _gate_unit(cfg: Config, model: str, dataset: str, seed: int, target: float, 
         with torch.no_grad():
             diff = float((small(x) - net.eval()(x)).abs().max())
         compact_acc = evaluate(small, data.test)["accuracy"]
-        dense = _strip_gates(net)
+        dense = strip_gates(net)
         t_dense, t_small = best_forward_seconds([dense, small], x, cfg.timing_repeats)
         t_dense1, t_small1 = best_forward_seconds([dense, small], x[:1], cfg.timing_repeats, inner=10)
         gates = test_stats.rename(columns={"mean": "mean_test", "agreement": "agreement_test"})
@@ -686,8 +263,8 @@ def _gate_unit(cfg: Config, model: str, dataset: str, seed: int, target: float, 
             "max_abs_diff": diff, "gate_sparsity": achieved,
             "channel_sparsity": 1 - n_open / max(n_gates, 1),
             "blocks_removed": int(sum(not bool(keep[b].any()) for b in blocks)), "blocks": len(blocks),
-            "connections": connections(small), "dense_connections": dense_conn,
-            "flops": _flops(small, data.input_shape), "dense_flops": dense_flops,
+            "connections": count_connections(small), "dense_connections": dense_conn,
+            "flops": count_flops(small, data.input_shape), "dense_flops": dense_flops,
             "train_flops_fraction": counter.fraction(), "train_seconds": secs,
             "consensus_test": float(test_stats["agreement"].mean()),
             "inference_seconds_dense": t_dense, "inference_seconds_compact": t_small,
@@ -749,8 +326,8 @@ def _baseline_unit(cfg: Config, method: str, model: str, dataset: str, seed: int
             hist = fit(small, data, lr=cfg.lr, epochs=cfg.finetune_epochs, batch_size=cfg.batch_size,
                        seed=seed, progress=False, desc=f"{method} fine-tune")
             acc = float(hist["test_accuracy"].iloc[-1])
-        return {"test_accuracy": acc, "pruned_accuracy": pruned_acc, "connections": connections(small),
-                "flops": _flops(small, data.input_shape)}
+        return {"test_accuracy": acc, "pruned_accuracy": pruned_acc, "connections": count_connections(small),
+                "flops": count_flops(small, data.input_shape)}
 
     return store.json("metrics", _timed(compute))
 
@@ -776,20 +353,33 @@ def _pool_unit(task, results_dir: str) -> dict:
     return _unit(kind, cfg, rest)
 
 
-def _unit_stores(task, root: str) -> tuple[Store, list[Store]]:
-    """A unit's own Store (the specs its function uses) and the finished units it reads: a baseline
-    reads its gated run's keep masks and the dense weights."""
+def _inputs(task) -> list:
+    """The units ``task`` reads, finished: a baseline reads its gated run's keep masks and the dense
+    weights; dense and gated units read none (a gated run starts from the same seeded initialisation)."""
+    kind, cfg, rest = task
+    if kind != "baseline":
+        return []
+    method, model, dataset, seed, target = rest
+    return [("gated", cfg, (model, dataset, seed, target, cfg.polarizer_weight)),
+            ("dense", cfg, (model, dataset, seed))]
+
+
+def _store(task, root: str) -> Store:
+    """A unit's own Store (the spec its function uses)."""
     kind, cfg, rest = task
     if kind == "dense":
-        return Store(root, "polarization/dense", _train_spec(cfg, *rest)), []
+        return Store(root, "polarization/dense", _train_spec(cfg, *rest))
     if kind == "gated":
-        return Store(root, "polarization/gated", _gate_spec(cfg, *rest)), []
+        return Store(root, "polarization/gated", _gate_spec(cfg, *rest))
     method, model, dataset, seed, target = rest
     gate_spec = _gate_spec(cfg, model, dataset, seed, target, cfg.polarizer_weight)
-    own = Store(root, "polarization/baseline",
-                {"method": method, "gated": gate_spec, "finetune_epochs": cfg.finetune_epochs})
-    return own, [Store(root, "polarization/gated", gate_spec),
-                 Store(root, "polarization/dense", _train_spec(cfg, model, dataset, seed))]
+    return Store(root, "polarization/baseline",
+                 {"method": method, "gated": gate_spec, "finetune_epochs": cfg.finetune_epochs})
+
+
+def _unit_stores(task, root: str) -> tuple[Store, list[Store]]:
+    """A unit's own Store and the Stores of the finished units it reads (:func:`_inputs`)."""
+    return _store(task, root), [_store(t, root) for t in _inputs(task)]
 
 
 def _run_phase(units, cfg, root, workers, bar):
@@ -806,7 +396,70 @@ def _run_phase(units, cfg, root, workers, bar):
                      key=lambda t: f"{t[0]}-{_unit_stores(t, root)[0].key}")
 
 
-def run_experiment(cfg: Config, results_dir: str = "results", progress: bool = True) -> dict[str, pd.DataFrame]:
+def _combos(cfg: Config) -> list[tuple[str, str, int]]:
+    """Every (model, dataset, seed) network of the chapter."""
+    return [(m, d, s) for d in cfg.datasets for m in cfg.models for s in cfg.model_seeds(m)]
+
+
+def _phases(cfg: Config) -> tuple[list, list, list]:
+    """The units of :func:`run_experiment`, phase by phase, each ``(kind, args)``: dense networks, gated
+    runs (the sweep, then the runs without polarizer), baselines; the slow ResNets first in each."""
+    combos = _combos(cfg)
+    dense_units = [("dense", (m, d, s)) for m, d, s in combos]
+    gate_units = [("gated", (m, d, s, t, cfg.polarizer_weight)) for m, d, s in combos for t in cfg.targets]
+    # the run without polarizer is a figure (histograms, consensus), not a claim: the first seed only
+    nopol = [("gated", (m, d, s, cfg.no_polarizer_target, 0.0)) for m, d, s in combos
+             if s == cfg.model_seeds(m)[0]]
+    base_units = [("baseline", (meth, m, d, s, t)) for m, d, s in combos for t in cfg.targets
+                  for meth in ("magnitude", "random")]
+
+    # the slow ResNets first, so that parallel workers do not end on one long unit
+    def longest_first(units):
+        return sorted(units, key=lambda u: not any(str(x).startswith("resnet") for x in u[1]))
+
+    return longest_first(dense_units), longest_first(gate_units + nopol), longest_first(base_units)
+
+
+def _describe(cfg: Config, task) -> str:
+    kind, _, rest = task
+    if kind == "dense":
+        m, d, s = rest
+        return f"{m} on {d}, seed {s}: dense, {cfg.epochs:g} epochs, batch {cfg.batch_size}"
+    if kind == "gated":
+        m, d, s, t, pw = rest
+        how = f"polarizer weight {pw:g}" if pw > 0 else "no polarizer"
+        return (f"{m} on {d}, seed {s}: gated, target sparsity {t:g}, {how}, {cfg.epochs:g} epochs, "
+                f"batch {cfg.batch_size}")
+    meth, m, d, s, t = rest
+    return (f"{m} on {d}, seed {s}: {meth} pruning to the gated run's channels at target {t:g}, "
+            f"{cfg.finetune_epochs:g} epochs fine-tune (reads the gated and dense units)")
+
+
+def _run_unit_with_inputs(task, results_dir: str) -> dict:
+    """One unit from the command line: the finished units it reads first, where missing (they are
+    units of this chapter, the same cached results whoever trains them), then the unit itself."""
+    for dep in _inputs(task):
+        if not _store(dep, results_dir).exists("metrics.json"):
+            _pool_unit(dep, results_dir)
+    return _pool_unit(task, results_dir)
+
+
+def work_units(cfg: Config) -> list:
+    """Every unit of :func:`run_experiment` for the command line (:mod:`pruning_lib.units`), in its order:
+    its hash (the notebook's Store), what it trains, whether it is done, and ``run(results_dir)``."""
+    from ..units import Unit
+
+    out = []
+    for kind, rest in (u for phase in _phases(cfg) for u in phase):
+        task = (kind, cfg, rest)
+        store = _store(task, cfg.results_dir)
+        dataset = rest[1] if kind != "baseline" else rest[2]
+        out.append(Unit(store.key, store.kind, _describe(cfg, task), store.exists("metrics.json"), (dataset,),
+                        lambda results_dir, task=task: _run_unit_with_inputs(task, str(results_dir))))
+    return out
+
+
+def run_experiment(cfg: Config, results_dir: str | None = None, progress: bool = True) -> dict[str, pd.DataFrame]:
     """Run (or load) every unit: dense networks, gated runs (sweep + no-polarizer runs), baselines.
 
     Each unit (one model x dataset x seed x target x method) is its own :class:`~pruning_lib.runs.Store`
@@ -819,24 +472,12 @@ def run_experiment(cfg: Config, results_dir: str = "results", progress: bool = T
     "cpu_seconds": the summed CPU time of the units (NaN for units computed before it was recorded)}``.
     """
 
+    results_dir = cfg.results_dir if results_dir is None else results_dir
     _RESULTS_ROOT[0] = str(results_dir)
-    combos = [(m, d, s) for d in cfg.datasets for m in cfg.models for s in cfg.model_seeds(m)]
-    dense_units = [("dense", (m, d, s)) for m, d, s in combos]
-    gate_units = [("gated", (m, d, s, t, cfg.polarizer_weight)) for m, d, s in combos for t in cfg.targets]
-    # the run without polarizer is a figure (histograms, consensus), not a claim: the first seed only
-    nopol = [("gated", (m, d, s, cfg.no_polarizer_target, 0.0)) for m, d, s in combos
-             if s == cfg.model_seeds(m)[0]]
-    base_units = [("baseline", (meth, m, d, s, t)) for m, d, s in combos for t in cfg.targets
-                  for meth in ("magnitude", "random")]
+    dense_units, gated_units, base_units = _phases(cfg)
     t0 = time.perf_counter()
-    bar = progress_bar(total=len(dense_units) + len(gate_units) + len(nopol) + len(base_units),
+    bar = progress_bar(total=len(dense_units) + len(gated_units) + len(base_units),
                        desc="polarization runs", progress=progress)
-    # the slow ResNets first, so that parallel workers do not end on one long unit
-    def longest_first(units):
-        return sorted(units, key=lambda u: not any(str(x).startswith("resnet") for x in u[1]))
-
-    dense_units, gated_units, base_units = (longest_first(u) for u in (dense_units, gate_units + nopol,
-                                                                          base_units))
     dense = _run_phase(dense_units, cfg, results_dir, cfg.workers, bar)
     gated = _run_phase(gated_units, cfg, results_dir, cfg.workers, bar)
     base = _run_phase(base_units, cfg, results_dir, cfg.workers, bar)
@@ -868,7 +509,8 @@ def run_experiment(cfg: Config, results_dir: str = "results", progress: bool = T
     runs["connection_sparsity"] = 1 - runs["connections"] / runs["dense_connections"]
     runs["flops_sparsity"] = 1 - runs["flops"] / runs["dense_flops"]
     runs["accuracy_drop"] = 100 * (runs["dense_accuracy"] - runs["test_accuracy"])
-    dense_frame = pd.DataFrame([{"model": m, "dataset": d, "seed": s, **dense_by[(m, d, s)]} for m, d, s in combos])
+    dense_frame = pd.DataFrame([{"model": m, "dataset": d, "seed": s, **dense_by[(m, d, s)]}
+                                for m, d, s in _combos(cfg)])
     return {"runs": runs, "gates": pd.concat(gate_frames, ignore_index=True), "dense": dense_frame,
             "history": pd.concat(histories, ignore_index=True), "wall_seconds": wall,
             "compute_seconds": float(sum(r.get("unit_seconds", 0.0) for r in dense + gated + base)),
@@ -884,6 +526,11 @@ _LABEL = {"lenet5_caffe": "LeNet-5-Caffe", "resnet20": "ResNet-20", "resnet56": 
 _COLOR = {"polarization": "C0", "magnitude": "C1", "random": "C2", "no polarizer": "C3"}
 
 
+def model_label(model: str) -> str:
+    """The network's name as the chapter writes it (``resnet20`` -> ``ResNet-20``)."""
+    return _LABEL.get(model, model)
+
+
 def _panels(runs: pd.DataFrame) -> list[tuple[str, str]]:
     return list(dict.fromkeys(zip(runs["model"], runs["dataset"])))
 
@@ -897,9 +544,19 @@ def sweep_table(runs: pd.DataFrame) -> pd.DataFrame:
     return t
 
 
+def no_polarizer_table(runs: pd.DataFrame, target: float) -> pd.DataFrame:
+    """With and without the polarizer at ``target``, on the seeds that have both runs (the first seed of
+    each network): means of consensus, dynamic and static accuracy and gate sparsity, by model and method."""
+    nopol_seeds = runs.loc[runs["method"] == "no polarizer", ["model", "seed"]].drop_duplicates()
+    nopol = runs.merge(nopol_seeds, on=["model", "seed"])
+    nopol = nopol[nopol["method"].isin(["polarization", "no polarizer"]) & (nopol["target"] == target)]
+    return (nopol.groupby(["model", "method"])[["consensus_test", "dynamic_accuracy", "static_accuracy",
+                                                 "gate_sparsity"]].mean())
+
+
 def plot_sweep(runs: pd.DataFrame, dense: pd.DataFrame):
     """Test accuracy against achieved sparsity (connections, FLOPs), gates vs magnitude and random pruning."""
-    from .plotting import figure, percent_axis
+    from ..plotting import figure, percent_axis
 
     panels = _panels(runs)
     fig, axes = figure(2, len(panels), width=9.0, height=3.4 * len(panels), squeeze=False)
@@ -928,9 +585,9 @@ def plot_sweep(runs: pd.DataFrame, dense: pd.DataFrame):
     return fig
 
 
-def plot_gate_histograms(gates: pd.DataFrame, target: float):
+def plot_gate_value_histograms(gates: pd.DataFrame, target: float):
     """Histograms of the gates' means over test inputs, with and without the polarizer, at ``target``."""
-    from .plotting import figure
+    from ..plotting import figure
 
     sub = gates[np.isclose(gates["target"], target)]
     panels = list(dict.fromkeys(zip(sub["model"], sub["dataset"])))
@@ -952,7 +609,7 @@ def plot_gate_histograms(gates: pd.DataFrame, target: float):
 
 def plot_consensus(gates: pd.DataFrame, target: float):
     """Per-gate agreement across test inputs (``max(m, 1-m)``), gates sorted, with and without polarizer."""
-    from .plotting import figure, percent_axis
+    from ..plotting import figure, percent_axis
 
     sub = gates[np.isclose(gates["target"], target)]
     panels = list(dict.fromkeys(zip(sub["model"], sub["dataset"])))
@@ -978,7 +635,7 @@ def plot_compute(runs: pd.DataFrame):
     """Left: cost of the one training pass with gates relative to dense training, per target: the measured
     wall-clock ratio (best-of-k training steps side by side) and the FLOP count of an ideal implementation
     that skips closed channels.  Right: measured inference time of the compact network / dense network."""
-    from .plotting import figure, percent_axis
+    from ..plotting import figure, percent_axis
 
     fig, (ax1, ax2) = figure(2, 1, width=9.0, height=3.6)
     panels = _panels(runs)
@@ -1134,3 +791,60 @@ def claims_table(cfg: Config, results: dict, results_dir: str | None = "results"
                            AtMost(limit=100.0 - TIME_TOL, fmt="{:.1f}", unit="%")),
                      per(100 * pol["train_time_ratio"]) if "train_time_ratio" in pol else None))
     return claims_mod.ledger(CHAPTER, rows, cfg.profile, results_dir, budget=cfg.budget)
+
+
+def verdict(table: pd.DataFrame, label: str, words: str) -> tuple[str, str]:
+    """``(verdict, ours)`` of the claim of ``table`` (:func:`claims_table`) about ``label`` (``"<model
+    label>, <dataset>"``) whose text contains ``words``; ``("not measured", "—")`` when there is none."""
+    row = table[table["claim"].str.startswith(label) & table["claim"].str.contains(words, regex=False)]
+    return (row["verdict"].iloc[0], row["ours"].iloc[0]) if len(row) else ("not measured", "—")
+
+
+def sweep_summary(runs: pd.DataFrame, dense: pd.DataFrame) -> str:
+    """Markdown: per network, the static networks' accuracy and achieved sparsity at each target (means
+    over seeds, :func:`sweep_table`), against the dense accuracy."""
+    sw = sweep_table(runs)
+    lines = []
+    for (m, d), g in sw[sw["method"] == "polarization"].groupby(["model", "dataset"], sort=False):
+        dn = 100 * dense[(dense["model"] == m) & (dense["dataset"] == d)]["test_accuracy"].mean()
+        pairs = "; ".join(f"target {r.target:.0%}: {100 * r.test_accuracy:.1f} % at {r.connection_sparsity:.0%} "
+                          f"connections / {r.flops_sparsity:.0%} FLOPs removed" for r in g.itertuples())
+        lines.append(f"* **{model_label(m)} on {d}** (dense {dn:.1f} %): {pairs}.")
+    return ("Measured accuracy and achieved sparsity of the static networks found by the gates "
+            "(means over seeds):\n\n" + "\n".join(lines))
+
+
+def findings(cfg: Config, runs: pd.DataFrame, table: pd.DataFrame) -> str:
+    """Markdown: what the runs show, per network: consensus and the cost of static gates with and without
+    the polarizer (first seed, at ``cfg.no_polarizer_target``), each claim's measurement and verdict
+    (:func:`verdict`), the training FLOP count and the median measured inference speed-up."""
+    notes = []
+    for (m, d) in _panels(runs):
+        label = f"{model_label(m)}, {d}"
+        sub = runs[(runs["model"] == m) & (runs["dataset"] == d)]
+        first = sub[sub["method"] == "no polarizer"]["seed"].unique()  # the seeds that have both runs
+        at = sub[(sub["target"] == cfg.no_polarizer_target) & sub["seed"].isin(first)].groupby("method")
+        cons = at["consensus_test"].mean()
+        gap = (at["dynamic_accuracy"].mean() - at["static_accuracy"].mean()) * 100
+        pol_runs = sub[sub["method"] == "polarization"]
+        speed = (pol_runs["inference_seconds_dense"] / pol_runs["inference_seconds_compact"]).median()
+        v50, o50 = verdict(table, label, "50 %")
+        vmag, omag = verdict(table, label, "than magnitude")
+        vrnd, ornd = verdict(table, label, "than random")
+        vden, oden = verdict(table, label, "user-set sparsity")
+        vst, ost = verdict(table, label, "static sub-network")
+        vtime, otime = verdict(table, label, "wall-clock")
+        notes.append(
+            f"* **{label}.** At target {cfg.no_polarizer_target:.0%}, the mean per-gate agreement on the test set is "
+            f"{100 * cons.get('polarization', float('nan')):.1f} % with the polarizer and "
+            f"{100 * cons.get('no polarizer', float('nan')):.1f} % without; making the gates static costs "
+            f"{gap.get('polarization', float('nan')):.2f} points of accuracy with it and "
+            f"{gap.get('no polarizer', float('nan')):.2f} without (first seed); over all seeds and targets, "
+            f"dynamic minus static accuracy: {ost} ({vst}). Gate sparsity vs target: {oden} ({vden}). "
+            f"Accuracy drop at 50 % of connections removed: {o50} ({v50}). Against magnitude pruning: "
+            f"{omag} ({vmag}); against random pruning: {ornd} ({vrnd}). Measured training time with gates: "
+            f"{otime} of dense training ({vtime}); an implementation that skipped closed channels would execute "
+            f"{100 * pol_runs['train_flops_fraction'].mean():.0f} % of the dense FLOPs (a count). Median measured "
+            f"inference speed-up of the compact network: {speed:.2f}x at "
+            f"{100 * pol_runs['flops_sparsity'].median():.0f} % of FLOPs removed (median run).")
+    return "What the runs show (profile **" + cfg.profile + "**):\n\n" + "\n".join(notes)

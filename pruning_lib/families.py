@@ -151,13 +151,13 @@ class Bernoulli(GateFamily):
     name = "bernoulli"
 
     def attach(self, model, init: float = 0.5):
-        from . import bernoulli
+        from .methods import bernoulli
 
         bernoulli.attach_bernoulli_gates(model, init=init)
         return model
 
     def gates(self, model):
-        from . import bernoulli
+        from .methods import bernoulli
 
         return bernoulli.bernoulli_gates(model)
 
@@ -166,7 +166,7 @@ class Bernoulli(GateFamily):
         return torch.stack([g.theta.clamp(0, 1).sum() for g in self.gates(model).values()]).sum()
 
     def decide(self, model):
-        from . import bernoulli
+        from .methods import bernoulli
 
         return bernoulli.keep_and_scale(model)
 

@@ -83,3 +83,12 @@ def count_connections(model: nn.Module) -> int:
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """FLOPs of one example through the model's conv/linear layers (:func:`layer_flops`, summed)."""
     return int(sum(layer_flops(model, tuple(input_shape)).values()))
+
+
+def count_parameters_without_gates(model: nn.Module) -> int:
+    """Parameters of the network, the gates' own excluded (those of the modules plugged into its
+    channel-group slots): what is left once the gates are folded away."""
+    from .gates import get_gates
+
+    gate_ids = {id(p) for g in get_gates(model).values() for p in g.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in gate_ids)

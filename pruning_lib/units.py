@@ -36,10 +36,11 @@ device), and each unit records them with the device in its ``provenance.json``.
 
 Registered chapters: ``03_dep_l0`` (every unit: the dense baselines and each gated run),
 ``01_dense_baselines`` (each dense network) and ``05_polarization`` (dense, gated and baseline units; a
-baseline first trains the gated and dense units it reads when they are missing). Chapters 02, 04 and 06
-are not registered: their units depend on one another (lottery rounds resume from the previous round's
-weights; the Bernoulli and LNPT chapters share teachers and dense runs inside one ``run_experiment``) and
-need their own split first.
+baseline first trains the gated and dense units it reads when they are missing). ``04_bernoulli_gates``
+lists each model's flip trade-off, its gated runs once that trade-off (which chooses their flipped
+examples, so their hash) is done, and the dense references. Chapters 02 and 06 are not registered: their
+units depend on one another (lottery rounds resume from the previous round's weights; the LNPT chapter
+shares teachers and dense runs inside one ``run_experiment``) and need their own split first.
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ from typing import Any, Callable, Sequence
 REGISTRY: dict[str, str] = {
     "01_dense_baselines": "pruning_lib.baselines:work_units",
     "03_dep_l0": "pruning_lib.dep_l0:work_units",
+    "04_bernoulli_gates": "pruning_lib.chapters.bernoulli_gates:work_units",
     "05_polarization": "pruning_lib.chapters.polarization:work_units",
 }
 

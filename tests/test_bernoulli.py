@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pruning_lib import bernoulli as B
+from pruning_lib.methods import bernoulli as B
 from pruning_lib.models import SequentialNet, build_model
 
 
@@ -186,7 +186,7 @@ def test_training_shrinks_the_network(tiny_data):
 
 
 def test_config_profiles_and_missing_dataset(tmp_path):
-    from pruning_lib import bernoulli_chapter as bc
+    from pruning_lib.chapters import bernoulli_gates as bc
     from pruning_lib.data import DatasetNotFoundError
     from pruning_lib.runs import ConfigError
 
@@ -329,3 +329,52 @@ def test_flip_tradeoff_measures_variance_falling_with_examples():
     v = {r["flip_examples"]: r["variance"] for r in rows}
     assert v[32] < v[1] / 4  # 1/m in theory (iid examples): measured, with room for noise
     assert all(r["step_ms"] > 0 and 0 < r["efficiency"] <= 1 for r in rows)
+
+
+# --- the chapter's units (pruning_lib.units, python -m pruning_lib.book units 04) ---------------------------
+
+# The smoke profile's Stores as the notebook wrote them before its units had functions of their own (taken
+# from a smoke run of the chapter): the flip trade-offs, the gated runs (16 flipped examples) and the dense
+# references.
+SMOKE_FLIP_KEYS = ["fb755fbdeb6c34aa", "ce1fd2cb8f107a58"]
+SMOKE_GATED_KEYS = ["d78120b1c40cfaf7", "6e65299661b9ca41", "d10b9858c1382717"]
+SMOKE_DENSE_KEYS = ["d57d2272ea1e3e94", "3307731a1c02deb8"]
+
+
+def test_listed_units_carry_the_notebooks_hashes(tmp_path):
+    from pruning_lib import units
+    from pruning_lib.chapters import bernoulli_gates as bc
+
+    cfg = bc.Config.from_profile("smoke", results_dir=str(tmp_path))
+    listed = bc.work_units(cfg)
+    # no trade-off measured yet: the gated runs' hashes (their flipped examples) are not known
+    assert [u.key for u in listed] == SMOKE_FLIP_KEYS + SMOKE_DENSE_KEYS
+    assert [u.kind for u in listed] == ["bernoulli_flip"] * 2 + ["bernoulli_dense"] * 2
+    assert not any(u.done for u in listed) and all(u.datasets == ("mnist5k",) for u in listed)
+    assert [u.key for u in bc.work_units(cfg)] == [u.key for u in listed]  # stable
+    fixed = bc.work_units(bc.Config.from_profile("smoke", flip_examples=16, results_dir=str(tmp_path)))
+    assert [u.key for u in fixed] == SMOKE_GATED_KEYS + SMOKE_DENSE_KEYS
+    # the notebook's Stores: the ones run_experiment's tasks name
+    tasks = bc.flip_tasks(cfg) + bc.gated_tasks(cfg, {m: 16 for m in cfg.models}) + bc.dense_tasks(cfg)
+    assert [bc.task_store(t)[0].key for t in tasks] == SMOKE_FLIP_KEYS + SMOKE_GATED_KEYS + SMOKE_DENSE_KEYS
+    stem, again, from_cli = units.chapter_units("04", "smoke", [("results_dir", str(tmp_path))])
+    assert stem == bc.CHAPTER and again == cfg and [u.key for u in from_cli] == [u.key for u in listed]
+
+
+def test_a_listed_unit_writes_the_store_the_notebook_reads(tmp_path, monkeypatch):
+    from pruning_lib.chapters import bernoulli_gates as bc
+
+    cfg = bc.Config.from_profile("smoke", models=("lenet300_100",), results_dir=str(tmp_path))
+    flip = bc.work_units(cfg)[0]
+    assert flip.kind == "bernoulli_flip" and flip.key == SMOKE_FLIP_KEYS[0]
+    flip.run(str(tmp_path))
+    assert bc.flip_store(cfg, "lenet300_100").key == flip.key
+    assert bc.flip_store(cfg, "lenet300_100").exists("tradeoff.csv")
+    listed = bc.work_units(cfg)
+    assert listed[0].done and [u.kind for u in listed] == ["bernoulli_flip"] + ["bernoulli"] * 2 + ["bernoulli_dense"]
+    # the notebook reads the cached trade-off (no new measurement) and names the gated runs listed
+    monkeypatch.setattr(bc.bern, "flip_tradeoff", lambda *a, **k: pytest.fail("measured instead of reading"))
+    chosen = bc.measure_flip_tradeoff(cfg, "lenet300_100", None)["chosen"]
+    assert chosen in cfg.flip_grid
+    assert [u.key for u in listed[1:3]] == [bc.gated_store(cfg, "lenet300_100", w, 0, chosen).key
+                                            for w in cfg.widths]

@@ -270,7 +270,7 @@ def test_ch3_dep_l0_paper_profile(paper_data, monkeypatch, experiment):
 @pytest.mark.parametrize("models", [("lenet300_100", "lenet5_caffe"), ("vgg16_bn",)], ids=["lenets-mnist",
                                                                                          "vgg16_bn-cifar10"])
 def test_ch4_bernoulli_gates_paper_profile(paper_data, monkeypatch, models):
-    from pruning_lib import bernoulli_chapter as bc
+    from pruning_lib.chapters import bernoulli_gates as bc
 
     paper = bc.Config.from_profile("paper")
     assert set(models) <= set(paper.models) and (paper.dataset, paper.cifar_dataset) == ("mnist", "cifar10")

@@ -1,9 +1,12 @@
 """Chapter 04, Bernoulli gates that converge to a deterministic network (Guenter & Sideris 2022,
-arXiv 2205.04650): experiment code.  The method itself is in :mod:`pruning_lib.bernoulli`.
+arXiv 2205.04650): Config, units, run, tables, figures and claims.  The method itself is in
+:mod:`pruning_lib.methods.bernoulli`.
 
-One unit of work is one gated training run (model, initial width, seed), cached in its own
-:class:`~pruning_lib.runs.Store` entry; the dense reference runs (same schedule, same thread count, no
-gates) are cached beside them and give the epoch time to beat.
+The units of work, each cached in its own :class:`~pruning_lib.runs.Store` entry and run through
+:func:`pruning_lib.runs.map_units` (:func:`work_units` lists them for :mod:`pruning_lib.units`): the
+flip estimator's variance/cost trade-off of each model (it chooses the gated runs' flipped examples), one
+gated training run per (model, initial width, seed), and the dense reference runs (same schedule, same
+thread count, no gates), which give the epoch time to beat.
 """
 from __future__ import annotations
 
@@ -14,12 +17,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import claims, reference
-from . import bernoulli as bern
-from .data import load_dataset, num_batches
-from .models import build_model
-from .runs import RunConfig, Store, param, progress_bar
-from .train import fit
+from .. import claims, metrics, reference
+from ..data import load_dataset, num_batches
+from ..methods import bernoulli as bern
+from ..models import build_model
+from ..runs import RunConfig, Store, map_units, param, progress_bar
+from ..train import EpochTimer, fit
 
 CHAPTER = "04_bernoulli_gates"
 CONV_MODELS = ("lenet5_caffe", "vgg16_bn")
@@ -98,7 +101,7 @@ class Config(RunConfig):
 
     def check(self) -> None:
         if self.band >= 0.5:
-            from .runs import ConfigError
+            from ..runs import ConfigError
             raise ConfigError("parameter 'band': must be < 0.5")
 
     def widths_of(self, model: str) -> tuple[float, ...]:
@@ -127,6 +130,50 @@ def _dense_spec(cfg: Config, model: str) -> dict:
             "dataset": cfg.dataset_of(model), "model": model}
 
 
+# --------------------------------------------------------------------------------------------------
+# Units: the flip trade-off per model, the gated runs, the dense references; each its own Store
+# --------------------------------------------------------------------------------------------------
+
+FLIP_FILES = ("tradeoff.csv",)
+GATED_FILES = ("summary.json", "history.csv", "epochs.csv", "trajectory.pt")
+DENSE_FILES = ("summary.json", "epochs.csv")
+
+
+def flip_store(cfg: Config, model_name: str, results_dir: str | None = None) -> Store:
+    """Where :func:`measure_flip_tradeoff` caches ``model_name``'s trade-off (first initial width)."""
+    spec = {**_method_spec(cfg, model_name), "width": cfg.widths_of(model_name)[0], "grid": list(cfg.flip_grid),
+            "batches": cfg.flip_batches, "efficiency": cfg.flip_efficiency}
+    return Store(cfg.results_dir if results_dir is None else results_dir, "bernoulli_flip", spec)
+
+
+def gated_store(cfg: Config, model_name: str, width: float, seed: int, flip: int,
+                results_dir: str | None = None) -> Store:
+    """Where :func:`train_bernoulli_run` caches one gated run (``flip``: flipped examples per step)."""
+    spec = {**_method_spec(cfg, model_name), "width": width, "seed": seed, "flip_examples": flip}
+    return Store(cfg.results_dir if results_dir is None else results_dir, "bernoulli", spec)
+
+
+def dense_store(cfg: Config, model_name: str, width: float, seed: int, results_dir: str | None = None) -> Store:
+    """Where :func:`train_dense_reference` caches one dense reference run."""
+    spec = {**_dense_spec(cfg, model_name), "width": width, "seed": seed, "dense": True}
+    return Store(cfg.results_dir if results_dir is None else results_dir, "bernoulli_dense", spec)
+
+
+def _done(store: Store, files: tuple[str, ...]) -> bool:
+    return all(store.exists(f) for f in files)
+
+
+_DATA_CACHE: dict = {}
+
+
+def _data(name: str, root: str):
+    """The dataset ``name``, loaded once per process (a unit loads it only when it trains)."""
+    key = (name, root)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = load_dataset(name, root=root)
+    return _DATA_CACHE[key]
+
+
 def _pruning(cfg: Config, model, n_train: int, steps_per_epoch: int, flip: int, seed: int,
              **overrides) -> bern.BernoulliPruning:
     kw = dict(weight_precision=cfg.weight_precision, unit_cost=cfg.unit_cost, theta_lr=cfg.theta_lr,
@@ -137,7 +184,7 @@ def _pruning(cfg: Config, model, n_train: int, steps_per_epoch: int, flip: int, 
 
 
 def _first_batches(data, batch_size: int, count: int, seed: int = 0) -> list:
-    from .data import batches
+    from ..data import batches
 
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -148,17 +195,17 @@ def _first_batches(data, batch_size: int, count: int, seed: int = 0) -> list:
     return out
 
 
-def flip_tradeoff(cfg: Config, model_name: str, data) -> dict:
+def measure_flip_tradeoff(cfg: Config, model_name: str, data, results_dir: str | None = None) -> dict:
     """The estimator's variance and step time for every number of flipped examples of ``flip_grid``
-    (:func:`pruning_lib.bernoulli.flip_tradeoff`), on the model at its first initial width as training
-    starts (seed 0), cached; and the number chosen from it (:func:`~pruning_lib.bernoulli.choose_flip_examples`)."""
+    (:func:`pruning_lib.methods.bernoulli.flip_tradeoff`), on the model at its first initial width as
+    training starts (seed 0), cached; and the number chosen from it
+    (:func:`~pruning_lib.methods.bernoulli.choose_flip_examples`). ``data`` is loaded if not given."""
     width = cfg.widths_of(model_name)[0]
-    spec = {**_method_spec(cfg, model_name), "width": width, "grid": list(cfg.flip_grid),
-            "batches": cfg.flip_batches, "efficiency": cfg.flip_efficiency}
-    store = Store(cfg.results_dir, "bernoulli_flip", spec)
+    store = flip_store(cfg, model_name, results_dir)
     if store.exists("tradeoff.csv"):
         rows = store.frame("tradeoff")
     else:
+        data = data if data is not None else _data(cfg.dataset_of(model_name), cfg.data_root)
         torch.manual_seed(0)
         model = build_model(model_name, width=width, **data.model_kwargs())
         bern.attach_bernoulli_gates(model, cfg.theta_init)
@@ -177,37 +224,23 @@ def _initial_widths(model) -> dict[str, int]:
     return {g.name: model.get_submodule(g.slot).channels for g in model.channel_groups()}
 
 
-def _param_count(model) -> int:
-    theta_ids = {id(g.theta) for g in bern.bernoulli_gates(model).values()}
-    return int(sum(p.numel() for p in model.parameters() if id(p) not in theta_ids))
-
-
-def _forward_flops(model, data) -> int:
-    from .metrics import layer_flops
-
-    was = model.training
-    try:
-        return int(sum(layer_flops(model, data.input_shape).values()))
-    finally:
-        model.train(was)
-
-
-def train_gated(cfg: Config, model_name: str, width: float, seed: int, data, flip: int) -> dict:
+def train_bernoulli_run(cfg: Config, model_name: str, width: float, seed: int, data, flip: int,
+                        results_dir: str | None = None) -> dict:
     """One gated run, cached: summary, history, per-epoch times and theta trajectories.
 
     After training, the compacted network's training step is timed against the initial network's (same
     settings, fresh gates at ``theta_init``), best of ``step_repeats`` interleaved repeats of
-    ``check_every`` steps on the same batches."""
-    spec = {**_method_spec(cfg, model_name), "width": width, "seed": seed, "flip_examples": flip}
-    store = Store(cfg.results_dir, "bernoulli", spec)
-    if all(store.exists(f) for f in ("summary.json", "history.csv", "epochs.csv", "trajectory.pt")):
+    ``check_every`` steps on the same batches. ``data`` is loaded if not given."""
+    store = gated_store(cfg, model_name, width, seed, flip, results_dir)
+    if _done(store, GATED_FILES):
         return {"summary": store.json("summary"), "history": store.frame("history"),
                 "epochs": store.frame("epochs"), "trajectory": store.torch("trajectory")}
+    data = data if data is not None else _data(cfg.dataset_of(model_name), cfg.data_root)
     torch.manual_seed(seed)
     model = build_model(model_name, width=width, **data.model_kwargs())
     initial = _initial_widths(model)
-    initial_params = _param_count(model)
-    initial_flops = _forward_flops(model, data)
+    initial_params = metrics.count_parameters_without_gates(model)
+    initial_flops = metrics.count_flops(model, data.input_shape)
     bern.attach_bernoulli_gates(model, cfg.theta_init)
     steps_per_epoch = num_batches(data.train, cfg.batch_size)
     bp = _pruning(cfg, model, len(data.train), steps_per_epoch, flip, seed)
@@ -220,13 +253,13 @@ def train_gated(cfg: Config, model_name: str, width: float, seed: int, data, fli
     removed = pd.DataFrame(bp.removed_at, columns=["step", "group", "removed"])
     total_steps = int(history["step"].iloc[-1])
     early = float(removed.loc[removed["step"] <= total_steps / 4, "removed"].sum())
-    final_flops = _forward_flops(model, data)
+    final_flops = metrics.count_flops(model, data.input_shape)
     summary = {
         "model": model_name, "width": width, "seed": seed, "dataset": cfg.dataset_of(model_name),
         "test_error": 1 - float(history["test_accuracy"].iloc[-1]),
         "undecided": bern.undecided_fraction(thetas, cfg.band, 1 - cfg.band),
         "initial": initial, "final": final, "initial_params": initial_params,
-        "final_params": _param_count(model), "removed_first_quarter": early,
+        "final_params": metrics.count_parameters_without_gates(model), "removed_first_quarter": early,
         "removed_total": float(removed["removed"].sum()), "total_steps": total_steps,
         "steps_per_epoch": steps_per_epoch, "threads": torch.get_num_threads(), "flip_examples": flip,
         "initial_flops": initial_flops, "final_flops": final_flops,
@@ -259,28 +292,130 @@ def train_gated(cfg: Config, model_name: str, width: float, seed: int, data, fli
     return {"summary": summary, "history": history, "epochs": epochs, "trajectory": trajectory}
 
 
-def train_dense_reference(cfg: Config, model_name: str, width: float, seed: int, data) -> dict:
+def train_dense_reference(cfg: Config, model_name: str, width: float, seed: int, data,
+                          results_dir: str | None = None) -> dict:
     """The same network without gates, same schedule, weight prior and thread count: the reference
-    test error and epoch time."""
-    spec = {**_dense_spec(cfg, model_name), "width": width, "seed": seed, "dense": True}
-    store = Store(cfg.results_dir, "bernoulli_dense", spec)
-    if store.exists("summary.json") and store.exists("epochs.csv"):
+    test error and epoch time. ``data`` is loaded if not given."""
+    store = dense_store(cfg, model_name, width, seed, results_dir)
+    if _done(store, DENSE_FILES):
         return {"summary": store.json("summary"), "epochs": store.frame("epochs")}
+    data = data if data is not None else _data(cfg.dataset_of(model_name), cfg.data_root)
     torch.manual_seed(seed)
     model = build_model(model_name, width=width, **data.model_kwargs())
-    timer = bern.EpochTimer()
+    timer = EpochTimer()
     n = len(data.train)
     history = fit(model, data, lr=cfg.lr, loss_fn=timer.loss_fn,
                   penalties={"weight_prior": lambda m: bern.weight_prior(m, cfg.weight_precision) / n},
                   callbacks=[timer], epochs=cfg.epochs_of(model_name), batch_size=cfg.batch_size, seed=seed,
                   progress=False)
     summary = {"model": model_name, "width": width, "seed": seed,
-               "test_error": 1 - float(history["test_accuracy"].iloc[-1]), "params": _param_count(model),
-               "threads": torch.get_num_threads()}
+               "test_error": 1 - float(history["test_accuracy"].iloc[-1]),
+               "params": metrics.count_parameters_without_gates(model), "threads": torch.get_num_threads()}
     epochs = pd.DataFrame({"epoch": np.arange(1, len(timer.epoch_seconds) + 1), "seconds": timer.epoch_seconds})
     store.save_frame("epochs", epochs)
     store.json("summary", lambda: summary)
     return {"summary": summary, "epochs": epochs}
+
+
+def flip_tasks(cfg: Config) -> list[tuple]:
+    """The trade-off units, ``("flip", cfg, (model,))``: one per model, unless ``flip_examples`` is set."""
+    return [("flip", cfg, (m,)) for m in cfg.models] if cfg.flip_examples <= 0 else []
+
+
+def gated_tasks(cfg: Config, chosen: dict[str, int]) -> list[tuple]:
+    """The gated runs, ``("gated", cfg, (model, width, seed, flip))``, with ``chosen[model]`` flipped examples."""
+    return [("gated", cfg, (m, w, s, chosen[m])) for m in cfg.models for w in cfg.widths_of(m)
+            for s in cfg.seeds_of(m)]
+
+
+def dense_tasks(cfg: Config) -> list[tuple]:
+    """The dense references, ``("dense", cfg, (model, width, seed))``: the first ``dense_widths`` initial
+    widths and ``dense_seeds`` seeds of every model."""
+    return [("dense", cfg, (m, w, s)) for m in cfg.models for w in cfg.widths_of(m)[:cfg.dense_widths]
+            for s in cfg.seeds_of(m)[:cfg.dense_seeds]]
+
+
+def task_store(task: tuple, results_dir: str | None = None) -> tuple[Store, tuple[str, ...]]:
+    """A unit's Store (the one the notebook reads) and the files that make it done."""
+    kind, cfg, rest = task
+    if kind == "flip":
+        return flip_store(cfg, *rest, results_dir=results_dir), FLIP_FILES
+    if kind == "gated":
+        return gated_store(cfg, *rest, results_dir=results_dir), GATED_FILES
+    return dense_store(cfg, *rest, results_dir=results_dir), DENSE_FILES
+
+
+def run_unit(task: tuple, results_dir: str):
+    """One unit for :func:`pruning_lib.runs.map_units` (``fn(spec, results_dir)``), with ``cfg.num_threads``
+    torch threads (the same for gated and dense runs: their epoch times are compared); writes its Store
+    under ``results_dir`` and returns what the chapter's train function returns."""
+    kind, cfg, rest = task
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.num_threads)
+    try:
+        if kind == "flip":
+            return measure_flip_tradeoff(cfg, *rest, None, results_dir=results_dir)
+        if kind == "gated":
+            model, width, seed, flip = rest
+            return train_bernoulli_run(cfg, model, width, seed, None, flip, results_dir=results_dir)
+        return train_dense_reference(cfg, *rest, None, results_dir=results_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _map(tasks: list[tuple], results_dir: str, bar=None, progress: bool = False) -> list:
+    """``tasks`` through :func:`pruning_lib.runs.map_units`: serially here unless ``$PRUNING_EXECUTOR``
+    says otherwise (one unit at a time keeps the epoch clocks clean); finished units only load, here."""
+    root = str(results_dir)
+    return map_units(run_unit, tasks, results_dir=root, workers=1, bar=bar, progress=progress,
+                     done=lambda t: _done(*task_store(t, root)),
+                     key=lambda t: f"{t[0]}-{task_store(t, root)[0].key}")
+
+
+def chosen_flips(cfg: Config, flips: list[dict] | None = None) -> dict[str, int | None]:
+    """Flipped examples per model: ``flip_examples`` when set, else the number chosen by the model's
+    trade-off (``flips``: :func:`measure_flip_tradeoff`'s results in model order; without them, read from
+    a finished trade-off unit, ``None`` where it is not done)."""
+    if cfg.flip_examples > 0:
+        return {m: cfg.flip_examples for m in cfg.models}
+    if flips is not None:
+        return {m: f["chosen"] for m, f in zip(cfg.models, flips)}
+    out = {}
+    for m in cfg.models:
+        store = flip_store(cfg, m)
+        out[m] = measure_flip_tradeoff(cfg, m, None)["chosen"] if _done(store, FLIP_FILES) else None
+    return out
+
+
+def work_units(cfg: Config) -> list:
+    """Every unit of :func:`run_experiment` for the command line (:mod:`pruning_lib.units`), with the hash
+    of the Store the notebook reads: each model's flip trade-off, the gated runs, the dense references.
+
+    A gated run's hash holds the number of flipped examples its model's trade-off chooses (from a timing
+    measurement), so a model's gated runs are listed only once its trade-off is done (or when
+    ``flip_examples`` is set): run the missing units, then list again."""
+    from ..units import Unit
+
+    chosen = chosen_flips(cfg)
+    gated = [t for t in gated_tasks(cfg, chosen) if t[2][3] is not None]
+    out = []
+    for task in flip_tasks(cfg) + gated + dense_tasks(cfg):
+        kind, _, rest = task
+        store, files = task_store(task)
+        m, ds = rest[0], cfg.dataset_of(rest[0])
+        if kind == "flip":
+            what = (f"{m} on {ds}, width {cfg.widths_of(m)[0]:g}: the flip estimator's variance and step time "
+                    f"for {list(cfg.flip_grid)} flipped examples on {cfg.flip_batches} batches (chooses the "
+                    f"flipped examples of {m}'s gated runs, listed once this is done)")
+        elif kind == "gated":
+            what = (f"{m} on {ds}, width {rest[1]:g}, seed {rest[2]}: Bernoulli gates, {cfg.epochs_of(m):g} "
+                    f"epochs, batch {cfg.batch_size}, {rest[3]} flipped examples")
+        else:
+            what = (f"{m} on {ds}, width {rest[1]:g}, seed {rest[2]}: dense reference, {cfg.epochs_of(m):g} "
+                    f"epochs, batch {cfg.batch_size}")
+        out.append(Unit(store.key, store.kind, what, _done(store, files), (ds,),
+                        lambda results_dir, task=task: run_unit(task, results_dir)))
+    return out
 
 
 def run_experiment(cfg: Config, progress: bool = True) -> dict[str, pd.DataFrame]:
@@ -291,29 +426,25 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict[str, pd.DataFrame
     ``trajectory`` (theta of up to 40 units per layer, first seed of every width), ``epoch_times``
     (seconds per epoch, gated and dense), ``dense`` (one row per dense run) and ``flip`` (the
     estimator's variance/cost trade-off per model, with the number of flipped examples used).
+
+    The units (:func:`work_units`) run through :func:`pruning_lib.runs.map_units` in three phases: the
+    trade-offs (they choose the gated runs' flipped examples), the gated runs, the dense references.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.num_threads)
     try:
-        datasets = {}
-        units = [(m, w, s) for m in cfg.models for w in cfg.widths_of(m) for s in cfg.seeds_of(m)]
-        dense_units = [(m, w, s) for m in cfg.models for w in cfg.widths_of(m)[:cfg.dense_widths]
-                       for s in cfg.seeds_of(m)[:cfg.dense_seeds]]
+        root = cfg.results_dir
         runs, widths, hist, undec, traj, times, dense, flips = [], [], [], [], [], [], [], []
-        bar = progress_bar(total=len(units) + len(dense_units), desc="bernoulli gates", progress=progress)
-        chosen = {}
-        for m in cfg.models:
-            ds = cfg.dataset_of(m)
-            if ds not in datasets:
-                datasets[ds] = load_dataset(ds, root=cfg.data_root)
-            if cfg.flip_examples > 0:
-                chosen[m] = cfg.flip_examples
-            else:
-                f = flip_tradeoff(cfg, m, datasets[ds])
-                chosen[m] = f["chosen"]
-                flips.append(f["rows"].assign(chosen=f["rows"]["flip_examples"] == f["chosen"]))
-        for m, w, s in units:
-            r = train_gated(cfg, m, w, s, datasets[cfg.dataset_of(m)], chosen[m])
+        flip_out = _map(flip_tasks(cfg), root)
+        chosen = chosen_flips(cfg, flip_out)
+        for f in flip_out:
+            flips.append(f["rows"].assign(chosen=f["rows"]["flip_examples"] == f["chosen"]))
+        gated_units, dense_units = gated_tasks(cfg, chosen), dense_tasks(cfg)
+        bar = progress_bar(total=len(gated_units) + len(dense_units), desc="bernoulli gates", progress=progress)
+        gated_out = _map(gated_units, root, bar=bar)
+        dense_out = _map(dense_units, root, bar=bar)
+        bar.close()
+        for (_, _, (m, w, s, _)), r in zip(gated_units, gated_out):
             sm = r["summary"]
             key = dict(model=m, width=w, seed=s)
             ep = r["epochs"].sort_values("epoch")["seconds"].to_numpy()
@@ -345,16 +476,13 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict[str, pd.DataFrame
                     for u in pick:
                         traj.append(pd.DataFrame({**key, "layer": layer, "unit": int(u), "step": steps,
                                                   "epoch": steps / spe, "theta": th[:, u].numpy()}))
-            bar.update(1)
-        for m, w, s in dense_units:
-            r = train_dense_reference(cfg, m, w, s, datasets[cfg.dataset_of(m)])
+        for (_, _, (m, w, s)), r in zip(dense_units, dense_out):
             dense.append({"model": m, "width": w, "seed": s, "test_error": r["summary"]["test_error"],
                           "params": r["summary"]["params"]})
             times.append(r["epochs"].assign(kind="dense", model=m, width=w, seed=s))
-            bar.update(1)
-        bar.close()
     finally:
         torch.set_num_threads(threads)
+        _DATA_CACHE.clear()
     flip_cols = ["flip_examples", "variance", "step_ms", "step_ms_fit", "work", "efficiency", "model", "width", "chosen"]
     return {"runs": pd.DataFrame(runs), "widths": pd.DataFrame(widths),
             "history": pd.concat(hist, ignore_index=True), "undecided": pd.concat(undec, ignore_index=True),
@@ -373,9 +501,9 @@ def _arch_label(model: str, width: float, widths: pd.DataFrame) -> str:
     return "-".join(str(int(v)) for v in layers["initial"])
 
 
-def plot_trajectories(results: dict, model: str = "lenet300_100", width: float | None = None):
+def plot_theta_trajectories(results: dict, model: str = "lenet300_100", width: float | None = None):
     """theta of up to 40 units per layer against training epochs (first seed), one panel per layer."""
-    from . import plotting
+    from .. import plotting
 
     tr = results["trajectory"]
     tr = tr[tr["model"] == model]
@@ -400,7 +528,7 @@ def plot_trajectories(results: dict, model: str = "lenet300_100", width: float |
 
 def plot_undecided(results: dict):
     """Share of theta strictly inside (band, 1 - band) against epochs, mean and range over seeds."""
-    from . import plotting
+    from .. import plotting
 
     u = results["undecided"]
     models = list(dict.fromkeys(u["model"]))
@@ -436,7 +564,7 @@ def _plain_log_labels(ax) -> None:
 
 def plot_final_widths(results: dict):
     """Final width per layer and test error, every seed (dots) at every initial width."""
-    from . import plotting
+    from .. import plotting
     import seaborn as sns
 
     w = results["widths"].copy()
@@ -481,7 +609,7 @@ def plot_final_widths(results: dict):
 
 def plot_epoch_times(results: dict):
     """Training seconds per epoch (evaluation excluded) of the gated runs against the dense network's."""
-    from . import plotting
+    from .. import plotting
 
     t = results["epoch_times"]
     models = list(dict.fromkeys(t["model"]))
@@ -764,7 +892,7 @@ def speed_table(cfg: Config, results: dict) -> pd.DataFrame:
 def plot_flip_tradeoff(results: dict, efficiency: float = 0.5):
     """The estimator's variance, the step's cost and the variance reduction per second against the
     number of flipped examples, measured as training starts; the number used is marked."""
-    from . import plotting
+    from .. import plotting
 
     f = results["flip"]
     fig, axes = plotting.figure(ncols=3, width=10.5, height=3.0)

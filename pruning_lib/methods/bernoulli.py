@@ -1,6 +1,6 @@
 """Bernoulli unit/filter gates that converge to a deterministic network (Guenter & Sideris 2022,
 arXiv 2205.04650, "Robust learning of parsimonious deep neural networks").  Chapter 04 explains and
-measures these pieces; the experiment code lives in :mod:`pruning_lib.bernoulli_chapter`.
+measures these pieces; the experiment code lives in :mod:`pruning_lib.chapters.bernoulli_gates`.
 
 The model (paper, abstract and Sec. 2-3, as reconstructed in ``papers.md`` Sec. 3):
 
@@ -52,14 +52,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .compact import compact
-from .gates import GateSlot, get_gates, scale_channels, set_gates
-from .train import Callback, EpochTimer
+from .. import families
+from ..compact import compact
+from ..gates import GateSlot, get_gates, scale_channels, set_gates
+from ..train import Callback, EpochTimer
 
 __all__ = [
     "BernoulliGate", "attach_bernoulli_gates", "bernoulli_gates", "gate_thetas", "project_",
     "unit_rows", "weight_prior", "theta_prior_gradient", "bernoulli_cost", "FlipEstimator",
-    "shrink_", "BernoulliPruning", "EpochTimer", "keep_and_scale", "undecided_fraction",
+    "shrink_", "BernoulliPruning", "keep_and_scale", "undecided_fraction",
     "per_example_cross_entropy", "compare_steps", "flip_tradeoff", "choose_flip_examples",
 ]
 
@@ -187,7 +188,13 @@ def _unit_sq_norms_and_sizes(model: nn.Module, group: str) -> tuple[torch.Tensor
 
 
 def _gated_param_ids(model: nn.Module) -> set[int]:
+    """The weights some gate switches (every unit's :func:`unit_rows`), as ``id``s."""
     return {id(p) for name in bernoulli_gates(model) for p, _ in unit_rows(model, name)}
+
+
+def _family() -> families.GateFamily:
+    """This method's gate family: it tells the gates' ``theta`` from the weights."""
+    return families.get("bernoulli")
 
 
 def weight_prior(model: nn.Module, weight_precision: float) -> torch.Tensor:
@@ -199,9 +206,8 @@ def weight_prior(model: nn.Module, weight_precision: float) -> torch.Tensor:
     for name, gate in gates.items():
         sq, _ = _unit_sq_norms_and_sizes(model, name)
         total = total + (gate.theta.detach().clamp(0, 1) * sq).sum()
-    gate_ids = {id(g.theta) for g in gates.values()}
-    for p in model.parameters():
-        if id(p) not in gated and id(p) not in gate_ids:
+    for p in _family().weight_parameters(model):
+        if id(p) not in gated:
             total = total + (p ** 2).sum()
     return 0.5 * weight_precision * total
 
@@ -254,14 +260,13 @@ def bernoulli_cost(model: nn.Module, x: torch.Tensor, y: torch.Tensor, weight_pr
         model.train(was_training)
     hyper = 0.0
     gated = _gated_param_ids(model)
-    gate_ids = {id(g.theta) for g in gates.values()}
     total_sq = 0.0
     for name, g in gates.items():
         sq, d = _unit_sq_norms_and_sizes(model, name)
         total_sq = total_sq + (g.theta * sq).sum()
         hyper = hyper + (g.theta * unit_cost * d).sum()
-    for p in model.parameters():
-        if id(p) not in gated and id(p) not in gate_ids:
+    for p in _family().weight_parameters(model):
+        if id(p) not in gated:
             total_sq = total_sq + (p ** 2).sum()
     wp = 0.5 * weight_precision * total_sq
     return {"data": data, "weight_prior": wp, "hyper_prior": hyper, "total": data + wp + hyper}
@@ -647,8 +652,7 @@ class BernoulliPruning(Callback):
         self._ops_cache = None
         self._rows = {name: unit_rows(model, name) for name in self._gates}
         gated = {id(p) for rows in self._rows.values() for p, _ in rows}
-        theta_ids = {id(g.theta) for g in self._gates.values()}
-        self._rest = [p for p in model.parameters() if id(p) not in gated and id(p) not in theta_ids]
+        self._rest = [p for p in _family().weight_parameters(model) if id(p) not in gated]
         self._sizes = {name: sum(p.numel() // p.shape[dim] for p, dim in rows) for name, rows in self._rows.items()}
         self._sq = {}
 
@@ -660,9 +664,8 @@ class BernoulliPruning(Callback):
     # -- wiring ------------------------------------------------------------------------------------
     def optimizers(self, lr: float = 1e-3) -> list[torch.optim.Optimizer]:
         """Adam on the weights, SGD (with ``theta_momentum``; projected afterwards) on the ``theta``."""
-        theta_ids = {id(g.theta) for g in self._gates.values()}
-        weights = [p for p in self.model.parameters() if id(p) not in theta_ids]
-        thetas = [g.theta for g in self._gates.values()]
+        fam = _family()
+        weights, thetas = fam.weight_parameters(self.model), fam.gate_parameters(self.model)
         self._theta_opt = torch.optim.SGD(thetas, lr=self.theta_lr, momentum=self.theta_momentum)
         self._opts[:] = [torch.optim.Adam(weights, lr=lr), self._theta_opt]
         return self._opts

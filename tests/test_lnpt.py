@@ -1,4 +1,4 @@
-"""Tests of the LNPT chapter's library (pruning_lib.lnpt): learning gap, label-free score, withheld labels."""
+"""Tests of LNPT: the method (pruning_lib.methods.lnpt) and chapter 6 (pruning_lib.chapters.lnpt, its units)."""
 import copy
 
 import pandas as pd
@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruning_lib import lnpt
+from pruning_lib.chapters import lnpt as chapter
+from pruning_lib.methods import lnpt
 from pruning_lib.data import DataSplits, TensorSplit, batches, load_dataset
 from pruning_lib.gates import set_gates
 from pruning_lib.masks import prunable_names
@@ -120,10 +121,10 @@ def test_paper_gap_is_scale_sensitive_as_defined_and_aligned_gap_is_not(c):
 def test_paper_gap_needs_equal_widths():
     with pytest.raises(ValueError, match="equal shape"):
         lnpt.raw_learning_gap(torch.zeros(5, 4), torch.zeros(5, 3))
-    cfg = lnpt.Config.from_profile("smoke", dataset="synthetic-mnist", trajectory_teacher="lenet5_caffe",
+    cfg = chapter.Config.from_profile("smoke", dataset="synthetic-mnist", trajectory_teacher="lenet5_caffe",
                                    trajectory_student="lenet300_100", results_dir="unused")
     with pytest.raises(ConfigError, match="equal width"):
-        lnpt.prepare(cfg)
+        chapter.prepare(cfg)
 
 
 def test_aligned_gap_is_invariant_to_a_linear_change_of_basis():
@@ -270,22 +271,22 @@ def test_lnpt_splits_are_disjoint():
 
 def test_config_profiles_and_errors():
     for p in ("smoke", "cpu", "paper"):
-        cfg = lnpt.Config.from_profile(p)
+        cfg = chapter.Config.from_profile(p)
         assert cfg.student_specs()
     with pytest.raises(ConfigError):
-        lnpt.Config.from_profile("cpu", student_widths=(1.0, 0.5, 0.25))
+        chapter.Config.from_profile("cpu", student_widths=(1.0, 0.5, 0.25))
     with pytest.raises(ConfigError):
-        lnpt.Config.from_profile("cpu", methods=("magic",))
+        chapter.Config.from_profile("cpu", methods=("magic",))
     with pytest.raises(ConfigError):
-        lnpt.Config.from_namespace({"profile": "cpu", "studnets": ("lenet300_100",)})
+        chapter.Config.from_namespace({"profile": "cpu", "studnets": ("lenet300_100",)})
 
 
 def test_paper_profile_fails_with_missing_dataset_error(tmp_path):
     from pruning_lib.data import DatasetNotFoundError
 
-    cfg = lnpt.Config.from_profile("paper", data_root=str(tmp_path), results_dir=str(tmp_path / "r"))
+    cfg = chapter.Config.from_profile("paper", data_root=str(tmp_path), results_dir=str(tmp_path / "r"))
     with pytest.raises(DatasetNotFoundError, match="cifar"):
-        lnpt.prepare(cfg)
+        chapter.prepare(cfg)
 
 
 def _trajectories():
@@ -305,7 +306,7 @@ def _trajectories():
 
 def test_correlations_within_runs_and_learning_rates():
     traj = _trajectories()
-    cor = lnpt.correlations(traj, n_boot=200)
+    cor = chapter.correlations(traj, n_boot=200)
     runs = cor[cor["scope"] == "run"]
     assert len(runs) == 12 and (runs["runs"] == 1).all()
     assert runs["rho_weight_distance"].tolist() == pytest.approx([1.0] * 12)
@@ -315,23 +316,23 @@ def test_correlations_within_runs_and_learning_rates():
     pooled = cor[cor["scope"] == "all runs"].iloc[0]
     # pooling across learning rates blurs the distance's relation to accuracy by construction
     assert abs(pooled["rho_weight_distance"]) < per_lr["rho_weight_distance"].abs().min()
-    for q in lnpt.QUANTITIES:
+    for q in chapter.QUANTITIES:
         assert (per_lr[f"rho_{q}_low"] <= per_lr[f"rho_{q}"] + 1e-12).all()
         assert (per_lr[f"rho_{q}"] <= per_lr[f"rho_{q}_high"] + 1e-12).all()
-    view = lnpt.correlation_summary(cor)
-    assert len(view) == 2 + 2 + 1 and set(lnpt.QUANTITIES.values()) <= set(view.columns)
+    view = chapter.correlation_summary(cor)
+    assert len(view) == 2 + 2 + 1 and set(chapter.QUANTITIES.values()) <= set(view.columns)
 
 
 def test_correlations_and_claims(tmp_path):
     traj = _trajectories()
     acc = pd.DataFrame([{"student": "m", "method": m, "sparsity": s, "seed": seed,
                          "test_accuracy": {"lnpt": 0.9, "supervised": 0.8, "snip": 0.85, "random": 0.5}[m] + 0.01 * seed}
-                        for m in lnpt.METHODS for s in (0.9, 0.98) for seed in (0, 1, 2)])
+                        for m in chapter.METHODS for s in (0.9, 0.98) for seed in (0, 1, 2)])
     hist = pd.DataFrame([{"student": "m", "method": m, "sparsity": s, "seed": seed, "step": t,
-                          "test_accuracy": 0.9} for m in lnpt.METHODS for s in (0.9, 0.98) for seed in (0, 1, 2)
+                          "test_accuracy": 0.9} for m in chapter.METHODS for s in (0.9, 0.98) for seed in (0, 1, 2)
                          for t in range(0, 50, 5)])
-    cfg = lnpt.Config.from_profile("cpu", results_dir=str(tmp_path))
-    table = lnpt.claims_table(cfg, {"trajectories": traj, "accuracy": acc, "histories": hist})
+    cfg = chapter.Config.from_profile("cpu", results_dir=str(tmp_path))
+    table = chapter.claims_table(cfg, {"trajectories": traj, "accuracy": acc, "histories": hist})
     assert (tmp_path / "claims" / "cpu" / "06_lnpt.csv").exists()
     v = dict(zip(table["claim"], table["verdict"]))
     assert v["m: label-free LNPT beats supervised training"] == "held"
@@ -348,6 +349,49 @@ def test_correlations_and_claims(tmp_path):
     assert "t interval" in rows.loc[f"{distance}: within each run", "rule"]
     assert "bootstrap over runs" in rows.loc[f"{distance}: pooled within learning rate 0.01", "rule"]
     assert "ours" in rows.loc[aligned[0], "source"] and rows.loc[gap[0], "n"] == 3
-    assert "within-run" in lnpt.plot_trajectories(traj).axes[1].get_title()
-    lnpt.plot_accuracy(acc, 0.97)
-    assert lnpt.accuracy_table(acc).shape[0] == 2
+    assert "within-run" in chapter.plot_gap_trajectories(traj).axes[1].get_title()
+    chapter.plot_lnpt_accuracy(acc, 0.97)
+    assert chapter.accuracy_table(acc).shape[0] == 2
+    cor = chapter.correlations(traj, n_boot=50)
+    text = chapter.summary_text(cfg, acc, cor, table)
+    assert text.startswith("This page was produced by the **cpu** profile") and "**Verdicts.**" in text
+
+
+# --- units ---------------------------------------------------------------------------------------------------
+
+def _tiny(results_dir, **kw):
+    return chapter.Config.from_profile(
+        "smoke", dataset="synthetic-mnist", teacher_epochs=0.5, epochs=0.5, trajectory_epochs=0.5,
+        sparsities=(0.9,), trajectory_lrs=(1e-2,), trajectory_sparsities=(0.9,), probe_samples=50,
+        results_dir=str(results_dir), **kw)
+
+
+def test_work_units_list_the_stores_the_chapter_reads(tmp_path):
+    smoke = chapter.Config.from_profile("smoke", results_dir=str(tmp_path))
+    units = chapter.work_units(smoke)
+    keys = [u.key for u in units]
+    assert keys == [u.key for u in chapter.work_units(smoke)] and len(set(keys)) == len(keys) == 16
+    assert [u.kind for u in units[:2]] == ["lnpt/teacher"] * 2  # the mature networks first: the others read them
+    assert {u.kind for u in units[2:]} == {"lnpt/trajectories", "lnpt/accuracy"} and not any(u.done for u in units)
+    assert units[0].key == chapter.teacher_store(smoke, smoke.teacher).key
+
+    # every unit run on its own writes the Store run_experiment reads: it then loads all, trains nothing
+    cfg = _tiny(tmp_path / "units")
+    for u in chapter.work_units(cfg):
+        u.run(cfg.results_dir)
+    assert all(u.done for u in chapter.work_units(cfg))
+    written = {p.name for p in (tmp_path / "units" / "lnpt").glob("*/[0-9a-f]*")}
+    assert written == {u.key for u in chapter.work_units(cfg)}
+    fresh = chapter.run_experiment(_tiny(tmp_path / "fresh"), progress=False)  # serial, through map_units
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished unit was trained again")
+
+    import pruning_lib.methods.lnpt as method
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(chapter, "fit", no_training)
+        mp.setattr(method, "fit", no_training)
+        loaded = chapter.run_experiment(cfg, progress=False)
+    for name in ("accuracy", "trajectories", "histories", "teacher", "feature_scaling"):
+        untimed = [c for c in fresh[name].columns if "second" not in c]  # wall times differ between runs
+        pd.testing.assert_frame_equal(loaded[name][untimed], fresh[name][untimed], check_exact=True)

@@ -10,35 +10,13 @@ The paper's abstract makes three claims:
 3. the mature network can guide both the **pruning** (at initialisation) and the **training** of a small
    network on *unlabeled* data, and this beats supervised training.
 
-Only the abstract could be read; the algorithm below is a reconstruction (papers.md §5, marked [recon]):
+The method (the gap, the label-free loss and score, withheld labels, the probe) is
+:mod:`pruning_lib.methods.lnpt`; this module holds the chapter: its Config, its units, the experiment,
+the tables, the figures and the claims.
 
-* learning gap, **the paper's definition**: ``LG(T, S) = mean_x ||phi_T(x) - phi_S(x)||^2`` with ``phi`` the
-  penultimate features (``model.forward_features``) of the mature network T and the learning network S
-  (:func:`learning_gap` on models, :func:`raw_learning_gap` on stored features). It compares the two feature
-  maps coordinate by coordinate, so it needs equal widths and it is *not* scale-free: features scaled by c
-  give ``mean ||phi_T||^2 - 2c mean <phi_T, phi_S> + c^2 mean ||phi_S||^2``. The chapter's claims judge this
-  quantity;
-* label-free pruning at initialisation: the SNIP connection sensitivity ``|theta * dL_LF/dtheta|`` with the
-  label-free loss ``L_LF`` in place of the labelled cross-entropy (:func:`label_free_scores`, computed by
-  :func:`pruning_lib.criteria.gradient_scores`, the same code as labelled SNIP);
-* label-free training: the pruned student minimises ``L_LF = gap_weight * LG / s_T + kd_weight * T^2 *
-  KL(softmax(z_T / T) || softmax(z_S / T))`` (the gap plus distillation of the teacher's softened outputs)
-  on a split whose labels it never sees (:class:`LabelFreeLoss`, :func:`train_label_free`); ``s_T`` is the
-  teacher's mean squared feature norm on that split, so the loss's gap term has a fixed scale.
-
-**Unequal widths in training** (our choice, not the paper's): when the student's penultimate width differs
-from the teacher's (LeNet-300-100's 100 features against LeNet-5-Caffe's 500), the training loss uses
-``||phi_T - P phi_S||^2`` with ``P`` a linear map (FitNets-style regressor) fitted by ridge regression at
-initialisation (so the pruning score is the gradient of the *best-aligned* gap; by the envelope theorem
-the optimal ``P`` may be held fixed when differentiating) and then trained jointly with the student; it is
-a training aid, dropped afterwards and never pruned or counted.
-
-**The aligned gap** (ours, reported beside the paper's): :func:`aligned_learning_gap` fits a ridge map from
-the student's features to the teacher's on the student's unlabeled split and reports the relative residual
-on held-out images: 0 when the student's features determine the teacher's linearly, 1 when they explain
-nothing. It works for any widths and for students whose features no loss tied to the teacher's basis, but
-it is invariant to any invertible linear change of the student's features, rescaling included: it does not
-measure what the paper's gap measures, and the claims label it as ours.
+**Units** (:func:`work_units`, run through :func:`pruning_lib.runs.map_units`): the mature networks first
+(the teacher and the probed runs' mature network, each trained with labels on the teacher's split), then
+each probed run and each (student, method, sparsity, seed) of the accuracy comparison, which read them.
 
 **Probed runs** (:func:`trajectory_run`): the weight distance, the paper's gap and the aligned gap at every
 checkpoint of runs that differ in learning rate, sparsity and seed. The probed student and its mature
@@ -46,30 +24,28 @@ network (``trajectory_teacher``) have equal penultimate widths, so the paper's g
 correlations with test accuracy are judged within each run and pooled within each learning rate
 (:func:`correlations`, :func:`claims_table`); pooling across learning rates and sparsities would mix runs
 whose distances differ by construction.
-
-Labels are *withheld*, not merely unused: :func:`withhold_labels` replaces the student split's labels by a
-:class:`WithheldLabels` placeholder that can be batched but raises :class:`LabelAccessError` on any read,
-so the label-free runs of this chapter would fail if anything in their path touched a label.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import claims, criteria, plotting
-from . import data as data_mod
-from .data import DataSplits, TensorSplit
-from .masks import apply_mask, mask_from_scores, prunable_names
-from .models import MODELS, build_model
-from .runs import ConfigError, RunConfig, Store, param, progress_bar
-from .train import Callback, cross_entropy, default_device, evaluate, fit
+from .. import claims, plotting
+from .. import data as data_mod
+from ..data import DataSplits, TensorSplit
+from ..masks import apply_mask, mask_from_scores
+from ..methods.lnpt import (GapProbe, LabelFreeLoss, TeacherOutputs, aligned_learning_gap, feature_scaling,
+                            init_projection, label_free_scores, lnpt_splits, penultimate_features,
+                            random_weight_scores, snapshot, snip_scores, stack_inputs, student_feature_dim,
+                            train_label_free, withhold_labels)
+from ..metrics import nonzero_density
+from ..models import MODELS, build_model
+from ..runs import ConfigError, RunConfig, Store, in_worker, map_units, param, progress_bar
+from ..train import default_device, evaluate, fit
 
 CHAPTER = "06_lnpt"
 SOURCE = "Xiao et al. 2024 (arXiv 2403.12690), abstract"
@@ -87,395 +63,6 @@ METHOD_LABELS = {
     "dense_supervised": "dense, supervised training",
 }
 DATASET_CHOICES = ("mnist5k", "digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "synthetic-mnist", "synthetic-cifar")
-
-
-# --- withheld labels ---------------------------------------------------------------------------------
-
-class LabelAccessError(RuntimeError):
-    """Label-free code tried to read labels it must never see."""
-
-
-def _allowed_label_ops() -> tuple:
-    t = torch.Tensor
-    return (t.__len__, t.__getitem__, t.to, t.cpu, t.cuda, t.contiguous, t.size, t.dim, t.numel,
-            t.shape.__get__, t.device.__get__, t.dtype.__get__, t.is_cuda.__get__, t.ndim.__get__)
-
-
-class WithheldLabels(torch.Tensor):
-    """A stand-in for a split's labels that can be sliced, indexed, measured and moved (so the batching
-    code works unchanged) but raises :class:`LabelAccessError` on any operation that reads values.
-
-    It holds placeholder zeros, never the real labels: the real labels are not even in memory.
-    """
-
-    @staticmethod
-    def __new__(cls, n: int, device=None):
-        return torch.zeros(int(n), dtype=torch.long, device=device).as_subclass(cls)
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if any(func == ok for ok in _allowed_label_ops()):
-            with torch._C.DisableTorchFunctionSubclass():
-                out = func(*args, **(kwargs or {}))
-            return out.as_subclass(cls) if isinstance(out, torch.Tensor) else out
-        name = getattr(func, "__name__", repr(func))
-        raise LabelAccessError(f"the labels of this split are withheld; label-free code called {name} on them")
-
-    def __repr__(self) -> str:
-        return f"WithheldLabels(n={self.shape[0]})"
-
-    def __reduce_ex__(self, proto):
-        raise LabelAccessError("withheld labels cannot be saved")
-
-
-class _UnlabeledDataset(torch.utils.data.Dataset):
-    """A map-style dataset whose items are ``(x, -1)``: for on-disk datasets (CIFAR), whose batches are
-    collated by a DataLoader. ``-1`` is rejected by ``cross_entropy``, so a labelled loss fails here too."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        return self.dataset[i][0], -1
-
-
-def withhold_labels(split):
-    """The split with its labels replaced by :class:`WithheldLabels` (in-memory) or ``-1`` (datasets)."""
-    if isinstance(split, TensorSplit):
-        return TensorSplit(split.x, WithheldLabels(len(split.x), device=split.x.device))
-    return _UnlabeledDataset(split)
-
-
-def lnpt_splits(data: DataSplits, unlabeled_fraction: float, seed: int = 0) -> tuple[DataSplits, DataSplits]:
-    """Split ``data.train`` into the teacher's labelled part and the student's part (``unlabeled_fraction``
-    of it), disjoint and fixed by ``seed``; validation and test splits are shared. The student's part is
-    returned *with* labels: the supervised baselines need them, label-free runs call :func:`withhold_labels`.
-    """
-    n = len(data.train)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(10_000 + seed))
-    k = int(round(unlabeled_fraction * n))
-    if not 0 < k < n:
-        raise ValueError(f"unlabeled_fraction {unlabeled_fraction} leaves an empty split of {n} examples")
-    student_idx, teacher_idx = perm[:k], perm[k:]
-
-    def take(idx):
-        if isinstance(data.train, TensorSplit):
-            return TensorSplit(data.train.x[idx].contiguous(), data.train.y[idx].contiguous())
-        return torch.utils.data.Subset(data.train, idx.tolist())
-
-    def splits(train, role):
-        return DataSplits(data.name, train, data.val, data.test, data.num_classes, data.input_shape,
-                          {**data.info, "lnpt_role": role, "lnpt_size": len(train)})
-    return splits(take(teacher_idx), "teacher"), splits(take(student_idx), "student")
-
-
-def stack_inputs(split, n: int | None = None, batch_size: int = 500) -> torch.Tensor:
-    """The first ``n`` inputs of a split as one tensor (labels are not read)."""
-    if isinstance(split, TensorSplit):
-        return split.x[:n] if n is not None else split.x
-    xs, count = [], 0
-    for x, _ in data_mod.batches(split, batch_size, num_workers=0):
-        xs.append(x)
-        count += len(x)
-        if n is not None and count >= n:
-            break
-    return torch.cat(xs)[:n]
-
-
-# --- features, the learning gap, the weight distance -------------------------------------------------
-
-def _bare(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)  # DistributedDataParallel wraps the model
-
-
-def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate features (the input of ``model.classifier``) and logits in one forward pass.
-
-    The features are caught by a hook on the classifier so that the call goes through ``model(x)``, which
-    also works for a ``DistributedDataParallel`` wrapper (its gradient synchronisation needs its forward).
-    """
-    caught = {}
-    handle = _bare(model).classifier.register_forward_hook(lambda m, inp, out: caught.__setitem__("f", inp[0]))
-    try:
-        logits = model(x)
-    finally:
-        handle.remove()
-    return caught["f"], logits
-
-
-@torch.no_grad()
-def penultimate_features(model: nn.Module, split_or_x, batch_size: int = 1000) -> torch.Tensor:
-    """``model.forward_features`` of every input (eval mode, no gradient; mode restored), on CPU."""
-    was = model.training
-    model.eval()
-    x_all = split_or_x if isinstance(split_or_x, torch.Tensor) else stack_inputs(split_or_x)
-    device = next(model.parameters()).device
-    out = [_bare(model).forward_features(x_all[i:i + batch_size].to(device)).cpu()
-           for i in range(0, len(x_all), batch_size)]
-    model.train(was)
-    return torch.cat(out)
-
-
-def learning_gap(teacher: nn.Module, student: nn.Module, x: torch.Tensor,
-                 projection: nn.Module | None = None) -> torch.Tensor:
-    """The learning gap ``mean_x ||phi_T(x) - P phi_S(x)||^2`` on the batch ``x`` (papers.md §5 [recon]).
-
-    ``phi`` is ``forward_features`` (the penultimate layer); the teacher is evaluated without gradient,
-    the gradient flows into the student (and ``projection``). ``projection=None`` compares the feature
-    maps directly, which needs equal widths.
-    """
-    with torch.no_grad():
-        ft = _bare(teacher).forward_features(x)
-    fs = _bare(student).forward_features(x)
-    if projection is not None:
-        fs = projection(fs)
-    if fs.shape != ft.shape:
-        raise ValueError(f"student features {tuple(fs.shape)} and teacher features {tuple(ft.shape)} differ: "
-                         "pass a projection (see make_projection)")
-    return (ft - fs).pow(2).sum(1).mean()
-
-
-def raw_learning_gap(teacher_features: torch.Tensor, student_features: torch.Tensor) -> float:
-    """The paper's learning gap on stored penultimate features: ``mean_x ||phi_T(x) - phi_S(x)||^2``
-    (papers.md §5), with no alignment, so it changes with the scale of either network's features.
-    Raises ``ValueError`` when the widths differ (the paper's gap is then undefined)."""
-    if teacher_features.shape != student_features.shape:
-        raise ValueError(f"the paper's learning gap compares feature maps of equal shape; got teacher "
-                         f"{tuple(teacher_features.shape)} and student {tuple(student_features.shape)}")
-    return float((teacher_features.double() - student_features.double()).pow(2).sum(1).mean())
-
-
-def fit_ridge(fs: torch.Tensor, ft: torch.Tensor, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares map ``ft ≈ fs @ W.T + b`` with a ridge ``ridge * mean eigenvalue`` (float64 solve).
-
-    Returns ``(W [d_t, d_s], b [d_t])``, the parameters of an ``nn.Linear(d_s, d_t)``.
-    """
-    fs, ft = fs.double(), ft.double()
-    mu_s, mu_t = fs.mean(0), ft.mean(0)
-    a, c = fs - mu_s, ft - mu_t
-    gram = a.T @ a
-    lam = ridge * float(torch.trace(gram)) / max(gram.shape[0], 1) + 1e-12
-    w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), a.T @ c).T
-    b = mu_t - w @ mu_s
-    return w.float(), b.float()
-
-
-def aligned_learning_gap(teacher_fit: torch.Tensor, student_fit: torch.Tensor, teacher_eval: torch.Tensor,
-                         student_eval: torch.Tensor, ridge: float = 1e-3) -> float:
-    """The learning gap after the best linear alignment, relative to the teacher's feature variance.
-
-    The ridge map from student to teacher features is fitted on ``*_fit`` (the student's unlabeled
-    split) and evaluated on ``*_eval`` (held-out images): ``mean ||phi_T - (W phi_S + b)||^2 /
-    mean ||phi_T - mean phi_T||^2``. Works for any two widths and for students trained without any tie to
-    the teacher's feature basis; 0 when the student's features determine the teacher's linearly.
-    """
-    w, b = fit_ridge(student_fit, teacher_fit, ridge)
-    resid = teacher_eval - (student_eval @ w.T + b)
-    spread = teacher_eval - teacher_eval.mean(0)
-    return float(resid.pow(2).sum(1).mean() / spread.pow(2).sum(1).mean().clamp_min(1e-12))
-
-
-def weight_distance(model: nn.Module, initial: dict[str, torch.Tensor], names: Iterable[str] | None = None
-                    ) -> float:
-    """``||theta_t - theta_0||_2`` over the prunable weights (the paper's "distance between initialized and
-    trained weights"); ``initial`` holds ``theta_0`` (after the pruning mask, so pruned weights count 0)."""
-    params = dict(model.named_parameters())
-    names = list(initial) if names is None else list(names)
-    sq = sum(float((params[n].detach().cpu() - initial[n].cpu()).pow(2).sum()) for n in names)
-    return math.sqrt(sq)
-
-
-def snapshot(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    params = dict(model.named_parameters())
-    names = prunable_names(model) if names is None else names
-    return {n: params[n].detach().cpu().clone() for n in names}
-
-
-# --- the teacher's outputs -----------------------------------------------------------------------------
-
-class TeacherOutputs:
-    """The mature network's penultimate features and logits for a batch, without gradient.
-
-    With ``cache_x`` (the student's in-memory split) every output is computed once, up front, as if the
-    cloud sent its answers for the device's data once; a batch is then found by a fingerprint of each row
-    and *verified* to be the very same images, else the teacher runs. Exact either way.
-    """
-
-    def __init__(self, teacher: nn.Module, cache_x: torch.Tensor | None = None, batch_size: int = 1000):
-        self.teacher = teacher.eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.device = next(teacher.parameters()).device
-        self.hits = self.misses = 0
-        self._x = None
-        if cache_x is not None:
-            x = cache_x.to(self.device)
-            feats, logits = [], []
-            with torch.no_grad():
-                for i in range(0, len(x), batch_size):
-                    f, z = features_and_logits(self.teacher, x[i:i + batch_size])
-                    feats.append(f)
-                    logits.append(z)
-            self._x, self._f, self._z = x, torch.cat(feats), torch.cat(logits)
-            self._r = torch.randn(x[0].numel(), generator=torch.Generator().manual_seed(0),
-                                  dtype=torch.float64).to(self.device)
-            fp = self._fingerprint(x)
-            self._fp_sorted, self._order = torch.sort(fp)
-
-    def _fingerprint(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1).double() @ self._r
-
-    @property
-    def feature_dim(self) -> int:
-        return int(self._f.shape[1]) if self._x is not None else None
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._x is not None and x.device == self._x.device and x.shape[1:] == self._x.shape[1:]:
-            pos = torch.searchsorted(self._fp_sorted, self._fingerprint(x)).clamp(max=len(self._order) - 1)
-            idx = self._order[pos]
-            if torch.equal(self._x[idx], x):
-                self.hits += 1
-                return self._f[idx], self._z[idx]
-        self.misses += 1
-        with torch.no_grad():
-            return features_and_logits(self.teacher, x.to(self.device))
-
-    def mean_sq_norm(self, x: torch.Tensor | None = None) -> float:
-        """``mean_x ||phi_T(x)||^2`` over the cached split (or ``x``): the gap's scale."""
-        f = self._f if x is None else self(x)[0]
-        return float(f.pow(2).sum(1).mean())
-
-
-def make_projection(student_dim: int, teacher_dim: int) -> nn.Module | None:
-    """``None`` (compare feature maps directly) for equal widths, else a trainable ``nn.Linear``."""
-    return None if student_dim == teacher_dim else nn.Linear(student_dim, teacher_dim)
-
-
-def student_feature_dim(model: nn.Module) -> int:
-    return int(_bare(model).classifier.in_features)
-
-
-class LabelFreeLoss:
-    """``loss_fn(model, x, y)`` of label-free training and scoring; it never reads ``y``.
-
-    ``L_LF = gap_weight * LG / gap_scale + kd_weight * T^2 * KL(softmax(z_T/T) || softmax(z_S/T))``:
-    the learning gap (scale-free with ``gap_scale = mean ||phi_T||^2``) plus distillation of the teacher's
-    softened outputs (Hinton et al. 2015). ``projection`` maps student features to the teacher's width.
-    """
-
-    def __init__(self, teacher: TeacherOutputs, *, projection: nn.Module | None = None, gap_weight: float = 1.0,
-                 kd_weight: float = 1.0, temperature: float = 4.0, gap_scale: float = 1.0):
-        self.teacher, self.projection = teacher, projection
-        self.gap_weight, self.kd_weight, self.temperature = gap_weight, kd_weight, temperature
-        self.gap_scale = gap_scale
-
-    def __call__(self, model: nn.Module, x: torch.Tensor, y=None) -> torch.Tensor:
-        del y  # label-free: the labels are never read (a WithheldLabels would raise if they were)
-        ft, zt = self.teacher(x)
-        fs, zs = features_and_logits(model, x)
-        if self.projection is not None:
-            fs = self.projection(fs)
-        loss = x.new_zeros(())
-        if self.gap_weight:
-            loss = loss + self.gap_weight * (ft - fs).pow(2).sum(1).mean() / self.gap_scale
-        if self.kd_weight:
-            t = self.temperature
-            kd = F.kl_div(F.log_softmax(zs / t, 1), F.log_softmax(zt / t, 1), log_target=True,
-                          reduction="batchmean")
-            loss = loss + self.kd_weight * t * t * kd
-        return loss
-
-
-def init_projection(student: nn.Module, teacher: TeacherOutputs, x: torch.Tensor, ridge: float = 1e-3
-                    ) -> nn.Module | None:
-    """The projection for ``student``: ``None`` for equal widths, else an ``nn.Linear`` initialised by the
-    ridge fit of the teacher's features on the student's (at the student's current weights) on ``x``."""
-    proj = make_projection(student_feature_dim(student), int(teacher(x[:1].to(teacher.device))[0].shape[1]))
-    if proj is None:
-        return None
-    with torch.no_grad():
-        was = student.training
-        student.eval()
-        fs = _bare(student).forward_features(x.to(teacher.device))
-        student.train(was)
-        ft = teacher(x.to(teacher.device))[0]
-        w, b = fit_ridge(fs.cpu(), ft.cpu())
-        proj.weight.copy_(w)
-        proj.bias.copy_(b)
-    return proj.to(teacher.device)
-
-
-def label_free_scores(student: nn.Module, loss: LabelFreeLoss, batches: Iterable) -> dict[str, torch.Tensor]:
-    """LNPT's pruning score: SNIP's ``|theta * dL/dtheta|`` with the label-free loss (gap + distillation)
-    in place of the labelled cross-entropy, by :func:`pruning_lib.criteria.gradient_scores`."""
-    return criteria.gradient_scores(student, loss, batches)
-
-
-def snip_scores(student: nn.Module, batches: Iterable) -> dict[str, torch.Tensor]:
-    """Labelled SNIP (Lee et al. 2019): ``|theta * dCE/dtheta|``."""
-    return criteria.gradient_scores(student, cross_entropy, batches)
-
-
-def random_scores(student: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    params = dict(student.named_parameters())
-    return {n: torch.rand(params[n].shape, generator=generator) for n in prunable_names(student)}
-
-
-def train_label_free(student: nn.Module, teacher: TeacherOutputs, data: DataSplits, *,
-                     projection: nn.Module | None = None, gap_weight: float = 1.0, kd_weight: float = 1.0,
-                     temperature: float = 4.0, gap_scale: float | None = None, lr: float = 1e-3,
-                     **fit_kwargs) -> pd.DataFrame:
-    """Train ``student`` to close the learning gap (and match the softened outputs) on ``data.train``
-    without its labels, with :func:`pruning_lib.train.fit`. The labels are withheld first, so any read
-    raises; validation and test accuracy are still measured with labels (that is evaluation, not training).
-    """
-    unlabeled = DataSplits(data.name, withhold_labels(data.train), data.val, data.test, data.num_classes,
-                           data.input_shape, data.info)
-    if gap_scale is None:
-        gap_scale = teacher.mean_sq_norm() if teacher.feature_dim else 1.0
-    loss = LabelFreeLoss(teacher, projection=projection, gap_weight=gap_weight, kd_weight=kd_weight,
-                         temperature=temperature, gap_scale=gap_scale)
-    params = list(student.parameters()) + (list(projection.parameters()) if projection is not None else [])
-    optimizer = torch.optim.Adam(params, lr=lr)
-    return fit(student, unlabeled, optimizer=optimizer, loss_fn=loss, **fit_kwargs)
-
-
-# --- probing runs: weight distance and learning gap over training -----------------------------------
-
-class GapProbe(Callback):
-    """Logs, at every evaluation of ``fit``: ``weight_distance``; ``learning_gap``, the paper's gap
-    (:func:`raw_learning_gap` on the held-out images ``eval_x``); and ``aligned_gap``, ours
-    (:func:`aligned_learning_gap`, ridge map fitted on ``fit_x``, residual on ``eval_x``)."""
-
-    def __init__(self, initial: dict[str, torch.Tensor], fit_x: torch.Tensor, eval_x: torch.Tensor,
-                 teacher_fit: torch.Tensor, teacher_eval: torch.Tensor):
-        self.initial, self.fit_x, self.eval_x = initial, fit_x, eval_x
-        self.teacher_fit, self.teacher_eval = teacher_fit, teacher_eval
-
-    def log(self, state) -> dict[str, float]:
-        model = state.model
-        fs_eval = penultimate_features(model, self.eval_x)
-        return {"weight_distance": weight_distance(model, self.initial),
-                "learning_gap": raw_learning_gap(self.teacher_eval, fs_eval),
-                "aligned_gap": aligned_learning_gap(self.teacher_fit, penultimate_features(model, self.fit_x),
-                                                    self.teacher_eval, fs_eval)}
-
-
-def feature_scaling(teacher_fit: torch.Tensor, teacher_eval: torch.Tensor, student_fit: torch.Tensor,
-                    student_eval: torch.Tensor, factors: Iterable[float] = (1.0, 10.0)) -> pd.DataFrame:
-    """The paper's gap and the aligned gap when the student's features are multiplied by each factor
-    (what a rescaled last hidden layer does to a ReLU network): the paper's gap moves, the aligned one
-    does not. One row per factor, with each gap's ratio to its value at the first factor."""
-    rows = [{"factor": c, "learning_gap": raw_learning_gap(teacher_eval, c * student_eval),
-             "aligned_gap": aligned_learning_gap(teacher_fit, c * student_fit, teacher_eval, c * student_eval)}
-            for c in factors]
-    out = pd.DataFrame(rows)
-    for col in ("learning_gap", "aligned_gap"):
-        out[f"{col}_ratio"] = out[col] / out[col].iloc[0]
-    return out
 
 
 # --- the chapter's configuration and experiment -------------------------------------------------------
@@ -601,11 +188,48 @@ def teacher_spec(cfg: Config, name: str | None = None) -> dict:
                 epochs=cfg.teacher_epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=0, optimizer="adam")
 
 
-def _mature(cfg: Config, name: str, data: DataSplits, teacher_data: DataSplits, student_data: DataSplits,
-            fit_x: torch.Tensor, eval_x: torch.Tensor, device, progress: bool) -> Mature:
-    """Train (or load from the Store) the mature network ``name`` with labels on the teacher's split."""
-    spec = teacher_spec(cfg, name)
-    store = Store(cfg.results_dir, "lnpt/teacher", spec)
+def mature_names(cfg: Config) -> list[str]:
+    """The mature networks of ``cfg``: the teacher, and the probed runs' one when it is another network."""
+    return list(dict.fromkeys((cfg.teacher, cfg.trajectory_teacher)))
+
+
+# one entry per process: the splits and the Context of the last config (a worker reuses them across units)
+_CACHE: dict = {}
+
+
+def _cached(name: str, key, make):
+    if _CACHE.get(name, (None,))[0] != key:
+        _CACHE[name] = (key, make())
+    return _CACHE[name][1]
+
+
+def _splits(cfg: Config) -> tuple[DataSplits, DataSplits, DataSplits]:
+    """``(data, teacher's split, student's split)``, loaded once per process. Refuses a probed student whose
+    penultimate width differs from its mature network's: the paper's gap would be undefined."""
+    def make():
+        data = data_mod.load_dataset(cfg.dataset, root=cfg.data_root)
+        teacher_data, student_data = lnpt_splits(data, cfg.unlabeled_fraction)
+        probed = student_feature_dim(_build(cfg, cfg.trajectory_student, data, 0))
+        mature = student_feature_dim(_build(cfg, cfg.trajectory_teacher, data, 0))
+        if probed != mature:
+            raise ConfigError(f"parameters 'trajectory_student' and 'trajectory_teacher': the paper's learning "
+                              f"gap compares penultimate features of equal width, but {cfg.trajectory_student} "
+                              f"has {probed} and {cfg.trajectory_teacher} has {mature}")
+        return data, teacher_data, student_data
+    return _cached("splits", (cfg.dataset, cfg.data_root, cfg.unlabeled_fraction, cfg.trajectory_student,
+                              cfg.trajectory_teacher), make)
+
+
+def teacher_store(cfg: Config, name: str, results_dir: str | None = None) -> Store:
+    """The results folder of the mature network ``name`` (``results/lnpt/teacher/<hash>/``)."""
+    return Store(cfg.results_dir if results_dir is None else results_dir, "lnpt/teacher", teacher_spec(cfg, name))
+
+
+def _teacher(cfg: Config, name: str, data: DataSplits, teacher_data: DataSplits, progress: bool
+             ) -> tuple[nn.Module, dict]:
+    """The mature network ``name`` trained with labels on the teacher's split, or loaded from its Store;
+    returns the network (on the CPU) and what the Store holds (its state and history)."""
+    store = teacher_store(cfg, name)
     teacher = _build(cfg, name, data, 0)
 
     def train_teacher():
@@ -616,10 +240,17 @@ def _mature(cfg: Config, name: str, data: DataSplits, teacher_data: DataSplits, 
 
     saved = store.torch("teacher", train_teacher)
     teacher.load_state_dict(saved["state"])
+    return teacher, saved
+
+
+def _mature(cfg: Config, name: str, data: DataSplits, teacher_data: DataSplits, student_data: DataSplits,
+            fit_x: torch.Tensor, eval_x: torch.Tensor, device, progress: bool) -> Mature:
+    """Train (or load from the Store) the mature network ``name`` with labels on the teacher's split."""
+    teacher, saved = _teacher(cfg, name, data, teacher_data, progress)
     teacher.to(device)
     cache_x = student_data.train.x if isinstance(student_data.train, TensorSplit) else None
-    return Mature(name, teacher, TeacherOutputs(teacher, cache_x), pd.DataFrame(saved["history"]), spec,
-                  penultimate_features(teacher, fit_x), penultimate_features(teacher, eval_x))
+    return Mature(name, teacher, TeacherOutputs(teacher, cache_x), pd.DataFrame(saved["history"]),
+                  teacher_spec(cfg, name), penultimate_features(teacher, fit_x), penultimate_features(teacher, eval_x))
 
 
 def prepare(cfg: Config, progress: bool = False) -> Context:
@@ -627,14 +258,7 @@ def prepare(cfg: Config, progress: bool = False) -> Context:
     network, once each, with labels on the teacher's split. Refuses a probed student whose penultimate width
     differs from its mature network's: the paper's gap would be undefined."""
     device = default_device()
-    data = data_mod.load_dataset(cfg.dataset, root=cfg.data_root)
-    teacher_data, student_data = lnpt_splits(data, cfg.unlabeled_fraction)
-    probed = student_feature_dim(_build(cfg, cfg.trajectory_student, data, 0))
-    mature = student_feature_dim(_build(cfg, cfg.trajectory_teacher, data, 0))
-    if probed != mature:
-        raise ConfigError(f"parameters 'trajectory_student' and 'trajectory_teacher': the paper's learning gap "
-                          f"compares penultimate features of equal width, but {cfg.trajectory_student} has "
-                          f"{probed} and {cfg.trajectory_teacher} has {mature}")
+    data, teacher_data, student_data = _splits(cfg)
     fit_x = stack_inputs(student_data.train, cfg.probe_samples)
     eval_x = stack_inputs(data.test, cfg.probe_samples)
     args = (data, teacher_data, student_data, fit_x, eval_x, device, progress)
@@ -672,7 +296,7 @@ def pruned_student(ctx: Context, name: str, criterion: str, sparsity: float, see
         elif criterion == "snip":
             scores = snip_scores(student, _score_batches(ctx, seed, labelled=True))
         elif criterion == "random":
-            scores = random_scores(student, torch.Generator().manual_seed(seed))
+            scores = random_weight_scores(student, torch.Generator().manual_seed(seed))
         else:
             raise ValueError(f"unknown criterion {criterion!r}")
         apply_mask(student, mask_from_scores(scores, sparsity, scope="global"))
@@ -680,12 +304,6 @@ def pruned_student(ctx: Context, name: str, criterion: str, sparsity: float, see
         loss.gap_weight, projection = 0.0, None
         loss.projection = None
     return student, projection, loss
-
-
-def _density(model: nn.Module) -> float:
-    params = dict(model.named_parameters())
-    names = prunable_names(model)
-    return sum(int((params[n] != 0).sum()) for n in names) / sum(params[n].numel() for n in names)
 
 
 def _train(ctx: Context, student, projection, loss: LabelFreeLoss, label_free: bool, *, lr: float, epochs: float,
@@ -735,67 +353,176 @@ def accuracy_run(ctx: Context, student_name: str, method: str, sparsity: float, 
                                penultimate_features(student, ctx.eval_x))
     return pd.DataFrame([{"student": student_label(student_name, width), "model": student_name, "width": width,
                           "method": method, "sparsity": 0.0 if dense else sparsity,
-                          "seed": seed, "density": _density(student), "test_accuracy": last["test_accuracy"],
+                          "seed": seed, "density": nonzero_density(student), "test_accuracy": last["test_accuracy"],
                           "val_accuracy": last["val_accuracy"], "aligned_gap": gap,
                           "label_free": label_free, "steps": int(last["step"]), "seconds": last["seconds"]}]), h
 
 
-def _unit_spec(ctx: Context, teacher: Mature | None = None, **kw) -> dict:
-    cfg = ctx.cfg
-    common = dict(teacher=(teacher or ctx.teacher).spec, batch_size=cfg.batch_size,
-                  score_batches=cfg.score_batches, temperature=cfg.temperature, gap_weight=cfg.gap_weight,
-                  kd_weight=cfg.kd_weight, probe_samples=cfg.probe_samples)
-    return {**common, **kw}
+# --- units: the mature networks, then each probed run and each accuracy cell ---------------------------
 
-
-def run_experiment(cfg: Config, progress: bool = True) -> dict[str, pd.DataFrame]:
-    """Every unit of the chapter, each cached in its own Store entry (the teachers, each probed run, each
-    (student, method, sparsity, seed)); returns frames ``teacher`` (its history), ``trajectories``,
-    ``accuracy``, ``histories`` (the accuracy units'), ``splits`` and ``feature_scaling`` (the two gaps of
-    a freshly initialised probed student whose features are scaled, :func:`feature_scaling`)."""
-    torch.manual_seed(0)
-    ctx = prepare(cfg, progress=False)
-    root = cfg.results_dir
-    units: list[tuple[str, dict, Callable[[], pd.DataFrame]]] = []
+def unit_tasks(cfg: Config) -> list[tuple[str, tuple]]:
+    """Every unit of ``cfg`` as ``(kind, arguments)``, in the order the chapter runs them: the mature
+    networks (``"teacher"``, a name), the probed runs (``"trajectories"``, ``(lr, sparsity, seed)``) and the
+    accuracy cells (``"accuracy"``, ``(student, width, method, sparsity, seed)``)."""
+    tasks: list[tuple[str, tuple]] = [("teacher", (name,)) for name in mature_names(cfg)]
     for seed in cfg.seeds:
         for lr in cfg.trajectory_lrs:
             for s in cfg.trajectory_sparsities:
-                # probes="raw+aligned": the paper's gap and ours are both logged (older entries had one gap)
-                spec = _unit_spec(ctx, ctx.probe_teacher, kind="trajectory", student=cfg.trajectory_student,
-                                  lr=lr, sparsity=s, seed=seed, epochs=cfg.trajectory_epochs,
-                                  probes_per_epoch=cfg.probes_per_epoch, training=cfg.trajectory_training,
-                                  probes="raw+aligned")
-                units.append(("trajectories", spec, lambda lr=lr, s=s, seed=seed: trajectory_run(ctx, lr, s, seed)))
+                tasks.append(("trajectories", (lr, s, seed)))
     methods = [(m, s) for s in cfg.sparsities for m in cfg.methods]
     if cfg.dense_reference:
         methods = [(m, 0.0) for m in DENSE_METHODS] + methods
     for name, width in cfg.student_specs():
         for seed in cfg.seeds:
             for m, s in methods:
-                # evaluated="epoch": the history has a point per epoch, so settling can be judged
-                spec = _unit_spec(ctx, kind="accuracy", student=name, width=width, method=m, sparsity=s,
-                                  seed=seed, epochs=cfg.epochs, lr=cfg.lr, evaluated="epoch")
-                units.append(("accuracy", spec, lambda name=name, m=m, s=s, seed=seed, width=width:
-                              accuracy_run(ctx, name, m, s, seed, width)))
-    out: dict[str, list] = {"trajectories": [], "accuracy": [], "histories": []}
-    for kind, spec, compute in progress_bar(units, desc="LNPT units", progress=progress):
-        store = Store(root, f"lnpt/{kind}", spec)
-        if kind == "accuracy":
-            if not (store.exists("result.csv") and store.exists("history.csv")):
-                row, hist = compute()
-                store.save_frame("history", hist)
-                store.save_frame("result", row)
-            row = store.frame("result")
-            out["accuracy"].append(row)
-            out["histories"].append(store.frame("history").assign(
-                **{k: row[k].iloc[0] for k in ("student", "method", "sparsity", "seed")}))
+                tasks.append(("accuracy", (name, width, m, s, seed)))
+    return tasks
+
+
+def _unit_spec(cfg: Config, teacher: str, **kw) -> dict:
+    common = dict(teacher=teacher_spec(cfg, teacher), batch_size=cfg.batch_size,
+                  score_batches=cfg.score_batches, temperature=cfg.temperature, gap_weight=cfg.gap_weight,
+                  kd_weight=cfg.kd_weight, probe_samples=cfg.probe_samples)
+    return {**common, **kw}
+
+
+def unit_spec(cfg: Config, kind: str, args: tuple) -> dict:
+    """What a unit's results folder is named by (``results/lnpt/<kind>/<hash>/``)."""
+    if kind == "teacher":
+        return teacher_spec(cfg, *args)
+    if kind == "trajectories":
+        lr, s, seed = args
+        # probes="raw+aligned": the paper's gap and ours are both logged (older entries had one gap)
+        return _unit_spec(cfg, cfg.trajectory_teacher, kind="trajectory", student=cfg.trajectory_student,
+                          lr=lr, sparsity=s, seed=seed, epochs=cfg.trajectory_epochs,
+                          probes_per_epoch=cfg.probes_per_epoch, training=cfg.trajectory_training,
+                          probes="raw+aligned")
+    name, width, m, s, seed = args
+    # evaluated="epoch": the history has a point per epoch, so settling can be judged
+    return _unit_spec(cfg, cfg.teacher, kind="accuracy", student=name, width=width, method=m, sparsity=s,
+                      seed=seed, epochs=cfg.epochs, lr=cfg.lr, evaluated="epoch")
+
+
+def unit_store(cfg: Config, kind: str, args: tuple, results_dir: str | None = None) -> Store:
+    return Store(cfg.results_dir if results_dir is None else results_dir, f"lnpt/{kind}", unit_spec(cfg, kind, args))
+
+
+_UNIT_FILES = {"teacher": ("teacher.pt",), "trajectories": ("result.csv",), "accuracy": ("result.csv", "history.csv")}
+
+
+def unit_done(kind: str, store: Store) -> bool:
+    return all(store.exists(f) for f in _UNIT_FILES[kind])
+
+
+def _context(cfg: Config) -> Context:
+    return _cached("context", cfg, lambda: prepare(cfg, progress=False))
+
+
+def _teachers_root(cfg: Config, results_dir: str) -> str:
+    """Where a unit reads its mature networks: ``results_dir`` (a map_units worker's folder is seeded with
+    them), unless they are finished only in ``cfg.results_dir`` (a torchrun rank other than 0 writes a scratch
+    folder: every rank then reads the same networks); missing in both, they are trained in ``results_dir``."""
+    def ready(root):
+        return all(teacher_store(cfg, n, root).exists("teacher.pt") for n in mature_names(cfg))
+    return cfg.results_dir if not ready(results_dir) and ready(cfg.results_dir) else results_dir
+
+
+def run_unit(task: tuple, results_dir: str):
+    """One unit ``(kind, cfg, arguments)`` (an item of :func:`unit_tasks` with its config), for
+    :func:`pruning_lib.runs.map_units`: trains it into ``results_dir`` unless it is there, then returns
+    nothing for a mature network, a probed run's frame, or an accuracy cell's ``(row, history)``. The
+    others read the mature networks (:func:`_teachers_root`) through one Context per process."""
+    kind, cfg, args = task
+    if in_worker():
+        torch.set_num_threads(1)  # one thread per worker process: the workers share the cores
+    store = unit_store(cfg, kind, args, results_dir)
+    if kind == "teacher":
+        if not unit_done(kind, store):
+            data, teacher_data, _ = _splits(cfg)
+            _teacher(cfg.replace(results_dir=results_dir), args[0], data, teacher_data, progress=False)
+        return None
+    teachers = _teachers_root(cfg, results_dir)
+    if kind == "trajectories":
+        return store.frame("result", lambda: trajectory_run(_context(cfg.replace(results_dir=teachers)), *args))
+    name, width, m, s, seed = args
+    if not unit_done(kind, store):
+        row, hist = accuracy_run(_context(cfg.replace(results_dir=teachers)), name, m, s, seed, width)
+        store.save_frame("history", hist)
+        store.save_frame("result", row)
+    return store.frame("result"), store.frame("history")
+
+
+def _map(cfg: Config, tasks: list, **kw) -> list:
+    """``tasks`` through :func:`pruning_lib.runs.map_units`: serially here unless ``$PRUNING_EXECUTOR`` says
+    otherwise (processes, a Dask cluster); finished units only load, here."""
+    root = str(cfg.results_dir)
+    return map_units(run_unit, [(kind, cfg, args) for kind, args in tasks], results_dir=root,
+                     done=lambda t: unit_done(t[0], unit_store(t[1], t[0], t[2], root)),
+                     key=lambda t: f"{t[0]}-{unit_store(t[1], t[0], t[2], root).key}", **kw)
+
+
+def work_units(cfg: Config) -> list:
+    """Every unit of :func:`run_experiment` for the command line (:mod:`pruning_lib.units`), in its order (the
+    mature networks first: the others read them), with the notebook's hash, and ``run(results_dir)``."""
+    from ..units import Unit
+
+    out = []
+    for kind, args in unit_tasks(cfg):
+        store = unit_store(cfg, kind, args)
+        if kind == "teacher":
+            what = (f"mature network {args[0]} on {cfg.dataset}, labelled {1 - cfg.unlabeled_fraction:g} of the "
+                    f"training split: {cfg.teacher_epochs:g} epochs")
+        elif kind == "trajectories":
+            lr, s, seed = args
+            what = (f"probed run {cfg.trajectory_student}, lr {lr:g}, sparsity {s:g}, seed {seed}: "
+                    f"{cfg.trajectory_epochs:g} epochs, {cfg.trajectory_training}")
         else:
-            out[kind].append(store.frame("result", compute))
-    teacher_acc = evaluate(ctx.teacher.model, ctx.data.test)["accuracy"]
-    probe_acc = evaluate(ctx.probe_teacher.model, ctx.data.test)["accuracy"]
-    fresh = _build(cfg, cfg.trajectory_student, ctx.data, 0).to(ctx.device)
-    scaling = feature_scaling(ctx.probe_teacher.fit, ctx.probe_teacher.eval, penultimate_features(fresh, ctx.fit_x),
-                              penultimate_features(fresh, ctx.eval_x))
+            name, width, m, s, seed = args
+            what = (f"{student_label(name, width)}, {m}, sparsity {s:g}, seed {seed}: {cfg.epochs:g} epochs "
+                    f"(needs the mature networks)")
+        out.append(Unit(store.key, store.kind, what, unit_done(kind, store), (cfg.dataset,),
+                        lambda results_dir, task=(kind, cfg, args): run_unit(task, results_dir)))
+    return out
+
+
+def run_experiment(cfg: Config, progress: bool = True) -> dict[str, pd.DataFrame]:
+    """Every unit of the chapter, each cached in its own Store entry (the teachers, each probed run, each
+    (student, method, sparsity, seed)), through :func:`pruning_lib.runs.map_units` (``$PRUNING_EXECUTOR``,
+    else serially): the mature networks first, then the units that read them. Returns frames ``teacher``
+    (its history), ``trajectories``, ``accuracy``, ``histories`` (the accuracy units'), ``splits`` and
+    ``feature_scaling`` (the two gaps of a freshly initialised probed student whose features are scaled,
+    :func:`feature_scaling`)."""
+    torch.manual_seed(0)
+    try:
+        _splits(cfg)  # the data, and the width check, before anything trains
+        tasks = unit_tasks(cfg)
+        teachers = [t for t in tasks if t[0] == "teacher"]
+        rest = [t for t in tasks if t[0] != "teacher"]
+        root = str(cfg.results_dir)
+        _map(cfg, teachers, progress=False)
+        ctx = _context(cfg)
+        bar = progress_bar(total=len(rest), desc="LNPT units", progress=progress)
+        try:
+            done = _map(cfg, rest, bar=bar,
+                        inputs=lambda t: [teacher_store(cfg, n, root) for n in mature_names(cfg)])
+        finally:
+            bar.close()
+        out: dict[str, list] = {"trajectories": [], "accuracy": [], "histories": []}
+        for (kind, _), res in zip(rest, done):
+            if kind == "accuracy":
+                row, hist = res
+                out["accuracy"].append(row)
+                out["histories"].append(hist.assign(**{k: row[k].iloc[0]
+                                                       for k in ("student", "method", "sparsity", "seed")}))
+            else:
+                out[kind].append(res)
+        teacher_acc = evaluate(ctx.teacher.model, ctx.data.test)["accuracy"]
+        probe_acc = evaluate(ctx.probe_teacher.model, ctx.data.test)["accuracy"]
+        fresh = _build(cfg, cfg.trajectory_student, ctx.data, 0).to(ctx.device)
+        scaling = feature_scaling(ctx.probe_teacher.fit, ctx.probe_teacher.eval,
+                                  penultimate_features(fresh, ctx.fit_x), penultimate_features(fresh, ctx.eval_x))
+    finally:
+        _CACHE.clear()
     return {"teacher": ctx.teacher.history.assign(model=cfg.teacher, test_accuracy_final=teacher_acc),
             "probe_teacher": pd.DataFrame([{"model": cfg.trajectory_teacher, "test_accuracy": probe_acc,
                                             "features": int(ctx.probe_teacher.fit.shape[1])}]),
@@ -922,7 +649,7 @@ def accuracy_table(acc: pd.DataFrame) -> pd.DataFrame:
 
 # --- plots --------------------------------------------------------------------------------------------
 
-def plot_trajectories(traj: pd.DataFrame):
+def plot_gap_trajectories(traj: pd.DataFrame):
     """Test accuracy against the weight distance, the paper's learning gap and the aligned gap (ours) at
     every probe of every run; one line per run (colour: learning rate, line style: sparsity, one line per
     seed). Each title gives the mean of the within-run Spearman ρ."""
@@ -956,7 +683,7 @@ def plot_trajectories(traj: pd.DataFrame):
     return fig
 
 
-def plot_accuracy(acc: pd.DataFrame, teacher_accuracy: float | None = None):
+def plot_lnpt_accuracy(acc: pd.DataFrame, teacher_accuracy: float | None = None):
     """Test accuracy against sparsity, one panel per student, mean ± s.d. over seeds for each method;
     dense students and the teacher as horizontal reference lines."""
     import seaborn as sns
@@ -1119,3 +846,42 @@ def claims_table(cfg: Config, results: dict[str, pd.DataFrame]) -> pd.DataFrame:
                                "seed the mean over sparsities"),
                          paired(name, "lnpt", "kd_only")))
     return claims.ledger(CHAPTER, rows, cfg.profile, cfg.results_dir, budget=cfg.budget)
+
+
+# --- the page's closing summary -------------------------------------------------------------------------
+
+def summary_text(cfg: Config, acc: pd.DataFrame, cor: pd.DataFrame, table: pd.DataFrame) -> str:
+    """The chapter's closing summary in Markdown, every number from the run: the profile, the within-run and
+    per-learning-rate correlations (:func:`correlations`), the pruned students' mean accuracy per method, and
+    the verdicts of :func:`claims_table`."""
+    def mean_acc(method, student=None):
+        g = acc[(acc["method"] == method) & (acc["sparsity"] > 0)]
+        if student is not None:
+            g = g[g["student"] == student]
+        return 100 * g["test_accuracy"].mean()
+
+    runs = cor[cor["scope"] == "run"]
+    lines = [f"This page was produced by the **{cfg.profile}** profile on **{cfg.dataset}** "
+             f"(teacher {cfg.teacher}, {len(cfg.seeds)} seed(s), students trained for {cfg.epochs:g} epochs)."]
+    if cfg.profile == "smoke":
+        lines.append("The smoke profile trains for about one epoch: its numbers only show that the pipeline runs "
+                     "and mean nothing about the method.")
+    lines.append("")
+    mean_rho = runs[[f"rho_{q}" for q in QUANTITIES]].mean()
+    lines.append(f"**Correlations.** Within single runs ({len(runs)} runs), the mean Spearman ρ with test accuracy "
+                 f"is {mean_rho.rho_weight_distance:+.2f} for the weight distance, {mean_rho.rho_learning_gap:+.2f} "
+                 f"for the paper's learning gap and {mean_rho.rho_aligned_gap:+.2f} for our aligned gap.")
+    for _, r in cor[cor["scope"] == "learning rate"].iterrows():
+        lines.append(f"- learning rate {r.lr:g}, all checkpoints of its {int(r.runs)} runs: weight distance "
+                     f"{r.rho_weight_distance:+.2f}, paper's gap {r.rho_learning_gap:+.2f}, aligned gap "
+                     f"{r.rho_aligned_gap:+.2f}.")
+    lines.append("")
+    lines.append("**Accuracy** (test %, mean over sparsities and seeds of the pruned students):")
+    for st in dict.fromkeys(acc["student"]):
+        parts = [f"{METHOD_LABELS[m]} {mean_acc(m, st):.2f}" for m in METHODS + ABLATIONS
+                 if (acc[(acc['student'] == st)]['method'] == m).any()]
+        lines.append(f"- {st}: " + "; ".join(parts) + ".")
+    verdicts = table.set_index("claim")["verdict"]
+    lines.append("")
+    lines.append("**Verdicts.** " + "; ".join(f"{c}: *{v}*" for c, v in verdicts.items()) + ".")
+    return "\n".join(lines)

@@ -38,8 +38,9 @@ Registered chapters: ``03_dep_l0`` (every unit: the dense baselines and each gat
 ``01_dense_baselines`` (each dense network) and ``05_polarization`` (dense, gated and baseline units; a
 baseline first trains the gated and dense units it reads when they are missing). ``04_bernoulli_gates``
 lists each model's flip trade-off, its gated runs once that trade-off (which chooses their flipped
-examples, so their hash) is done, and the dense references. Chapters 02 and 06 are not registered: their
-units depend on one another (lottery rounds resume from the previous round's weights; the LNPT chapter
+examples, so their hash) is done, and the dense references. ``02_lottery_tickets`` lists each seed's
+dense network, each (seed, criterion) chain of rounds (resumed from its finished rounds) and each one-shot
+SNIP run. Chapter 06 is not registered: its units depend on one another (the LNPT chapter
 shares teachers and dense runs inside one ``run_experiment``) and need their own split first.
 """
 from __future__ import annotations
@@ -58,6 +59,7 @@ from typing import Any, Callable, Sequence
 # chapter notebook stem -> "module:function" listing its units for a Config (imported when used)
 REGISTRY: dict[str, str] = {
     "01_dense_baselines": "pruning_lib.baselines:work_units",
+    "02_lottery_tickets": "pruning_lib.chapters.lottery_tickets:work_units",
     "03_dep_l0": "pruning_lib.dep_l0:work_units",
     "04_bernoulli_gates": "pruning_lib.chapters.bernoulli_gates:work_units",
     "05_polarization": "pruning_lib.chapters.polarization:work_units",

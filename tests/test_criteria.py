@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruning_lib import criteria as C
+from pruning_lib.methods import criteria as C
 from pruning_lib import masks
 from pruning_lib.train import cross_entropy
 

@@ -1,12 +1,14 @@
-"""Iterative pruning with rewinding (Frankle & Carbin 2019) as used by the lottery-ticket chapter."""
+"""Iterative pruning with rewinding (Frankle & Carbin 2019, pruning_lib.methods.imp) as run by the lottery-ticket
+chapter (pruning_lib.chapters.lottery_tickets), and the chapter's units for the command line."""
 import pytest
 import torch
 
-from pruning_lib import lottery as L
-from pruning_lib import masks
+from pruning_lib import masks, units
+from pruning_lib.chapters import lottery_tickets as L
 from pruning_lib.data import DatasetNotFoundError, load_dataset
+from pruning_lib.methods import imp
 from pruning_lib.models import build_model
-from pruning_lib.runs import ConfigError
+from pruning_lib.runs import ConfigError, Store
 
 SETUP = "lenet300_100/synthetic-mnist"  # generated stand-in: tests only
 
@@ -42,7 +44,7 @@ def test_rewinding_restores_the_exact_initial_values_of_surviving_weights(tmp_pa
     cfg = _cfg(tmp_path)
     unit = L.Unit(cfg, SETUP, data)
     records = L.imp_chain(unit, 0, "magnitude", 2)
-    init = L.train_dense(unit, 0)["init"]
+    init = L.dense_round(unit, 0)["init"]
     assert len(starts) == 3  # dense + 2 rounds
     for (weights, mask), rec in zip(starts[1:], records[1:]):
         assert all(torch.equal(mask[n], rec["mask"][n]) for n in mask)
@@ -50,8 +52,8 @@ def test_rewinding_restores_the_exact_initial_values_of_surviving_weights(tmp_pa
             expected = init[n] * mask[n] if n in mask else init[n]
             assert torch.equal(w, expected), n  # bit-exact: survivors at w_0, pruned at 0
     # and the trained weights differ from the initial ones (the rounds did train)
-    final = L._unpack(L.Store(str(tmp_path), "lottery/round", L.chain_spec(unit, 0, "magnitude", 2))
-                      .torch("final"), records[2]["mask"], init)
+    final = imp.unpack(Store(str(tmp_path), "lottery/round", L.chain_spec(unit, 0, "magnitude", 2))
+                       .torch("final"), records[2]["mask"], init)
     assert not torch.equal(final["classifier.weight"], init["classifier.weight"] * records[2]["mask"]
                            ["classifier.weight"])
 
@@ -60,7 +62,7 @@ def test_late_rewinding_restores_the_weights_of_iteration_k(tmp_path, data, monk
     starts = _capture_train(monkeypatch)
     unit = L.Unit(_cfg(tmp_path, rewind_iteration=3), SETUP, data)
     L.imp_chain(unit, 0, "magnitude", 1)
-    dense = L.train_dense(unit, 0)
+    dense = L.dense_round(unit, 0)
     assert not torch.equal(dense["rewind"]["head.0.weight"], dense["init"]["head.0.weight"])
     weights, mask = starts[1]
     expected = dense["rewind"]["head.0.weight"] * mask["head.0.weight"]
@@ -81,20 +83,20 @@ def test_each_round_removes_the_requested_fraction_per_layer(tmp_path, data):
 
 def test_remaining_fraction_matches_the_closed_form():
     model = build_model("lenet300_100")
-    rates = L.layer_rates(model, 0.2, 0.1)
+    rates = imp.layer_rates(model, 0.2, 0.1)
     assert rates == {"head.0.weight": 0.2, "head.3.weight": 0.2, "classifier.weight": 0.1}
     expected = {3: 0.513, 7: 0.211, 12: 0.070, 15: 0.036, 18: 0.0185}  # Frankle & Carbin 2019, Fig. 3
     for n, v in expected.items():
-        assert L.expected_remaining(model, rates, n) == pytest.approx(v, abs=6e-4)
+        assert imp.expected_remaining(model, rates, n) == pytest.approx(v, abs=6e-4)
     # the masks the procedure produces follow it, up to rounding of each layer's count
     scores = {n: torch.rand_like(p) for n, p in model.named_parameters() if n in rates}
     mask = masks.Mask.ones_like(model)
     for n in range(1, 19):
         mask = masks.mask_from_scores(scores, rates, current=mask)
-        assert mask.density == pytest.approx(L.expected_remaining(model, rates, n), abs=2e-4)
+        assert mask.density == pytest.approx(imp.expected_remaining(model, rates, n), abs=2e-4)
     # one cpu-profile round = two rounds of the 20 %/10 % schedule
-    cpu = L.layer_rates(model, 0.36, 0.19)
-    assert L.expected_remaining(model, cpu, 9) == pytest.approx(L.expected_remaining(model, rates, 18))
+    cpu = imp.layer_rates(model, 0.36, 0.19)
+    assert imp.expected_remaining(model, cpu, 9) == pytest.approx(imp.expected_remaining(model, rates, 18))
 
 
 def test_a_stopped_run_resumes_at_the_next_round(tmp_path, data, monkeypatch):
@@ -123,7 +125,7 @@ def test_run_experiment_frames_controls_and_claims(tmp_path):
     table = L.claims_table(cfg, res)
     assert (tmp_path / "claims" / cfg.profile / f"{L.CHAPTER}.csv").exists()
     assert table.verdict.isin(["held", "did not hold", "inconclusive", "not measured", "not judged"]).all()
-    for fig in (L.plot_accuracy(res), L.plot_early_stop(res), L.plot_layer_density(res, at=(0.6, 0.4))):
+    for fig in (L.plot_ticket_accuracy(res), L.plot_early_stop(res), L.plot_layer_density(res, at=(0.6, 0.4))):
         assert fig.axes
 
 
@@ -138,8 +140,8 @@ def test_profiles_build_and_paper_fails_clearly_without_data(tmp_path):
     assert set(L.Config.from_profile("paper").criteria) == set(L.ALL_CRITERIA)  # dropped from cpu only
     model = build_model("lenet300_100")
     s = cpu.setting(cpu.setups[0])
-    rates = L.layer_rates(model, s["rate_hidden"], s["rate_output"])
-    fractions = [L.expected_remaining(model, rates, n) for n in range(cpu.rounds + 1)]
+    rates = imp.layer_rates(model, s["rate_hidden"], s["rate_output"])
+    fractions = [imp.expected_remaining(model, rates, n) for n in range(cpu.rounds + 1)]
     # the last two rounds bracket Frankle & Carbin's 3.6 %: 4.47 % and 2.87 % (16 of their rounds)
     assert fractions[-2] == pytest.approx(0.0447, abs=5e-4)
     assert fractions[-1] == pytest.approx(0.0287, abs=5e-4)
@@ -156,7 +158,7 @@ def _fake_results(cfg, acc_at):
     import pandas as pd
     model = build_model("lenet300_100")
     s = cfg.setting(cfg.setups[0])
-    rates = L.layer_rates(model, s["rate_hidden"], s["rate_output"])
+    rates = imp.layer_rates(model, s["rate_hidden"], s["rate_output"])
     rng = np.random.default_rng(0)
     rows = []
     for seed in cfg.seeds:
@@ -164,7 +166,7 @@ def _fake_results(cfg, acc_at):
         for rd in range(cfg.rounds + 1):
             acc = dense + (acc_at.get(rd, 0.0) + 0.05 * rng.standard_normal() if rd else 0.0) / 100
             rows.append(dict(setup=cfg.setups[0], criterion="magnitude", control="ticket", seed=seed,
-                             round=rd, remaining=L.expected_remaining(model, rates, rd),
+                             round=rd, remaining=imp.expected_remaining(model, rates, rd),
                              early_stop_iteration=400, val_loss=0.2, test_accuracy_early_stop=acc,
                              test_accuracy_end=acc, end_iteration=700))
     return L.Results(pd.DataFrame(rows), pd.DataFrame(), pd.DataFrame(), pd.DataFrame())
@@ -179,3 +181,43 @@ def test_claims_test_the_rounds_on_both_sides_of_3_6_percent(tmp_path):
     above = rows.loc[[c for c in rows.index if "tested at 4.47 %" in c and "just above" in c]]
     below = rows.loc[[c for c in rows.index if "tested at 2.87 %" in c and "just below" in c]]
     assert above.verdict.tolist() == ["held"] and below.verdict.tolist() == ["did not hold"]
+
+
+# the smoke profile's units as the notebook names them (computed by the chapter's code before issue 13's
+# split of lottery.py): the dense network, the last round of each chain, the one-shot SNIP run
+SMOKE_KEYS = ["acb2716f1d22b092", "f51f471e23033658", "37d0a14860e85749", "4ec417e481ba45bb",
+              "5e4cb2ff79f273a9", "389c115754fb0e3f", "27673431aa6c5b47", "71c92511e24daa6c",
+              "5128417a5bc029ce", "7608a6b80478f65f", "1e73fa29125b6c4f", "92d512cb17622629"]
+
+
+def test_work_units_list_the_stores_the_chapter_reads(tmp_path):
+    cfg = L.Config.from_profile("smoke", results_dir=str(tmp_path))
+    listed = L.work_units(cfg)
+    assert [u.key for u in listed] == SMOKE_KEYS == [u.key for u in L.work_units(cfg)]  # stable
+    assert [u.kind for u in listed] == ["lottery/dense"] + ["lottery/round"] * 10 + ["lottery/snip"]
+    # one unit per task run_experiment sends to map_units, keyed by the last Store it writes of its kind
+    dense, rest = L._tasks(cfg)
+    assert len(listed) == len(dense) + len(rest)
+    read = {s.key for t in dense + rest for s in L._task_stores(t)}
+    assert {u.key for u in listed} <= read
+    assert not any(u.done for u in listed) and all(u.datasets == ("mnist5k",) for u in listed)
+
+
+def test_a_unit_run_alone_writes_the_rounds_the_notebook_reads(tmp_path, data, monkeypatch):
+    cfg = _cfg(tmp_path)
+    monkeypatch.setattr(L.data_mod, "load_dataset", lambda name, root=None: data)
+    chain = [u for u in L.work_units(cfg) if u.kind == "lottery/round" and "pruning by magnitude," in u.description]
+    assert len(chain) == 1 and not chain[0].done
+    failed = units.run_units(chain, str(tmp_path), say=lambda *a: None)
+    assert failed == []
+    unit = L.Unit(cfg, SETUP, data)
+    last = Store(str(tmp_path), "lottery/round", L.chain_spec(unit, 0, "magnitude", cfg.rounds))
+    assert last.key == chain[0].key and last.exists("final.pt")
+    assert Store(str(tmp_path), "lottery/reinit", {**L.chain_spec(unit, 0, "magnitude", cfg.rounds),
+                                                   "control": "reinit"}).exists("reinit.pt")
+    relisted = {u.key: u.done for u in L.work_units(cfg)}
+    assert relisted[chain[0].key] and sum(relisted.values()) == 2  # the chain and its seed's dense network
+    # the notebook's code path now only loads them
+    starts = _capture_train(monkeypatch)
+    records = L.imp_chain(unit, 0, "magnitude", cfg.rounds)
+    assert starts == [] and len(records) == cfg.rounds + 1

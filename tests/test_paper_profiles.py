@@ -189,7 +189,7 @@ def test_ch1_dense_baselines_paper_profile(paper_data, monkeypatch):
 # each CIFAR setup costs seconds here, so Conv-2 and Conv-4 are left out.
 @pytest.mark.parametrize("setup", ["lenet300_100/mnist", "conv6/cifar10"])
 def test_ch2_lottery_paper_profile(paper_data, monkeypatch, setup):
-    from pruning_lib import lottery
+    from pruning_lib.chapters import lottery_tickets as lottery
 
     getattr(paper_data, setup.split("/")[1])()
     assert setup in lottery.Config.from_profile("paper").setups

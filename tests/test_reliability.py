@@ -402,7 +402,8 @@ def test_the_strict_build_refuses_a_notebook_with_an_error(tmp_path, monkeypatch
 # =====================================================================================================
 
 def _chapter_configs():
-    from pruning_lib import baselines, dep_l0, lnpt, lottery, polarization
+    from pruning_lib import baselines, dep_l0, lnpt, polarization
+    from pruning_lib.chapters import lottery_tickets as lottery
     from pruning_lib.chapters import bernoulli_gates
 
     return {m.__name__.split(".")[-1]: m.Config
@@ -428,7 +429,7 @@ def test_a_nan_budget_is_a_config_error_not_a_crash():
             cls.from_namespace({"profile": "smoke", "budget": float("nan")})
 
 
-@pytest.mark.parametrize("chapter", ["baselines", "lottery", "dep_l0", "bernoulli_gates", "polarization",
+@pytest.mark.parametrize("chapter", ["baselines", "lottery_tickets", "dep_l0", "bernoulli_gates", "polarization",
                                      "lnpt"])
 def test_seeds_are_checked_the_same_in_every_chapter(chapter):
     cls = _chapter_configs()[chapter]

@@ -1,12 +1,15 @@
 """Pruning methods, one module each: the method only (no Store, no figures, no claims).
 
 * :mod:`~pruning_lib.methods.bernoulli`: Bernoulli unit/filter gates learned to 0 or 1 (Guenter & Sideris 2022);
+* :mod:`~pruning_lib.methods.criteria`: pruning criteria as scorers with one masking path, and their
+  data-dependent variants (Lévai & Zombori 2020);
 * :mod:`~pruning_lib.methods.gmp`: gradual magnitude pruning (Zhu & Gupta 2017, cubic schedule);
+* :mod:`~pruning_lib.methods.imp`: iterative magnitude pruning with rewinding (Frankle & Carbin 2019);
 * :mod:`~pruning_lib.methods.l1_filter`: L1-norm filter / unit pruning (Li et al. 2017);
 * :mod:`~pruning_lib.methods.polarization`: per-input binary gates pulled to a consensus (Zhi et al. 2023);
 * :mod:`~pruning_lib.methods.scratch`: Scratch-B, a pruned architecture trained from fresh weights with
   the same compute (Liu et al. 2019).
 
-The older methods still live beside the core (``criteria``, ``lottery``, ``hard_concrete``,
+The older methods still live beside the core (``hard_concrete``,
 ``lnpt``); issue 13 moves them here.
 """

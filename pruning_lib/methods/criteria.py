@@ -50,8 +50,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from . import masks as masks_mod
-from .masks import Mask
+from .. import masks as masks_mod
+from ..masks import Mask
 
 Scores = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -1,21 +1,12 @@
-"""Lottery tickets by iterative pruning with rewinding, with plain and data-dependent criteria.
+"""Chapter 2, lottery tickets with plain and data-dependent criteria: Config, units, run, tables, figures,
+claims (notebook ``02_lottery_tickets``).
 
-Chapter 2 of the book: Lévai & Zombori (2020), "Data-dependent pruning to find the winning lottery
-ticket" (arXiv 2006.14350), on the frame of Frankle & Carbin (2019), "The lottery ticket hypothesis".
-
-Iterative pruning (Frankle & Carbin 2019, Sec. 2, "iterative pruning"):
-
-1. initialise ``w_0`` and train; with late rewinding (Frankle et al. 2019, "Stabilizing the LTH") keep the
-   weights ``w_k`` of iteration ``k`` as the rewind point (``k = 0``: the initialisation);
-2. score the trained weights ``w_f`` with a criterion (:mod:`pruning_lib.criteria`) and remove ``p %`` of
-   the surviving weights of each layer (20 % of hidden, 10 % of output weights by default) or of all
-   layers together (``scope="global"``);
-3. rewind the survivors to ``w_k``, train again, and repeat from 2.
-
-After ``n`` rounds with per-layer rates ``p_l`` a fraction ``sum_l N_l (1 - p_l)^n / sum_l N_l`` of the
-weights is left (:func:`pruning_lib.masks.remaining_fraction_per_layer`; 51.3, 21.1, 7.0, 3.6, 1.85 % at
-n = 3, 7, 12, 15, 18 for LeNet-300-100). Controls: the ``random`` criterion (random pruning, rewound) and
-*random re-initialisation*: the ticket's mask trained from a fresh initialisation.
+Lévai & Zombori (2020), "Data-dependent pruning to find the winning lottery ticket" (arXiv 2006.14350), on
+the frame of Frankle & Carbin (2019), "The lottery ticket hypothesis". The method, iterative pruning with
+rewinding, is :mod:`pruning_lib.methods.imp`; the criteria are :mod:`pruning_lib.methods.criteria`. Here:
+the chains of rounds for each (setup, criterion, seed), the controls (the ``random`` criterion, rewound;
+*random re-initialisation*: the ticket's mask trained from a fresh initialisation), one-shot SNIP (Lee et
+al. 2019), and what the chapter reads from them.
 
 Every round of every (setup, criterion, seed) chain is one :class:`~pruning_lib.runs.Store` unit (mask,
 history, final weights), so a stopped run resumes at the next round; the dense round 0 is shared by all
@@ -31,11 +22,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import claims, criteria as crit, data as data_mod, masks as masks_mod, plotting, reference
-from .masks import Mask
-from .models import build_model
-from .runs import RunConfig, Store, digest, map_units, param, parse_executor, progress_bar
-from .train import Callback, EarlyStop, cross_entropy, fit
+from .. import claims, data as data_mod, masks as masks_mod, plotting, reference
+from ..masks import Mask
+from ..methods import criteria as crit, imp
+from ..models import build_model
+from ..runs import RunConfig, Store, digest, map_units, param, parse_executor, progress_bar
+from ..train import EarlyStop, cross_entropy, fit
 
 CHAPTER = "02_lottery_tickets"
 # one-shot SNIP on LeNet-300-100, full MNIST (Lee et al. 2019, Table 1): density (or "dense") -> key in
@@ -132,7 +124,7 @@ class Config(RunConfig):
     }
 
     def check(self) -> None:
-        from .runs import ConfigError
+        from ..runs import ConfigError
         if not self.seeds:
             raise ConfigError("parameter 'seeds': give at least one seed")
         if not self.criteria:
@@ -155,90 +147,7 @@ class Config(RunConfig):
         return out
 
 
-# --- the procedure ------------------------------------------------------------------------------------
-
-def glorot_init(model: nn.Module) -> nn.Module:
-    """Glorot-normal weights and zero biases for linear and conv layers (Frankle & Carbin 2019)."""
-    for m in model.modules():
-        if isinstance(m, masks_mod.PRUNABLE_TYPES):
-            nn.init.xavier_normal_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    return model
-
-
-def layer_rates(model: nn.Module, rate_hidden: float, rate_output: float, rate_conv: float = 0.0,
-                names: list[str] | None = None) -> dict[str, float]:
-    """Per-layer pruning rates: convs ``rate_conv``, hidden linear layers ``rate_hidden``, the last linear
-    layer (the output) ``rate_output`` (Frankle & Carbin 2019, Fig. 2)."""
-    names = masks_mod.prunable_names(model) if names is None else names
-    linear = [n for n in names if isinstance(model.get_submodule(n.rpartition(".")[0]), nn.Linear)]
-    out_name = linear[-1] if linear else None
-    rates = {}
-    for n in names:
-        module = model.get_submodule(n.rpartition(".")[0])
-        rates[n] = (rate_output if n == out_name else rate_hidden if isinstance(module, nn.Linear)
-                    else rate_conv)
-    return rates
-
-
-def expected_remaining(model: nn.Module, rates: dict[str, float], rounds: int) -> float:
-    """Closed-form fraction of weights left after ``rounds`` rounds of per-layer pruning."""
-    params = dict(model.named_parameters())
-    return masks_mod.remaining_fraction_per_layer(rates, {n: params[n].numel() for n in rates}, rounds)
-
-
-class Snapshot(Callback):
-    """Keeps a copy of the weights after iteration ``step`` (the late-rewinding point)."""
-
-    def __init__(self, step: int):
-        self.step, self.state = step, None
-
-    def after_step(self, state) -> None:
-        if state.step == self.step:
-            self.state = _state(state.model)
-
-
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of the parameters (no mask buffers: masks are kept separately)."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
-
-
-def _load(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, v in state.items():
-            params[n].copy_(v.to(params[n].device))
-    return model
-
-
-def _pack(state: dict[str, torch.Tensor], mask: Mask) -> dict[str, torch.Tensor]:
-    """Trained weights stored compactly: masked parameters keep only their surviving entries."""
-    return {n: (v[mask[n].cpu()] if n in mask else v) for n, v in state.items()}
-
-
-def _unpack(packed: dict[str, torch.Tensor], mask: Mask, template: dict[str, torch.Tensor]):
-    out = {}
-    for n, v in packed.items():
-        if n in mask:
-            full = torch.zeros_like(template[n])
-            full[mask[n].cpu()] = v
-            out[n] = full
-        else:
-            out[n] = v
-    return out
-
-
-def round_metrics(history: pd.DataFrame, offset: int = 0) -> dict[str, float]:
-    """Early stop = the evaluation with the lowest validation loss (Frankle & Carbin 2019, Sec. 2)."""
-    h = history[history.step > 0] if (history.step > 0).any() else history
-    best = h.loc[h.val_loss.idxmin()]
-    last = history.iloc[-1]
-    return {"early_stop_iteration": int(best.step) + offset, "val_loss": float(best.val_loss),
-            "test_accuracy_early_stop": float(best.get("test_accuracy", np.nan)),
-            "test_accuracy_end": float(last.get("test_accuracy", np.nan)),
-            "end_iteration": int(last.step) + offset}
-
+# --- the chains of rounds ----------------------------------------------------------------------------
 
 @dataclass
 class Unit:
@@ -255,7 +164,7 @@ class Unit:
     def build(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         model = build_model(self.s["model"], width=self.cfg.width, **self.data.model_kwargs())
-        return glorot_init(model) if self.cfg.init == "glorot" else model
+        return imp.glorot_init(model) if self.cfg.init == "glorot" else model
 
     def train(self, model: nn.Module, seed: int, iterations: int, callbacks=()) -> pd.DataFrame:
         cbs = [EarlyStop(self.cfg.patience), *callbacks]
@@ -268,20 +177,29 @@ class Unit:
                 "seed": seed, "init": c.init, "width": c.width, "batch_size": c.batch_size,
                 "eval_every": c.eval_every, "patience": c.patience, "rewind_iteration": c.rewind_iteration}
 
+    def prune_settings(self, model: nn.Module, names: list[str]) -> dict[str, Any]:
+        """The keyword arguments of :func:`pruning_lib.methods.imp.prune_round` for this setup: per-layer
+        rates (or the global rate) and where the data-dependent criteria take their gradient."""
+        c, s = self.cfg, self.s
+        rates = (c.global_rate if c.scope == "global" else
+                 imp.layer_rates(model, s["rate_hidden"], s["rate_output"], s["rate_conv"], names))
+        return dict(rates=rates, scope=c.scope, grad_point=c.grad_point, grad_batches=c.grad_batches,
+                    grad_batch_size=c.grad_batch_size)
 
-def train_dense(unit: Unit, seed: int) -> dict[str, Any]:
+
+def dense_round(unit: Unit, seed: int) -> dict[str, Any]:
     """Round 0: the dense network, its initialisation, rewind point and trained weights (cached)."""
     store = Store(unit.cfg.results_dir, "lottery/dense", unit.dense_spec(seed))
 
     def compute():
         model = unit.build(seed)
-        init = _state(model)
-        snap = Snapshot(unit.cfg.rewind_iteration)
+        init = imp.weights(model)
+        snap = imp.Snapshot(unit.cfg.rewind_iteration)
         history = unit.train(model, seed, unit.s["iterations"], [snap])
         rewind = init if unit.cfg.rewind_iteration == 0 else snap.state
         if rewind is None:
             raise RuntimeError("training stopped before the rewind iteration; lower rewind_iteration")
-        return {"init": init, "rewind": rewind, "final": _state(model), "history": history}
+        return {"init": init, "rewind": rewind, "final": imp.weights(model), "history": history}
     return store.torch("dense", compute)
 
 
@@ -298,25 +216,6 @@ def chain_spec(unit: Unit, seed: int, criterion: str, round_: int) -> dict[str, 
     return spec
 
 
-def prune_round(unit: Unit, model: nn.Module, criterion: str, rewind: dict, seed: int, round_: int,
-                current: Mask) -> Mask:
-    """Score the trained ``model`` (mask ``current`` applied) and prune one round's rates."""
-    gen = torch.Generator().manual_seed(seed * 100_003 + round_)
-    train = unit.data.train
-    dev = next(model.parameters()).device
-    batches = lambda: data_mod.batches(train, unit.cfg.grad_batch_size, shuffle=True,  # noqa: E731
-                                       generator=torch.Generator().manual_seed(seed * 7919 + round_),
-                                       device=dev)
-    names = list(current)
-    ctx = crit.ScoreContext(model, initial=rewind, loss_fn=cross_entropy, batches=batches,
-                            grad_batches=unit.cfg.grad_batches, grad_point=unit.cfg.grad_point,
-                            names=names, generator=gen)
-    if unit.cfg.scope == "global":
-        return crit.prune(criterion, ctx, unit.cfg.global_rate, scope="global", current=current)
-    rates = layer_rates(model, unit.s["rate_hidden"], unit.s["rate_output"], unit.s["rate_conv"], names)
-    return crit.prune(criterion, ctx, rates, scope="layer", current=current)
-
-
 def imp_chain(unit: Unit, seed: int, criterion: str, rounds: int, on_round=None) -> list[dict[str, Any]]:
     """Iterative pruning with rewinding for one criterion and seed; one cached Store unit per round.
 
@@ -324,32 +223,29 @@ def imp_chain(unit: Unit, seed: int, criterion: str, rounds: int, on_round=None)
     loaded, so a stopped run resumes at the next round. Trained weights are stored for the surviving
     entries only (the next round scores them).
     """
-    dense = train_dense(unit, seed)
+    dense = dense_round(unit, seed)
     offset = unit.cfg.rewind_iteration
     model = unit.build(seed)
     mask = Mask.ones_like(model)
     records = [{"round": 0, "mask": mask, "history": dense["history"],
-                **round_metrics(dense["history"])}]
+                **imp.round_metrics(dense["history"])}]
     final = dense["final"]
     for r in range(1, rounds + 1):
         store = Store(unit.cfg.results_dir, "lottery/round", chain_spec(unit, seed, criterion, r))
         if store.exists("round.pt") and store.exists("final.pt"):
             rec = store.torch("round")
-            final = _unpack(store.torch("final"), rec["mask"], dense["final"])
+            final = imp.unpack(store.torch("final"), rec["mask"], dense["final"])
         else:
-            scorer = unit.build(seed)
-            _load(scorer, final)
-            masks_mod.apply_mask(scorer, mask)
-            new_mask = prune_round(unit, scorer, criterion, dense["rewind"], seed, r, mask).cpu()
-            model = unit.build(seed)
-            _load(model, dense["rewind"])  # rewind the survivors
-            masks_mod.apply_mask(model, new_mask)
+            scorer = imp.load_masked(unit.build(seed), final, mask)
+            new_mask = imp.prune_round(scorer, criterion, dense["rewind"], mask, unit.data.train, seed=seed,
+                                       round_=r, **unit.prune_settings(scorer, list(mask))).cpu()
+            model = imp.load_masked(unit.build(seed), dense["rewind"], new_mask)  # rewind the survivors
             history = unit.train(model, seed, unit.s["iterations"] - offset)
             masks_mod.make_permanent(model)
-            rec = {"mask": new_mask, "history": history, **round_metrics(history, offset)}
-            final = _state(model)
+            rec = {"mask": new_mask, "history": history, **imp.round_metrics(history, offset)}
+            final = imp.weights(model)
             store.save_torch("round", rec)
-            store.save_torch("final", _pack(final, new_mask))  # written last: marks the round done
+            store.save_torch("final", imp.pack(final, new_mask))  # written last: marks the round done
         mask = rec["mask"]
         records.append({"round": r, **rec})
         if on_round is not None:
@@ -366,7 +262,7 @@ def reinit_round(unit: Unit, seed: int, criterion: str, round_: int, mask: Mask)
         masks_mod.apply_mask(model, mask)
         history = unit.train(model, seed, unit.s["iterations"] - unit.cfg.rewind_iteration)
         masks_mod.make_permanent(model)
-        return {"history": history, **round_metrics(history, unit.cfg.rewind_iteration)}
+        return {"history": history, **imp.round_metrics(history, unit.cfg.rewind_iteration)}
     return Store(unit.cfg.results_dir, "lottery/reinit", spec).torch("reinit", compute)
 
 
@@ -385,7 +281,7 @@ def snip_round(unit: Unit, seed: int, density: float) -> dict[str, Any]:
         masks_mod.apply_mask(model, mask)
         history = unit.train(model, seed, unit.s["iterations"])
         masks_mod.make_permanent(model)
-        return {"mask": mask.cpu(), "history": history, **round_metrics(history)}
+        return {"mask": mask.cpu(), "history": history, **imp.round_metrics(history)}
     return Store(unit.cfg.results_dir, "lottery/snip", spec).torch("snip", compute)
 
 
@@ -410,7 +306,7 @@ def _work(task, results_dir: str) -> None:
         torch.set_num_threads(cfg.threads)
     unit = Unit(cfg, setup, data_mod.load_dataset(SETUPS[setup]["dataset"], root="data"))
     if kind == "dense":
-        train_dense(unit, seed)
+        dense_round(unit, seed)
     elif kind == "chain":
         records = imp_chain(unit, seed, arg, cfg.rounds)
         if arg in cfg.reinit_criteria:
@@ -478,6 +374,45 @@ def _run_parallel(cfg: Config, progress: bool) -> None:
                       key=lambda t: digest([t[1:], t[0].digest()]), bar=bar)
     finally:
         bar.close()
+
+
+def _task_key_store(task) -> Store:
+    """The Store that names ``task``: the seed's dense round, the last round of a chain, or the SNIP run."""
+    stores = _task_stores(task)
+    return [s for s in stores if s.kind == "lottery/round"][-1] if task[3] == "chain" else stores[-1]
+
+
+def _task_description(task) -> str:
+    cfg, setup, seed, kind, arg = task
+    s = cfg.setting(setup)
+    training = f"at most {s['iterations']} iterations, batch {cfg.batch_size}, Adam {s['lr']:g}"
+    if kind == "dense":
+        return f"{setup}, seed {seed}: the dense network (round 0), {training}"
+    if kind == "chain":
+        control = ", with its random re-init control" if arg in cfg.reinit_criteria else ""
+        return (f"{setup}, seed {seed}: {cfg.rounds} rounds of iterative pruning by {arg}, rewound{control}, "
+                f"each {training} (resumes from its finished rounds)")
+    return f"{setup}, seed {seed}: one-shot SNIP to {100 * arg:.3g} % of the weights, then {training}"
+
+
+def work_units(cfg: Config) -> list:
+    """The tasks :func:`run_experiment` sends to :func:`runs.map_units`, for the command line
+    (:mod:`pruning_lib.units`): each seed's dense network, each (seed, criterion) chain of rounds (with its
+    re-init control) and each one-shot SNIP run. A unit's hash is that of the Store the notebook reads for
+    it (the chain's: its last round); ``run(results_dir)`` trains what is missing (a chain trains its
+    seed's dense round first if needed, and resumes from its finished rounds)."""
+    from ..units import Unit as WorkUnit
+
+    dense, rest = _tasks(cfg)
+    out = []
+    for task in dense + rest:
+        if task[3] == "chain" and cfg.rounds == 0:
+            continue  # no round to train: the chain is its seed's dense network
+        store = _task_key_store(task)
+        out.append(WorkUnit(store.key, store.kind, _task_description(task), _task_done(task),
+                            (SETUPS[task[1]]["dataset"],),
+                            lambda results_dir, task=task: _work(task, results_dir)))
+    return out
 
 
 def run_experiment(cfg: Config, progress: bool = True) -> Results:
@@ -797,6 +732,32 @@ def claims_table(cfg: Config, results: Results) -> pd.DataFrame:
     return claims.ledger(CHAPTER, rows, cfg.profile, cfg.results_dir, budget=cfg.budget)
 
 
+def discussion(cfg: Config, results: Results, table: pd.DataFrame) -> str:
+    """The opening of the chapter's discussion (Markdown): the run, where each gradient factor's per-round
+    95 % interval excludes 0 (:func:`gain_rounds`), and the verdicts of ``table`` (:func:`claims_table`)."""
+    lines = [f"This page was produced by the **{cfg.profile}** profile ({cfg.setups[0].replace('/', ' on ')}, "
+             f"{len(cfg.seeds)} seed(s)); the run took **{results.wall_seconds / 60:.1f} minutes** of wall "
+             f"time with {cfg.workers} worker process(es)."]
+    if cfg.profile == "smoke":
+        lines.append("The smoke profile trains for a few dozen iterations and prunes twice: its numbers only "
+                     "show that the pipeline runs and mean nothing about the method.")
+    lines.append("")
+    lines.append(f"Where each gradient factor changed the test accuracy at early stop (rounds with at most "
+                 f"{100 * cfg.sparse_below:.3g} % of weights left):")
+
+    def fmt(xs):
+        return ", ".join(f"{100 * x:.3g} %" for x in xs) or "none"
+    for base, where in gain_rounds(cfg, results).items():
+        lines.append(f"- {base.replace('_', ' ')} × |∂L/∂w|: 95 % interval above 0 at {fmt(where['better'])}; "
+                     f"below 0 at {fmt(where['worse'])}.")
+    lines.append("")
+    lines.append("Measured verdicts:")
+    for _, row in table.iterrows():
+        why = f"; {row['why']}" if row["why"] else ""
+        lines.append(f"- {row['claim']}: **{row['verdict']}** ({row['ours']}{why}).")
+    return "\n".join(lines)
+
+
 # --- figures ---------------------------------------------------------------------------------------
 
 def _fraction_ticks(ax, fractions) -> None:
@@ -824,7 +785,7 @@ def _colours(criteria):
     return {b: pal[i] for i, b in enumerate(bases)}
 
 
-def plot_accuracy(results: Results, setup: str | None = None):
+def plot_ticket_accuracy(results: Results, setup: str | None = None):
     """Test accuracy (early stop, end) against the fraction left; one line per criterion (mean, band =
     ±1 s.d. over seeds); data-dependent variants dashed in the plain criterion's colour."""
     r = results.rounds[results.rounds.control == "ticket"]

@@ -92,3 +92,13 @@ def count_parameters_without_gates(model: nn.Module) -> int:
 
     gate_ids = {id(p) for g in get_gates(model).values() for p in g.parameters()}
     return sum(p.numel() for p in model.parameters() if id(p) not in gate_ids)
+
+
+def nonzero_density(model: nn.Module) -> float:
+    """Nonzero entries over all entries of the prunable weights (conv/linear, biases excluded): the density
+    a mask applied to the weights leaves, read off the weights themselves."""
+    from .masks import prunable_names
+
+    params = dict(model.named_parameters())
+    names = prunable_names(model)
+    return sum(int((params[n] != 0).sum()) for n in names) / sum(params[n].numel() for n in names)

@@ -40,8 +40,8 @@ baseline first trains the gated and dense units it reads when they are missing).
 lists each model's flip trade-off, its gated runs once that trade-off (which chooses their flipped
 examples, so their hash) is done, and the dense references. ``02_lottery_tickets`` lists each seed's
 dense network, each (seed, criterion) chain of rounds (resumed from its finished rounds) and each one-shot
-SNIP run. Chapter 06 is not registered: its units depend on one another (the LNPT chapter
-shares teachers and dense runs inside one ``run_experiment``) and need their own split first.
+SNIP run. ``06_lnpt`` lists its mature networks (teachers) first, then each probed run and each
+accuracy cell, which read them.
 """
 from __future__ import annotations
 
@@ -63,6 +63,7 @@ REGISTRY: dict[str, str] = {
     "03_dep_l0": "pruning_lib.dep_l0:work_units",
     "04_bernoulli_gates": "pruning_lib.chapters.bernoulli_gates:work_units",
     "05_polarization": "pruning_lib.chapters.polarization:work_units",
+    "06_lnpt": "pruning_lib.chapters.lnpt:work_units",
 }
 
 

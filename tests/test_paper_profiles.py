@@ -336,7 +336,7 @@ def test_ch5_polarization_paper_profile(paper_data, monkeypatch, dataset):
 # One test per student (each trains the teacher and the probed ResNet-20 run too): every method, one sparsity.
 @pytest.mark.parametrize("student", [("resnet20", 1.0), ("vgg16_bn", 0.5)], ids=["resnet20", "vgg16_bn"])
 def test_ch6_lnpt_paper_profile(paper_data, monkeypatch, student):
-    from pruning_lib import lnpt
+    from pruning_lib.chapters import lnpt
 
     paper = lnpt.Config.from_profile("paper")
     assert paper.dataset == "cifar10" and paper.teacher == "resnet56" and student in paper.student_specs()

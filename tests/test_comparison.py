@@ -290,3 +290,27 @@ def test_pareto_unsettled_levels_are_tied_like_the_ledger():
     assert (v.loc[0, "class"], v.loc[0, "above"], v.loc[0, "tied"]) == ("better", 3, 1)
     ref["settled"] = False  # an unsettled reference decides nothing
     assert pareto.verdicts(pts, ref).loc[0, "class"] == "tied"
+
+
+def test_work_units_list_the_runs_own_stores_and_run_one_from_the_command_line(smoke_run, tmp_path):
+    """`python -m pruning_lib.book units 07 ...` lists exactly the Stores the notebook's run reads (all done
+    after it, the same hashes twice), Scratch-B included once its method ran; one unit run through the
+    listing's ``run(results_dir)`` writes the Store the notebook then loads."""
+    cfg, out = smoke_run
+    units = cmp.work_units(cfg)
+    assert [u.key for u in units] == [u.key for u in cmp.work_units(cfg)]
+    assert all(u.done for u in units), [u.description for u in units if not u.done]
+    dense_tasks, point_tasks = cmp.tasks(cfg)
+    structured = sum(1 for p in out["points"]["method"] if p in cmp.STRUCTURED)
+    assert len(units) == len(dense_tasks) + len(point_tasks) + structured
+    # a fresh results folder: the first GMP unit, run as the command line runs it
+    fresh = cfg.replace(results_dir=str(tmp_path))
+    unit = next(u for u in cmp.work_units(fresh) if u.kind == "comparison/gmp")
+    assert not unit.done
+    unit.run(str(tmp_path))
+    again = next(u for u in cmp.work_units(fresh) if u.key == unit.key)
+    assert again.done
+    row = cmp.run_point((fresh, "gmp", cfg.compressions[0], cfg.seeds[0]), str(tmp_path))["row"]
+    ours = out["points"][(out["points"]["method"] == "gmp") & (out["points"]["level"] == cfg.compressions[0])
+                         & (out["points"]["seed"] == cfg.seeds[0])].iloc[0]
+    assert row["accuracy"] == ours["accuracy"] and row["effective_flops"] == ours["effective_flops"]

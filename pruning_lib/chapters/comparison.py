@@ -40,11 +40,11 @@ from . import lottery_tickets as lottery
 from .. import data as data_mod
 from ..methods import hard_concrete as hc
 from ..methods import polarization as polar
-from .dense_baselines import train_dense
+from .dense_baselines import dense_spec, train_dense
 from ..compact import compact
 from ..methods import gmp, l1_filter, scratch
 from ..models import build_model
-from ..runs import RunConfig, Store, param, progress_bar
+from ..runs import Executor, RunConfig, Store, in_worker, map_units, param, parse_executor, progress_bar
 from ..train import default_device, evaluate, fit
 
 CHAPTER = "07_comparison"
@@ -110,10 +110,11 @@ class Config(RunConfig):
     overlap_compression: float = param(8.0, low=1.0, help="compression at which masks are compared")
     timing_batch: int = param(256, low=1, help="the large batch of the latency measurement")
     timing_repeats: int = param(30, low=1, help="best of this many interleaved rounds")
+    workers: int = param(1, low=1, high=64, help="processes running units in parallel (not hashed)")
     data_root: str = param("data")
     results_dir: str = param("results")
 
-    NOT_HASHED: ClassVar[tuple[str, ...]] = RunConfig.NOT_HASHED + ("data_root", "timing_repeats")
+    NOT_HASHED: ClassVar[tuple[str, ...]] = RunConfig.NOT_HASHED + ("data_root", "timing_repeats", "workers")
     BUDGETED: ClassVar[tuple[str, ...]] = ("epochs", "pretrain_epochs")
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
         # seconds: the generated stand-in, two levels, one seed; numbers mean nothing
@@ -230,6 +231,45 @@ def _dense_ref(cfg: Config, data) -> dict:
     return {"params": s["params"], "flops": s["flops"], "weights": _weights(net)}
 
 
+def point_spec(cfg: Config, method: str, level: float, seed: int) -> tuple[str, dict]:
+    """``(kind, spec)`` of one point's cached unit (``results/comparison/<kind>/<hash>/``): what names it.
+    The run and the command-line listing (:func:`work_units`) both build it here."""
+    base = _base_spec(cfg, seed)
+    if method in ("random", "magnitude", "l1_filter"):
+        return "prune_finetune", {**base, "method": method, "compression": level,
+                                  "pretrain_epochs": cfg.pretrain_epochs}
+    if method == "gmp":
+        return "gmp", {**base, "method": "gmp", "compression": level, "gmp_start": cfg.gmp_start,
+                       "gmp_end": cfg.gmp_end, "gmp_steps": cfg.gmp_steps}
+    if method in ("l0_hc", "dep_l0"):
+        return "hard_concrete", {**base, "method": method, "lambda": level, "gate_lr": cfg.gate_lr,
+                                 "init_log_alpha": cfg.init_log_alpha}
+    if method == "polarization":
+        return "polarization", {**base, "method": "polarization", "compression": level,
+                                "gate_lr": cfg.polarization_gate_lr, "polarizer_weight": cfg.polarizer_weight,
+                                "density_weight": cfg.density_weight}
+    if method == "lnpt":
+        return "lnpt", {**base, "method": "lnpt", "compression": level, "pretrain_epochs": cfg.pretrain_epochs,
+                        "score_batches": cfg.lnpt_score_batches, "temperature": cfg.lnpt_temperature,
+                        "gap_weight": cfg.lnpt_gap_weight, "kd_weight": cfg.lnpt_kd_weight}
+    if method == "bernoulli":
+        return "bernoulli", {**base, "method": "bernoulli", "unit_cost": level, "theta_init": cfg.theta_init,
+                             "theta_lr": cfg.theta_lr, "theta_tau": cfg.theta_tau,
+                             "flip_examples": cfg.flip_examples, "check_every": cfg.check_every}
+    # IMP and SNIP train and cache in chapter 2's own units; these small units hold their rows
+    if method == "imp":  # the whole chain of one seed, every round a point
+        return "imp", {**base, "method": "imp", "imp_rate": cfg.imp_rate, "rounds": imp_rounds(cfg),
+                       "rewind_iteration": cfg.rewind_iteration}
+    if method == "snip":
+        return "snip", {**base, "method": "snip", "compression": level, "rewind_iteration": cfg.rewind_iteration}
+    raise ValueError(f"unknown method {method!r}")
+
+
+def point_store(cfg: Config, method: str, level: float, seed: int) -> Store:
+    kind, spec = point_spec(cfg, method, level, seed)
+    return Store(cfg.results_dir, f"comparison/{kind}", spec)
+
+
 def _unit(cfg: Config, kind: str, spec: dict, compute) -> dict:
     """A cached unit: ``compute()`` returns ``{"row": ..., "history": ..., "mask"/"keep": ...}``."""
     def timed():
@@ -247,7 +287,7 @@ def prune_finetune_unit(cfg: Config, data, method: str, c: float, seed: int, den
     """random / magnitude (unstructured, global, ``1 - 1/c`` of the weights) or L1-filter (structured, FLOPs
     / c) applied to chapter 1's dense network after ``pretrain_epochs``, then fine-tuned for the rest of the
     budget."""
-    spec = {**_base_spec(cfg, seed), "method": method, "compression": c, "pretrain_epochs": cfg.pretrain_epochs}
+    kind, spec = point_spec(cfg, method, c, seed)
 
     def compute():
         net, pre_hist = dense(cfg, data, seed, cfg.pretrain_epochs)
@@ -275,13 +315,12 @@ def prune_finetune_unit(cfg: Config, data, method: str, c: float, seed: int, den
                    requested_sparsity=requested_sparsity, achieved_sparsity=achieved, epochs=cfg.epochs,
                    seconds=seconds, dense_ref=dense_ref)
         return {"row": row, "history": hist, "mask": mask, "keep": keep}
-    return _unit(cfg, "prune_finetune", spec, compute)
+    return _unit(cfg, kind, spec, compute)
 
 
 def gmp_unit(cfg: Config, data, c: float, seed: int, dense_ref: dict) -> dict:
     """Gradual magnitude pruning from a fresh network to ``1 - 1/c`` of the weights in the whole budget."""
-    spec = {**_base_spec(cfg, seed), "method": "gmp", "compression": c, "gmp_start": cfg.gmp_start,
-            "gmp_end": cfg.gmp_end, "gmp_steps": cfg.gmp_steps}
+    kind, spec = point_spec(cfg, "gmp", c, seed)
 
     def compute():
         net = _build(cfg, data, seed)
@@ -297,7 +336,7 @@ def gmp_unit(cfg: Config, data, c: float, seed: int, dense_ref: dict) -> dict:
                    requested_sparsity=1 - 1 / c, achieved_sparsity=mask.sparsity, epochs=cfg.epochs,
                    seconds=float(hist["seconds"].iloc[-1]), dense_ref=dense_ref)
         return {"row": row, "history": hist, "mask": mask, "keep": None}
-    return _unit(cfg, "gmp", spec, compute)
+    return _unit(cfg, kind, spec, compute)
 
 
 def lottery_config(cfg: Config, data) -> lottery.Config:
@@ -334,37 +373,45 @@ def _mask_row(cfg, data, method, level, seed, mask, hist, requested, epochs, den
 
 def imp_points(cfg: Config, data, seed: int, dense_ref: dict) -> list[dict]:
     """IMP with rewinding, chapter 2's :func:`~pruning_lib.chapters.lottery_tickets.imp_chain` (cached
-    there): one point per round, at ``(1 - imp_rate)^r`` of the weights; round r has trained ``r + 1`` times the budget."""
-    lcfg = lottery_config(cfg, data)
-    unit = lottery.Unit(lcfg, cfg.setup, data)
-    records = lottery.imp_chain(unit, seed, "magnitude", lcfg.rounds)
-    out, seconds = [], 0.0
-    for rec in records:
-        seconds += float(rec["history"]["seconds"].iloc[-1])
-        if rec["round"] == 0:
-            continue
-        c = 1 / (1 - cfg.imp_rate) ** rec["round"]
-        row = _mask_row(cfg, data, "imp", c, seed, rec["mask"], rec["history"], c,
-                        cfg.epochs * (rec["round"] + 1), dense_ref, seconds)
-        out.append({"row": row, "history": rec["history"], "mask": rec["mask"], "keep": None})
-    return out
+    there): one point per round, at ``(1 - imp_rate)^r`` of the weights; round r has trained ``r + 1`` times
+    the budget. The points are kept in a small unit of this chapter (the chain's rounds stay chapter 2's)."""
+    kind, spec = point_spec(cfg, "imp", 0.0, seed)
+
+    def compute():
+        lcfg = lottery_config(cfg, data)
+        unit = lottery.Unit(lcfg, cfg.setup, data)
+        records = lottery.imp_chain(unit, seed, "magnitude", lcfg.rounds)
+        out, seconds = [], 0.0
+        for rec in records:
+            seconds += float(rec["history"]["seconds"].iloc[-1])
+            if rec["round"] == 0:
+                continue
+            c = 1 / (1 - cfg.imp_rate) ** rec["round"]
+            row = _mask_row(cfg, data, "imp", c, seed, rec["mask"], rec["history"], c,
+                            cfg.epochs * (rec["round"] + 1), dense_ref, seconds)
+            out.append({"row": row, "history": rec["history"], "mask": rec["mask"], "keep": None})
+        return {"points": out}
+    return Store(cfg.results_dir, f"comparison/{kind}", spec).torch("unit", compute)["points"]
 
 
 def snip_point(cfg: Config, data, c: float, seed: int, dense_ref: dict) -> dict:
     """One-shot SNIP at initialisation to ``1/c`` of the weights, then the budget's training, through chapter
     2's :func:`~pruning_lib.chapters.lottery_tickets.snip_round` (cached there)."""
-    lcfg = lottery_config(cfg, data)
-    rec = lottery.snip_round(lottery.Unit(lcfg, cfg.setup, data), seed, 1 / c)
-    row = _mask_row(cfg, data, "snip", c, seed, rec["mask"], rec["history"], c, cfg.epochs, dense_ref,
-                    float(rec["history"]["seconds"].iloc[-1]))
-    return {"row": row, "history": rec["history"], "mask": rec["mask"], "keep": None}
+    kind, spec = point_spec(cfg, "snip", c, seed)
+
+    def compute():
+        lcfg = lottery_config(cfg, data)
+        rec = lottery.snip_round(lottery.Unit(lcfg, cfg.setup, data), seed, 1 / c)
+        row = _mask_row(cfg, data, "snip", c, seed, rec["mask"], rec["history"], c, cfg.epochs, dense_ref,
+                        float(rec["history"]["seconds"].iloc[-1]))
+        return {"row": row, "history": rec["history"], "mask": rec["mask"], "keep": None}
+    return Store(cfg.results_dir, f"comparison/{kind}", spec).torch("unit", compute)
 
 
 def hard_concrete_unit(cfg: Config, data, method: str, lam: float, seed: int, dense_ref: dict) -> dict:
     """L0-HC or Dep-L0 (forward chain) trained from scratch for the budget with the penalty
     ``lam * E[FLOPs] / FLOPs`` (:class:`~pruning_lib.methods.hard_concrete.CostModel`), then compacted."""
-    spec = {**_base_spec(cfg, seed), "method": method, "lambda": lam, "gate_lr": cfg.gate_lr,
-            "init_log_alpha": cfg.init_log_alpha}
+    kind, spec = point_spec(cfg, method, lam, seed)
 
     def compute():
         net = _build(cfg, data, seed)
@@ -394,15 +441,14 @@ def hard_concrete_unit(cfg: Config, data, method: str, lam: float, seed: int, de
                    requested_sparsity=float("nan"), achieved_sparsity=achieved, epochs=cfg.epochs,
                    seconds=float(hist["seconds"].iloc[-1]), dense_ref=dense_ref)
         return {"row": row, "history": hist, "mask": None, "keep": {k: v.cpu() for k, v in keep.items()}}
-    return _unit(cfg, "hard_concrete", spec, compute)
+    return _unit(cfg, kind, spec, compute)
 
 
 def polarization_unit(cfg: Config, data, c: float, seed: int, dense_ref: dict) -> dict:
     """Polarization (chapter 5's :func:`~pruning_lib.methods.polarization.train_polarized`) from scratch for the budget
     with target channel sparsity ``1 - 1/c`` in every layer; the consensus gates on the validation split
     decide what compaction removes."""
-    spec = {**_base_spec(cfg, seed), "method": "polarization", "compression": c, "gate_lr": cfg.polarization_gate_lr,
-            "polarizer_weight": cfg.polarizer_weight, "density_weight": cfg.density_weight}
+    kind, spec = point_spec(cfg, "polarization", c, seed)
 
     def compute():
         net = _build(cfg, data, seed)
@@ -418,7 +464,7 @@ def polarization_unit(cfg: Config, data, c: float, seed: int, dense_ref: dict) -
                    requested_unit="channels per layer", requested_sparsity=1 - 1 / c, achieved_sparsity=achieved,
                    epochs=cfg.epochs, seconds=float(hist["seconds"].iloc[-1]), dense_ref=dense_ref)
         return {"row": row, "history": hist, "mask": None, "keep": {k: v.cpu() for k, v in keep.items()}}
-    return _unit(cfg, "polarization", spec, compute)
+    return _unit(cfg, kind, spec, compute)
 
 
 def lnpt_unit(cfg: Config, data, c: float, seed: int, dense_ref: dict) -> dict:
@@ -429,9 +475,7 @@ def lnpt_unit(cfg: Config, data, c: float, seed: int, dense_ref: dict) -> dict:
     ``lnpt_score_batches`` unlabelled batches, global ranking) and trained without labels for the rest of the
     budget (:func:`pruning_lib.methods.lnpt.train_label_free`). Pre-training and the student's training make
     the budget, as for random and magnitude pruning. The student never reads a label: they are withheld."""
-    spec = {**_base_spec(cfg, seed), "method": "lnpt", "compression": c, "pretrain_epochs": cfg.pretrain_epochs,
-            "score_batches": cfg.lnpt_score_batches, "temperature": cfg.lnpt_temperature,
-            "gap_weight": cfg.lnpt_gap_weight, "kd_weight": cfg.lnpt_kd_weight}
+    kind, spec = point_spec(cfg, "lnpt", c, seed)
 
     def compute():
         from ..methods import lnpt as lnpt_method
@@ -465,7 +509,7 @@ def lnpt_unit(cfg: Config, data, c: float, seed: int, dense_ref: dict) -> dict:
                    requested_sparsity=1 - 1 / c, achieved_sparsity=mask.sparsity, epochs=cfg.epochs,
                    seconds=seconds, dense_ref=dense_ref)
         return {"row": row, "history": hist, "mask": mask, "keep": None}
-    return _unit(cfg, "lnpt", spec, compute)
+    return _unit(cfg, kind, spec, compute)
 
 
 def bernoulli_unit(cfg: Config, data, kappa: float, seed: int, dense_ref: dict) -> dict:
@@ -474,9 +518,7 @@ def bernoulli_unit(cfg: Config, data, kappa: float, seed: int, dense_ref: dict) 
     during training; the network left is compacted with its eval-mode gates (``theta``) folded in. Placed
     by the FLOPs it achieved. ``theta_lr`` is ours: chapter 4's 30 (for 4,000 training images) drove every
     unit of LeNet-300-100 to 0 within one epoch of Fashion-MNIST's 55,000 in a probe."""
-    spec = {**_base_spec(cfg, seed), "method": "bernoulli", "unit_cost": kappa, "theta_init": cfg.theta_init,
-            "theta_lr": cfg.theta_lr, "theta_tau": cfg.theta_tau, "flip_examples": cfg.flip_examples,
-            "check_every": cfg.check_every}
+    kind, spec = point_spec(cfg, "bernoulli", kappa, seed)
 
     def compute():
         from .. import families
@@ -505,7 +547,7 @@ def bernoulli_unit(cfg: Config, data, kappa: float, seed: int, dense_ref: dict) 
                    epochs=cfg.epochs, seconds=float(hist["seconds"].iloc[-1]), dense_ref=dense_ref)
         row["undecided"] = bern.undecided_fraction(bern.gate_thetas(net))
         return {"row": row, "history": hist, "mask": None, "keep": _full_keep(cfg, data, bp, keep)}
-    return _unit(cfg, "bernoulli", spec, compute)
+    return _unit(cfg, kind, spec, compute)
 
 
 def _full_keep(cfg: Config, data, bp, keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -525,13 +567,19 @@ def architecture(cfg: Config, data, seed: int, keep: dict[str, torch.Tensor]) ->
     return polar.compact_static(_build(cfg, data, seed), keep)
 
 
+def scratch_spec(cfg: Config, point: dict) -> dict:
+    """What names a Scratch-B unit: the structured point's architecture (its kept units) and the budget."""
+    row = point["row"]
+    return {**_base_spec(cfg, int(row["seed"])), "scratch_of": row["method"], "level": row["level"],
+            "scratch_cap": cfg.scratch_cap, "architecture": {k: v.int().tolist() for k, v in point["keep"].items()}}
+
+
 def scratch_unit(cfg: Config, data, point: dict, dense_ref: dict) -> dict:
     """Scratch-B of one structured point: its compacted architecture, fresh weights, the method's steps times
     its FLOPs reduction (at most ``scratch_cap`` times)."""
     row = point["row"]
     method, seed = row["method"], int(row["seed"])
-    spec = {**_base_spec(cfg, seed), "scratch_of": method, "level": row["level"], "scratch_cap": cfg.scratch_cap,
-            "architecture": {k: v.int().tolist() for k, v in point["keep"].items()}}
+    spec = scratch_spec(cfg, point)
 
     def compute():
         small = scratch.fresh_copy(architecture(cfg, data, seed, point["keep"]), seed + 1_000_003)
@@ -607,51 +655,126 @@ def method_table(cfg: Config) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+_DATA: dict[tuple[str, str], Any] = {}
+
+
+def _dataset(cfg: Config):
+    """The chapter's dataset, loaded once per process (a worker keeps it for its next units)."""
+    key = (cfg.dataset, cfg.data_root)
+    if key not in _DATA:
+        _DATA.clear()
+        _DATA[key] = data_mod.load_dataset(cfg.dataset, root=cfg.data_root)
+    return _DATA[key]
+
+
+def run_point(task, results_dir: str):
+    """One unit for :func:`runs.map_units`: ``task`` is ``(cfg, what, level, seed)``; ``what`` a method, "dense"
+    (the budget's dense network; ``level`` its epochs) or "scratch_b" (``level``: the structured point). On a
+    worker it writes to the worker's results folder (one torch thread per process); serially to ``results_dir``."""
+    cfg, what, level, seed = task
+    if in_worker():
+        torch.set_num_threads(1)
+    cfg = cfg.replace(results_dir=str(results_dir))
+    data = _dataset(cfg)
+    ref = _dense_ref(cfg, data)
+    if what == "dense":
+        net, hist = dense(cfg, data, seed, level)
+        net = net.cpu().eval()
+        return {"method": "dense", "seed": seed, "accuracy": evaluate(net, data.test)["accuracy"],
+                "effective_flops": ref["flops"], "effective_params": ref["params"],
+                "seconds": float(hist["seconds"].iloc[-1]), "settled": _settled(cfg, hist)}
+    if what == "scratch_b":
+        return scratch_unit(cfg, data, level, ref)
+    if what == "imp":
+        return imp_points(cfg, data, seed, ref)
+    if what in ("random", "magnitude", "l1_filter"):
+        return prune_finetune_unit(cfg, data, what, level, seed, ref)
+    if what == "gmp":
+        return gmp_unit(cfg, data, level, seed, ref)
+    if what == "snip":
+        return snip_point(cfg, data, level, seed, ref)
+    if what == "lnpt":
+        return lnpt_unit(cfg, data, level, seed, ref)
+    if what == "bernoulli":
+        return bernoulli_unit(cfg, data, level, seed, ref)
+    if what in ("l0_hc", "dep_l0"):
+        return hard_concrete_unit(cfg, data, what, level, seed, ref)
+    if what == "polarization":
+        return polarization_unit(cfg, data, level, seed, ref)
+    raise ValueError(f"unknown unit {what!r}")
+
+
+def task_store(cfg: Config, task) -> Store:
+    """The Store a task's result lives in (dense: chapter 1's unit; IMP and SNIP: this chapter's rows unit)."""
+    _, what, level, seed = task
+    if what == "dense":
+        return Store(cfg.results_dir, "dense", dense_spec(cfg.model, cfg.dataset, seed, epochs=level,
+                                                          batch_size=cfg.batch_size, lr=cfg.lr,
+                                                          evals_per_epoch=cfg.evals_per_epoch))
+    if what == "scratch_b":
+        return Store(cfg.results_dir, "comparison/scratch_b", scratch_spec(cfg, level))
+    return point_store(cfg, what, level, seed)
+
+
+def _task_done(cfg: Config, task) -> bool:
+    st = task_store(cfg, task)
+    return st.exists("model.pt") if task[1] == "dense" else st.exists("unit.pt")
+
+
+def _task_inputs(cfg: Config, task) -> list[Store]:
+    """The finished units a task reads: the pre-trained dense network of the prune-then-train methods."""
+    _, what, _, seed = task
+    if what in ("random", "magnitude", "l1_filter", "lnpt") and cfg.pretrain_epochs > 0:
+        return [task_store(cfg, (cfg, "dense", cfg.pretrain_epochs, seed))]
+    return []
+
+
+def tasks(cfg: Config) -> tuple[list, list]:
+    """The first two phases' tasks: the dense networks (the budget's, and the pre-trained ones the
+    prune-then-train methods start from), then every point (IMP: one task per seed, its whole chain).
+    Scratch-B tasks follow once their structured points exist (:func:`scratch_tasks`)."""
+    pre = any(m in ("random", "magnitude", "l1_filter", "lnpt") for m in cfg.methods) and cfg.pretrain_epochs > 0
+    dense_tasks = [(cfg, "dense", cfg.epochs, s) for s in cfg.seeds]
+    dense_tasks += [(cfg, "dense", cfg.pretrain_epochs, s) for s in cfg.seeds] if pre else []
+    imp = [(cfg, "imp", 0.0, s) for s in cfg.seeds] if "imp" in cfg.methods and not why_not_run(cfg, "imp") else []
+    return dense_tasks, imp + [(cfg, m, lv, s) for m, lv, s in plan(cfg) if m != "imp"]
+
+
+def scratch_tasks(cfg: Config, points: list[dict]) -> list:
+    return [(cfg, "scratch_b", p, int(p["row"]["seed"])) for p in points if p["row"]["method"] in STRUCTURED]
+
+
+def _map(cfg: Config, todo: list, bar) -> list:
+    """``todo`` through :func:`runs.map_units`: ``$PRUNING_EXECUTOR`` (Dask workers, ...), else ``workers``
+    processes (a phase of one unit runs here); finished units only load, here."""
+    executor = parse_executor(None, cfg.workers)
+    if executor.kind == "process" and len(todo) < 2:
+        executor = Executor("serial")
+    return map_units(run_point, todo, results_dir=cfg.results_dir, executor=executor, bar=bar,
+                     done=lambda t: _task_done(cfg, t), inputs=lambda t: _task_inputs(cfg, t),
+                     key=lambda t: f"{t[1]}-{task_store(cfg, t).key}")
+
+
 def run_experiment(cfg: Config, progress: bool = True) -> dict[str, Any]:
     """Train (or load) every unit; returns ``points`` (one row per method, level and seed, Scratch-B
-    included), ``dense`` (the dense reference of the budget), ``masks`` (first seed's mask or kept channels per
-    point) and ``histories``."""
-    data = data_mod.load_dataset(cfg.dataset, root=cfg.data_root)
+    included), ``dense`` (the dense reference of the budget), ``units`` (first seed's point per method and
+    level: its mask or kept channels) and ``histories``.
+
+    The units run through :func:`runs.map_units` in three phases (dense networks, points, Scratch-B): serially
+    by default, in ``workers`` processes, or on the Dask cluster ``$PRUNING_EXECUTOR`` names
+    (``make book DASK=...``); the numbers do not depend on where a unit ran (up to the last bits of float
+    sums with another thread count)."""
+    data = _dataset(cfg)
     ref = _dense_ref(cfg, data)
-    todo = plan(cfg)
-    bar = progress_bar(total=len(todo) + len(cfg.seeds), desc="comparison units", progress=progress)
-    dense_rows = []
-    for seed in cfg.seeds:
-        net, hist = dense(cfg, data, seed, cfg.epochs)
-        net = net.cpu().eval()
-        dense_rows.append({"method": "dense", "seed": seed, "accuracy": evaluate(net, data.test)["accuracy"],
-                           "effective_flops": ref["flops"], "effective_params": ref["params"],
-                           "seconds": float(hist["seconds"].iloc[-1]), "settled": _settled(cfg, hist)})
-        bar.update(1)
+    dense_tasks, point_tasks = tasks(cfg)
+    bar = progress_bar(total=len(dense_tasks) + len(point_tasks), desc="comparison units", progress=progress)
+    dense_rows = _map(cfg, dense_tasks, bar)[:len(cfg.seeds)]
     points = []
-    for seed in cfg.seeds:
-        if "imp" in cfg.methods and not why_not_run(cfg, "imp"):
-            points += imp_points(cfg, data, seed, ref)
-            bar.update(imp_rounds(cfg))
-    for m, lv, seed in todo:
-        if m == "imp":
-            continue
-        if m in ("random", "magnitude", "l1_filter"):
-            p = prune_finetune_unit(cfg, data, m, lv, seed, ref)
-        elif m == "gmp":
-            p = gmp_unit(cfg, data, lv, seed, ref)
-        elif m == "snip":
-            p = snip_point(cfg, data, lv, seed, ref)
-        elif m == "lnpt":
-            p = lnpt_unit(cfg, data, lv, seed, ref)
-        elif m == "bernoulli":
-            p = bernoulli_unit(cfg, data, lv, seed, ref)
-        elif m in PENALTY_METHODS:
-            p = hard_concrete_unit(cfg, data, m, lv, seed, ref)
-        else:
-            p = polarization_unit(cfg, data, lv, seed, ref)
-        points.append(p)
-        bar.update(1)
-    structured = [p for p in points if p["row"]["method"] in STRUCTURED]
-    bar.total += len(structured)
-    for p in structured:
-        points.append(scratch_unit(cfg, data, p, ref))
-        bar.update(1)
+    for t, r in zip(point_tasks, _map(cfg, point_tasks, bar)):
+        points += r if t[1] == "imp" else [r]
+    todo = scratch_tasks(cfg, points)
+    bar.total += len(todo)
+    points += _map(cfg, todo, bar)
     bar.close()
     frame = pd.DataFrame([p["row"] for p in points])
     first = cfg.seeds[0]
@@ -659,6 +782,36 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict[str, Any]:
     return {"points": frame, "dense": pd.DataFrame(dense_rows), "units": masks, "reference": ref,
             "histories": {(p["row"]["method"], p["row"]["level"], p["row"]["seed"]): p["history"] for p in points},
             "data": data}
+
+
+def work_units(cfg: Config) -> list:
+    """Every unit of :func:`run_experiment` for the command line (:mod:`pruning_lib.units`), with the hash of
+    the Store the notebook reads: the dense networks, every point (IMP: a seed's chain), and the Scratch-B of
+    every structured point already trained (a Scratch-B unit is named by the architecture its method found,
+    so it is listed once that unit is done)."""
+    from ..units import Unit
+
+    dense_tasks, point_tasks = tasks(cfg)
+    listed = dense_tasks + point_tasks
+    for t in point_tasks:
+        if t[1] in STRUCTURED and _task_done(cfg, t):
+            listed += scratch_tasks(cfg, [task_store(cfg, t).torch("unit")])
+    out = []
+    for t in listed:
+        _, what, level, seed = t
+        store = task_store(cfg, t)
+        if what == "dense":
+            desc = f"dense {cfg.model} on {cfg.dataset}, {level:g} epochs, seed {seed}"
+        elif what == "scratch_b":
+            desc = f"Scratch-B of {label(level['row']['method'])} at level {level['row']['level']:g}, seed {seed}"
+        elif what == "imp":
+            desc = f"IMP chain of {imp_rounds(cfg)} rounds, seed {seed}"
+        else:
+            desc = f"{label(what)} at {'κ' if what == 'bernoulli' else 'λ' if what in PENALTY_METHODS else '×'}" \
+                   f"{level:g}, seed {seed}"
+        out.append(Unit(store.key, store.kind, f"{desc} ({cfg.epochs:g}-epoch budget)", _task_done(cfg, t),
+                        (cfg.dataset,), lambda results_dir, t=t: run_point(t, results_dir)))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ class _HardConcrete(GateFamily):
     """Shared by L0-HC and Dep-L0 (the gates differ in where ``log_alpha`` comes from)."""
 
     def _hc(self):
-        from . import hard_concrete
+        from .methods import hard_concrete
 
         return hard_concrete
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from pruning_lib import claims
-from pruning_lib import dep_l0
+from pruning_lib.chapters import dep_l0
 from pruning_lib.data import DatasetNotFoundError
 from pruning_lib.runs import ConfigError
 
@@ -85,7 +85,7 @@ def test_claims_and_plots_from_a_run(tiny_run):
     levels = dep_l0.matched_flops_level(out["results"][out["results"].method != "dense"], "dep_l0_backward")
     for fig in (dep_l0.plot_tradeoff(out["results"], levels), dep_l0.plot_same_lambda(out["results"]),
                 dep_l0.plot_architecture(out["architecture"]), dep_l0.plot_training(out["trace"]),
-                dep_l0.plot_gate_histograms(out["gates"])):
+                dep_l0.plot_hc_gate_histograms(out["gates"])):
         assert fig.axes
     matplotlib.pyplot.close("all")
 
@@ -152,3 +152,60 @@ def test_architecture_disagreement_is_zero_for_identical_seeds():
     assert dep_l0.architecture_disagreement(a)["disagreement"].iloc[0] == 0
     a.loc[3, "kept"] = 8
     assert dep_l0.architecture_disagreement(a)["disagreement"].iloc[0] > 0
+
+
+# the smoke profile's unit hashes (`python -m pruning_lib.book units 03 --profile smoke --list`), as they
+# were before the chapter moved to pruning_lib.chapters: the results cache must keep finding them
+SMOKE_KEYS = ["9867019aec2c9be2", "d78dc46a9379d566", "2ec6816a8608cf1e", "42497051a85c77be", "44d81c58484f93cd",
+              "1470479b6e8f9297"]
+
+
+def test_the_command_line_lists_the_notebooks_units_under_stable_hashes(tmp_path):
+    cfg = dep_l0.Config.from_profile("smoke", results_dir=str(tmp_path))
+    listed = dep_l0.work_units(cfg)
+    assert [u.key for u in listed] == [dep_l0.unit_store(cfg, u).key for u in dep_l0.units(cfg)] == SMOKE_KEYS
+    assert not any(u.done for u in listed) and {u.kind for u in listed} == {dep_l0.CHAPTER}
+
+
+def test_a_unit_run_from_the_command_line_is_the_notebooks_cached_unit(tmp_path, monkeypatch):
+    cfg = dep_l0.Config.from_profile("smoke", experiments=("lenet5_caffe/synthetic-mnist",), methods=("l0_hc",),
+                                     lambda_scales=(1.0,), epochs=0.05, finetune_epochs=0.0,
+                                     results_dir=str(tmp_path))
+    [unit] = dep_l0.work_units(cfg)
+    unit.run(str(tmp_path))
+    assert dep_l0.work_units(cfg)[0].done
+    monkeypatch.setattr(dep_l0, "fit", lambda *a, **k: pytest.fail("trained instead of reading the cache"))
+    out = dep_l0.run_experiment(cfg, progress=False)
+    assert out["results"]["method"].tolist() == ["l0_hc"] and len(out["gates"])
+
+
+@pytest.mark.parametrize("method", dep_l0.METHODS)
+def test_the_gate_family_attaches_what_the_direct_call_does(method):
+    """Each method's gates come from the gate-family registry (:data:`dep_l0.GATE_FAMILIES`): the same gates,
+    parameters and random draws as calling the hard-concrete attach functions directly."""
+    import torch
+
+    from pruning_lib import families
+    from pruning_lib.methods import hard_concrete as hc
+    from pruning_lib.models import build_model
+
+    torch.manual_seed(0)
+    direct = build_model("lenet5_caffe")
+    if method == "l0_hc":
+        hc.attach_l0_gates(direct, 3.0)
+    else:
+        hc.attach_dep_l0_gates(direct, method.split("_")[-1], 3.0)
+    next_draw = torch.rand(3)
+    torch.manual_seed(0)
+    looked_up = build_model("lenet5_caffe")
+    name, options = dep_l0.GATE_FAMILIES[method](3.0)
+    family = families.get(name)
+    family.attach(looked_up, **options)
+    assert torch.equal(torch.rand(3), next_draw)  # the same random draws, so training starts the same
+    a, b = direct.state_dict(), looked_up.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    gates = hc.gate_parameters(direct)
+    assert [p.shape for p in gates] == [p.shape for p in family.gate_parameters(looked_up)]
+    ids = {id(p) for p in gates}
+    assert ([p.shape for p in direct.parameters() if id(p) not in ids]
+            == [p.shape for p in family.weight_parameters(looked_up)])

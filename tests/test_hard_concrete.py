@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pruning_lib import hard_concrete as hc
+from pruning_lib.methods import hard_concrete as hc
 from pruning_lib.gates import get_gates
 from pruning_lib.metrics import count_parameters
 from pruning_lib.models import build_model

@@ -159,7 +159,7 @@ def _datasets_recorded(results: str) -> set[str]:
 # --- chapter 1: dense baselines (LeNet-300-100 and LeNet-5-Caffe on full MNIST) --------------------------
 
 def test_ch1_dense_baselines_paper_profile(paper_data, monkeypatch):
-    from pruning_lib import baselines
+    from pruning_lib.chapters import dense_baselines as baselines
 
     paper_data.mnist()
     cfg = baselines.Config.from_profile("paper", seeds=(0,), epochs=1, results_dir=paper_data.results)
@@ -232,7 +232,7 @@ def test_ch2_lottery_paper_profile(paper_data, monkeypatch, setup):
 
 @pytest.mark.parametrize("experiment", ["vgg16_bn/cifar10", "resnet56/cifar100"])
 def test_ch3_dep_l0_paper_profile(paper_data, monkeypatch, experiment):
-    from pruning_lib import dep_l0
+    from pruning_lib.chapters import dep_l0
 
     model, dataset = experiment.split("/")
     getattr(paper_data, dataset)()

@@ -1,9 +1,10 @@
 """Published numbers: one file, every key the chapters quote present, clear errors."""
 import pytest
 
-from pruning_lib import baselines, reference
-from pruning_lib.chapters import lottery_tickets as lottery
+from pruning_lib import reference
 from pruning_lib.chapters import bernoulli_gates
+from pruning_lib.chapters import lottery_tickets as lottery
+from pruning_lib.chapters import dense_baselines as baselines
 
 
 def test_every_key_the_chapters_quote_is_in_the_file():

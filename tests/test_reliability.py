@@ -74,7 +74,7 @@ class Evil:
 # =====================================================================================================
 
 def _train_ch1(tmp_path):
-    from pruning_lib import baselines
+    from pruning_lib.chapters import dense_baselines as baselines
     from pruning_lib.data import load_dataset
 
     data = load_dataset("synthetic-mnist", n=200)
@@ -402,17 +402,18 @@ def test_the_strict_build_refuses_a_notebook_with_an_error(tmp_path, monkeypatch
 # =====================================================================================================
 
 def _chapter_configs():
-    from pruning_lib import baselines, dep_l0, polarization
+    from pruning_lib import polarization
     from pruning_lib.chapters import lnpt
-    from pruning_lib.chapters import lottery_tickets as lottery
     from pruning_lib.chapters import bernoulli_gates
+    from pruning_lib.chapters import lottery_tickets as lottery
+    from pruning_lib.chapters import dense_baselines as baselines, dep_l0
 
     return {m.__name__.split(".")[-1]: m.Config
             for m in (baselines, lottery, dep_l0, bernoulli_gates, polarization, lnpt)}
 
 
 def test_nan_is_refused_by_every_range_check():
-    from pruning_lib import dep_l0
+    from pruning_lib.chapters import dep_l0
 
     with pytest.raises(ConfigError, match="lambda_scales"):
         dep_l0.Config.from_profile("smoke", lambda_scales=[float("nan")])
@@ -430,7 +431,7 @@ def test_a_nan_budget_is_a_config_error_not_a_crash():
             cls.from_namespace({"profile": "smoke", "budget": float("nan")})
 
 
-@pytest.mark.parametrize("chapter", ["baselines", "lottery_tickets", "dep_l0", "bernoulli_gates", "polarization",
+@pytest.mark.parametrize("chapter", ["dense_baselines", "lottery_tickets", "dep_l0", "bernoulli_gates", "polarization",
                                      "lnpt"])
 def test_seeds_are_checked_the_same_in_every_chapter(chapter):
     cls = _chapter_configs()[chapter]
@@ -457,7 +458,7 @@ def test_the_common_ranges_are_the_same_in_every_chapter():
 
 
 def test_config_accepts_json_types_only():
-    from pruning_lib import baselines
+    from pruning_lib.chapters import dense_baselines as baselines
     import datetime
 
     with pytest.raises(ConfigError, match="seeds"):

@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pruning_lib import book, dep_l0, units
+from pruning_lib import book, units
+from pruning_lib.chapters import dep_l0
 from pruning_lib.runs import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,7 +216,7 @@ def test_gpu_run_settings_change_nothing_on_cpu(tiny_data):
 
 
 def test_chapter_1_dense_units_from_the_command_line(tmp_path, monkeypatch, capsys):
-    from pruning_lib import baselines
+    from pruning_lib.chapters import dense_baselines as baselines
 
     cfg = baselines.Config.from_profile("smoke", models=("lenet300_100",), epochs=0.05,
                                         results_dir=str(tmp_path))

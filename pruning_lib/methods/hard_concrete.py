@@ -1,6 +1,6 @@
 """Hard-concrete gates for L0 regularisation (Louizos et al. 2018) and the Dep-L0 gate generator (Li & Ji 2021).
 
-Chapter 03 ("Dep-L0 against L0-HC") explains and measures these pieces.
+Chapter 03 ("Dep-L0 against L0-HC", :mod:`pruning_lib.chapters.dep_l0`) explains and measures these pieces.
 
 A hard-concrete gate ``z`` in ``[0, 1]`` multiplies one output channel (conv) or unit (linear).  Its
 distribution is a *stretched and clipped* binary concrete with location ``log_alpha`` (Louizos et al. 2018,
@@ -35,21 +35,22 @@ Penalties (:class:`CostModel`):
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
-from .compact import compact
-from .gates import get_gates, scale_channels, set_gates
-from .train import Callback
+from ..compact import compact
+from ..gates import get_gates, scale_channels, set_gates
+from ..train import Callback
 
 __all__ = [
     "BETA", "GAMMA", "ZETA", "LOG_ALPHA_RANGE", "LAYER_SCOPES",
     "sample_gate", "test_gate", "prob_nonzero", "log_alpha_from_drop_rate",
     "HardConcreteGate", "L0Gate", "GateGenerator", "GeneratedGate",
     "attach_l0_gates", "attach_dep_l0_gates", "gate_log_alphas", "gate_probabilities", "set_fixed",
-    "gate_parameters", "CostModel", "ClampLogAlpha", "GateMonitor", "keep_and_scale", "compact_gated",
+    "gate_parameters", "CostModel", "PENALTIES", "sparsity_penalty", "ClampLogAlpha", "GateMonitor",
+    "ResumableGateMonitor", "keep_and_scale", "compact_gated",
 ]
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
@@ -396,6 +397,25 @@ class CostModel:
         return dict(model_or_probs)
 
 
+PENALTIES = ("conv_params", "params", "l0")  # the sparsity penalties of sparsity_penalty
+
+
+def sparsity_penalty(cost: CostModel, kind: str, lam: float, n_data: int = 1
+                     ) -> Callable[[nn.Module], torch.Tensor]:
+    """``model -> lam * penalty``, an entry of ``fit``'s ``penalties``, under one of :data:`PENALTIES`:
+
+    * ``"conv_params"``: Dep-L0's expected parameter count of the conv layers (:meth:`CostModel.expected_params`
+      with ``layers="conv"``, the official code's scope);
+    * ``"params"``: the same over every conv and linear layer;
+    * ``"l0"``: Louizos' expected L0 (:meth:`CostModel.louizos_l0`, divided by the data size ``n_data``)."""
+    if kind in ("conv_params", "params"):
+        layers = "conv" if kind == "conv_params" else "all"
+        return lambda m: lam * cost.expected_params(m, layers)
+    if kind == "l0":
+        return lambda m: lam * cost.louizos_l0(m, n_data)
+    raise ValueError(f"penalty must be one of {PENALTIES}, got {kind!r}")
+
+
 class ClampLogAlpha(Callback):
     """After every optimizer step, clamp L0-HC's free log_alphas to ``[ln 0.01, ln 100]`` (official code)."""
 
@@ -435,6 +455,16 @@ class GateMonitor(Callback):
     def after_step(self, state) -> None:
         if self.every and (state.step % self.every == 0 or state.step == 1):
             self.trace.append({"step": state.step, **self.measure(state.model)})
+
+
+class ResumableGateMonitor(GateMonitor):
+    """A :class:`GateMonitor` whose trace is saved in ``fit``'s checkpoint (a resumed run keeps its trace)."""
+
+    def state_dict(self) -> dict:
+        return {"trace": [dict(r) for r in self.trace]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trace = [dict(r) for r in state["trace"]]
 
 
 @torch.no_grad()

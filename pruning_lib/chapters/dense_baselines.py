@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import claims, metrics, plotting, reference
-from .data import load_dataset
-from .models import build_model
-from .runs import RunConfig, Store, param, progress_bar
-from .train import default_device, fit
+from .. import claims, metrics, plotting, reference
+from ..data import load_dataset
+from ..models import build_model
+from ..runs import RunConfig, Store, param, progress_bar
+from ..train import default_device, fit
 
 CHAPTER = "01_dense_baselines"
 
@@ -61,7 +61,7 @@ def dense_spec(model_name: str, dataset: str, seed: int, *, epochs: float, batch
 def work_units(cfg: Config) -> list:
     """Every (model, seed) network of :func:`run_experiment` for the command line (:mod:`pruning_lib.units`),
     with the hash :func:`train_dense` caches it under."""
-    from .units import Unit
+    from ..units import Unit
 
     out = []
     for model_name in cfg.models:

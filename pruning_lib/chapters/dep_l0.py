@@ -1,11 +1,11 @@
 """Chapter 03: Dep-L0 against L0-HC (Li & Ji 2021, arXiv 2107.00070; Louizos et al. 2018).
 
 Every unit of the experiment trains one network with hard-concrete gates on the output channels of every
-prunable layer (:mod:`pruning_lib.hard_concrete`), the gates' ``log_alpha`` either free per channel (L0-HC) or
+prunable layer (:mod:`pruning_lib.methods.hard_concrete`), the gates' ``log_alpha`` either free per channel (L0-HC) or
 produced by Dep-L0's gate generator chained forward or backward through the layers, under one sparsity
 penalty times ``lambda``.  Weights and gates have separate optimizers (SGD and Adam, as in the official
 Dep-L0 code); an optional fine-tune phase trains the weights with the gates fixed at their test-time values.
-The gated network is then compacted (:func:`pruning_lib.hard_concrete.compact_gated`) and its accuracy,
+The gated network is then compacted (:func:`pruning_lib.methods.hard_concrete.compact_gated`) and its accuracy,
 parameters and FLOPs are measured on the physically smaller network.
 
 Both methods use the same penalty in a comparison, as in the official repository (whose own L0-HC baseline
@@ -29,19 +29,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import claims, metrics
-from .data import load_dataset
-from .hard_concrete import (ClampLogAlpha, CostModel, GateMonitor, attach_dep_l0_gates, attach_l0_gates,
-                            compact_gated, gate_parameters, gate_probabilities, keep_and_scale, set_fixed)
-from .models import build_model
-from .runs import RunConfig, Store, param, progress_bar
-from .train import evaluate, fit, last_run
+from .. import claims, families, metrics
+from ..data import load_dataset
+from ..methods.hard_concrete import (PENALTIES, ClampLogAlpha, CostModel, GateMonitor, ResumableGateMonitor,
+                                     gate_probabilities, keep_and_scale, set_fixed, sparsity_penalty)
+from ..models import build_model
+from ..runs import RunConfig, Store, param, progress_bar
+from ..train import evaluate, fit, last_run
 
 CHAPTER = "03_dep_l0"
 METHODS = ("l0_hc", "dep_l0_forward", "dep_l0_backward")
 METHOD_LABELS = {"l0_hc": "L0-HC", "dep_l0_forward": "Dep-L0 (forward)", "dep_l0_backward": "Dep-L0 (backward)",
                  "dense": "dense (no gates)"}
-PENALTIES = ("conv_params", "params", "l0")
 EXPERIMENTS = ("lenet5_caffe/mnist5k", "small_vgg/mnist5k", "lenet5_caffe/fashion_mnist", "small_vgg/fashion_mnist",
                "vgg16_bn/cifar10", "resnet56/cifar10",
                "vgg16_bn/cifar100", "resnet56/cifar100", "resnet50/imagenet", "small_vgg/synthetic-mnist",
@@ -106,7 +105,7 @@ class Config(RunConfig):
     }
 
     def check(self) -> None:
-        from .runs import ConfigError
+        from ..runs import ConfigError
         if not self.methods:
             raise ConfigError("parameter 'methods': give at least one method")
         if not self.seeds:
@@ -128,7 +127,7 @@ class Config(RunConfig):
 def penalty_shares(model_name: str, dataset: str, data_root: str = "data") -> dict[str, float]:
     """What the penalty's scope means for ``model_name``: the share of the linear layers in the network's
     parameter count (the penalty of ``penalty="params"`` with every gate open) and the share of the convs in
-    its FLOPs (:class:`~pruning_lib.hard_concrete.CostModel`, weights only)."""
+    its FLOPs (:class:`~pruning_lib.methods.hard_concrete.CostModel`, weights only)."""
     data = load_dataset(dataset, root=data_root)
     cost = CostModel(build_model(model_name, **data.model_kwargs()), tuple(data.input_shape))
     total = cost.nominal_params("all")
@@ -146,21 +145,20 @@ def _gate_frame(model: torch.nn.Module) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-class _ResumableMonitor(GateMonitor):
-    """A :class:`~pruning_lib.hard_concrete.GateMonitor` whose trace is saved in ``fit``'s checkpoint."""
-
-    def state_dict(self) -> dict:
-        return {"trace": [dict(r) for r in self.trace]}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.trace = [dict(r) for r in state["trace"]]
+# each gated method: its gate family (:mod:`pruning_lib.families`) and the options ``attach`` takes, given the
+# initial log_alpha (L0-HC's free log_alphas, or the mean of the Dep-L0 generator's biases)
+GATE_FAMILIES = {
+    "l0_hc": lambda init: ("l0_hc", dict(init=init)),
+    "dep_l0_forward": lambda init: ("dep_l0", dict(direction="forward", bias_init=init)),
+    "dep_l0_backward": lambda init: ("dep_l0", dict(direction="backward", bias_init=init)),
+}
 
 
 def train_unit(model_name: str, dataset: str, method: str, lam: float, seed: int, cfg: Config,
                data=None, progress: bool = False, checkpoint=None) -> dict[str, Any]:
     """Train and compact one gated network; returns ``{"result": dict, "history": frame, "gates": frame,
     "architecture": frame, "trace": frame}`` (the last three empty for the dense baseline).  ``trace`` holds
-    the gate statistics of :class:`~pruning_lib.hard_concrete.GateMonitor` about 20 times an epoch.
+    the gate statistics of :class:`~pruning_lib.methods.hard_concrete.GateMonitor` about 20 times an epoch.
     With ``checkpoint`` (a folder), each phase saves ``fit``'s checkpoint there at every epoch's end
     (``checkpoint.pt``, ``checkpoint_finetune.pt``) and resumes from it: a unit stopped half-way loses at
     most one epoch (the caller deletes them once the unit is saved)."""
@@ -174,15 +172,15 @@ def train_unit(model_name: str, dataset: str, method: str, lam: float, seed: int
     dense = metrics.summary(model, shape)
     cost = CostModel(model, shape)
     n_train = len(data.train)
-    if method == "l0_hc":
-        attach_l0_gates(model, cfg.init_log_alpha)
-    elif method.startswith("dep_l0"):
-        attach_dep_l0_gates(model, method.split("_")[-1], cfg.init_log_alpha)
-    elif method != "dense":
-        raise ValueError(f"unknown method {method!r}")
-    gates = gate_parameters(model)
-    gate_ids = {id(p) for p in gates}
-    weights = [p for p in model.parameters() if id(p) not in gate_ids]
+    family = None  # the dense baseline has no gates
+    if method != "dense":
+        if method not in GATE_FAMILIES:
+            raise ValueError(f"unknown method {method!r}")
+        name, options = GATE_FAMILIES[method](cfg.init_log_alpha)
+        family = families.get(name)
+        family.attach(model, **options)
+    gates = family.gate_parameters(model) if family else []
+    weights = family.weight_parameters(model) if family else list(model.parameters())
     steps_per_epoch = math.ceil(n_train / s["batch_size"])
     total = max(1, math.ceil(s["epochs"] * steps_per_epoch))
     w_opt = torch.optim.SGD(weights, lr=s["lr"], momentum=0.9, weight_decay=s["weight_decay"])
@@ -191,12 +189,8 @@ def train_unit(model_name: str, dataset: str, method: str, lam: float, seed: int
     penalties, callbacks, monitor = {}, [], None
     if gates:
         optimizers.append(torch.optim.Adam(gates, lr=cfg.gate_lr))
-        if cfg.penalty in ("conv_params", "params"):
-            layers = "conv" if cfg.penalty == "conv_params" else "all"
-            penalties["penalty"] = lambda m: lam * cost.expected_params(m, layers)
-        else:
-            penalties["penalty"] = lambda m: lam * cost.louizos_l0(m, n_train)
-        monitor = _ResumableMonitor(cost, every=max(2, steps_per_epoch // 20))  # about 20 points an epoch
+        penalties["penalty"] = sparsity_penalty(cost, cfg.penalty, lam, n_train)
+        monitor = ResumableGateMonitor(cost, every=max(2, steps_per_epoch // 20))  # about 20 points an epoch
         callbacks = [ClampLogAlpha(), monitor]
     eval_every = max(1, steps_per_epoch // cfg.eval_per_epoch)
     t0 = time.perf_counter()
@@ -229,7 +223,7 @@ def train_unit(model_name: str, dataset: str, method: str, lam: float, seed: int
         # a layer whose gates all closed (Dep-L0's generator can close a whole layer) is in the result's
         # ``architecture`` ("18-0-296") and ``empty_layers``; compact's warning would only repeat it
         warnings.filterwarnings("ignore", message="compact: group .* keeps no channel")
-        small = compact_gated(model) if gates else model
+        small = family.compact(model) if gates else model
     small_acc = evaluate(small, data.test)["accuracy"]
     after = metrics.summary(small.cpu(), shape)
     result = dict(model=model_name, dataset=dataset, method=method, lam=lam, seed=seed,
@@ -242,7 +236,7 @@ def train_unit(model_name: str, dataset: str, method: str, lam: float, seed: int
     arch = pd.DataFrame()
     gate_df = pd.DataFrame()
     if gates:
-        keep, _ = keep_and_scale(model)
+        keep, _ = family.decide(model)
         arch = pd.DataFrame([{"layer_index": i, "group": k, "channels": int(v.numel()), "kept": int(v.sum())}
                              for i, (k, v) in enumerate(keep.items())])
         result["architecture"] = "-".join(str(int(v.sum())) for v in keep.values())
@@ -312,7 +306,7 @@ def run_unit(cfg: Config, unit: tuple[str, str, str, float, int], data=None, res
 def work_units(cfg: Config) -> list:
     """Every unit of :func:`run_experiment` for the command line (:mod:`pruning_lib.units`): its hash (the
     notebook's, from :func:`unit_spec`), what it trains, whether it is done, and ``run(results_dir)``."""
-    from .units import Unit
+    from ..units import Unit
 
     out = []
     for unit in units(cfg):
@@ -441,7 +435,7 @@ def plot_tradeoff(results: pd.DataFrame, levels: pd.Series | None = None):
     """Test accuracy (after compaction) against FLOPs kept and against parameters kept, one row per model;
     dots are seeds, lines join the seed means over the lambda sweep; the dashed line is the dense network.
     ``levels`` (FLOPs kept by model, :func:`matched_flops_level`) are drawn as dotted vertical lines."""
-    from .plotting import figure, percent_axis
+    from ..plotting import figure, percent_axis
     exps = _experiments(results)
     fig, axes = figure(2, len(exps), width=9.0, height=3.2 * len(exps), squeeze=False)
     pal = _palette(results["method"].unique())
@@ -472,7 +466,7 @@ def plot_same_lambda(results: pd.DataFrame):
     """FLOPs removed after compaction against λ, one panel per model: dots are seeds, lines join the seed
     means.  The paper's "removes more FLOPs at the same λ" observation, shown, not judged: at the same λ
     the methods end at different sparsities, so accuracy is compared at matched FLOPs instead."""
-    from .plotting import figure, percent_axis
+    from ..plotting import figure, percent_axis
     exps = _experiments(results[results.method != "dense"])
     fig, axes = figure(len(exps), 1, width=4.6 * len(exps), height=3.2, squeeze=False)
     r = results[results.method != "dense"]
@@ -498,7 +492,7 @@ def plot_same_lambda(results: pd.DataFrame):
 def plot_architecture(architecture: pd.DataFrame, lam_rank: int = 1):
     """Fraction of channels kept per layer (the architecture each method finds) at the ``lam_rank``-th
     smallest lambda of each model; one line per seed."""
-    from .plotting import figure, percent_axis
+    from ..plotting import figure, percent_axis
     exps = list(dict.fromkeys(architecture["model"] + "/" + architecture["dataset"]))
     fig, axes = figure(len(exps), 1, width=4.6 * len(exps), height=3.4, squeeze=False)
     pal = _palette(architecture["method"].unique())
@@ -530,7 +524,7 @@ def plot_training(trace: pd.DataFrame, seed: int | None = None):
     """Expected FLOPs kept (top) and expected L0 (fraction of gates non-zero in expectation, bottom) over
     training (``trace`` of :func:`run_experiment`), for every method and lambda (dotted, dashed, solid: increasing) of
     one seed."""
-    from .plotting import figure, percent_axis
+    from ..plotting import figure, percent_axis
     h = trace
     seed = h["seed"].min() if seed is None else seed
     h = h[h.seed == seed]
@@ -558,9 +552,9 @@ def plot_training(trace: pd.DataFrame, seed: int | None = None):
     return fig
 
 
-def plot_gate_histograms(gates: pd.DataFrame, lam_rank: int = 1, seed: int | None = None):
+def plot_hc_gate_histograms(gates: pd.DataFrame, lam_rank: int = 1, seed: int | None = None):
     """Histograms of ``P(z != 0)`` of every channel at the end of training, per model and method."""
-    from .plotting import figure
+    from ..plotting import figure
     seed = gates["seed"].min() if seed is None else seed
     g = gates[gates.seed == seed]
     exps = list(dict.fromkeys(g["model"] + "/" + g["dataset"]))

@@ -34,14 +34,22 @@ unit's files and this process writes them into the results cache (no shared disk
 (:class:`pruning_lib.train.RunSettings`): they act on CUDA only, are not part of the hash (like the
 device), and each unit records them with the device in its ``provenance.json``.
 
-Registered chapters: ``03_dep_l0`` (every unit: the dense baselines and each gated run),
-``01_dense_baselines`` (each dense network) and ``05_polarization`` (dense, gated and baseline units; a
-baseline first trains the gated and dense units it reads when they are missing). ``04_bernoulli_gates``
-lists each model's flip trade-off, its gated runs once that trade-off (which chooses their flipped
-examples, so their hash) is done, and the dense references. ``02_lottery_tickets`` lists each seed's
-dense network, each (seed, criterion) chain of rounds (resumed from its finished rounds) and each one-shot
-SNIP run. ``06_lnpt`` lists its mature networks (teachers) first, then each probed run and each
-accuracy cell, which read them.
+Every chapter lists its units (:data:`REGISTRY`), in the order its notebook runs them:
+
+* ``01_dense_baselines``: each dense network;
+* ``02_lottery_tickets``: each seed's dense network, each (seed, criterion) chain of rounds (resumed from
+  its finished rounds) and each one-shot SNIP run;
+* ``03_dep_l0``: the dense baselines and each gated run;
+* ``04_bernoulli_gates``: each model's flip trade-off, its gated runs once that trade-off is done (it
+  chooses their flipped examples, so their hash), and the dense references;
+* ``05_polarization``: dense, gated and baseline units (a baseline first trains the gated and dense units
+  it reads when they are missing);
+* ``06_lnpt``: the mature networks (teachers) first, then each probed run and each accuracy cell;
+* ``07_comparison``: the dense networks, every point (IMP: one seed's chain), and the Scratch-B of each
+  structured point already trained (named by the architecture its method found).
+
+A unit listed only once another is done (Bernoulli's gated runs, Scratch-B) needs a second ``--missing``
+from a fresh cache.
 """
 from __future__ import annotations
 
@@ -58,12 +66,13 @@ from typing import Any, Callable, Sequence
 
 # chapter notebook stem -> "module:function" listing its units for a Config (imported when used)
 REGISTRY: dict[str, str] = {
-    "01_dense_baselines": "pruning_lib.baselines:work_units",
+    "01_dense_baselines": "pruning_lib.chapters.dense_baselines:work_units",
     "02_lottery_tickets": "pruning_lib.chapters.lottery_tickets:work_units",
-    "03_dep_l0": "pruning_lib.dep_l0:work_units",
+    "03_dep_l0": "pruning_lib.chapters.dep_l0:work_units",
     "04_bernoulli_gates": "pruning_lib.chapters.bernoulli_gates:work_units",
     "05_polarization": "pruning_lib.chapters.polarization:work_units",
     "06_lnpt": "pruning_lib.chapters.lnpt:work_units",
+    "07_comparison": "pruning_lib.chapters.comparison:work_units",
 }
 
 

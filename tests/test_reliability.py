@@ -402,7 +402,7 @@ def test_the_strict_build_refuses_a_notebook_with_an_error(tmp_path, monkeypatch
 # =====================================================================================================
 
 def _chapter_configs():
-    from pruning_lib import polarization
+    from pruning_lib.chapters import polarization
     from pruning_lib.chapters import lnpt
     from pruning_lib.chapters import bernoulli_gates
     from pruning_lib.chapters import lottery_tickets as lottery

@@ -93,5 +93,5 @@ def test_a_unit_run_from_the_command_line_is_the_notebooks_cached_unit(tmp_path,
     [unit] = dense_baselines.work_units(cfg)
     unit.run(str(tmp_path))
     assert dense_baselines.work_units(cfg)[0].done
-    monkeypatch.setattr(dense_baselines, "fit", lambda *a, **k: pytest.fail("trained instead of reading the cache"))
+    monkeypatch.setattr("pruning_lib.dense.fit", lambda *a, **k: pytest.fail("trained instead of reading the cache"))
     assert len(dense_baselines.run_experiment(cfg, progress=False)["final"]) == 1

@@ -371,7 +371,7 @@ def test_work_units_list_the_stores_the_chapter_reads(tmp_path):
     units = chapter.work_units(smoke)
     keys = [u.key for u in units]
     assert keys == [u.key for u in chapter.work_units(smoke)] and len(set(keys)) == len(keys) == 16
-    assert [u.kind for u in units[:2]] == ["lnpt/teacher"] * 2  # the mature networks first: the others read them
+    assert [u.kind for u in units[:2]] == ["dense"] * 2  # the mature networks first (dense units): the others read them
     assert {u.kind for u in units[2:]} == {"lnpt/trajectories", "lnpt/accuracy"} and not any(u.done for u in units)
     assert units[0].key == chapter.teacher_store(smoke, smoke.teacher).key
 
@@ -380,7 +380,8 @@ def test_work_units_list_the_stores_the_chapter_reads(tmp_path):
     for u in chapter.work_units(cfg):
         u.run(cfg.results_dir)
     assert all(u.done for u in chapter.work_units(cfg))
-    written = {p.name for p in (tmp_path / "units" / "lnpt").glob("*/[0-9a-f]*")}
+    written = {p.name for p in (tmp_path / "units" / "dense").glob("[0-9a-f]*")}  # the mature networks
+    written |= {p.name for p in (tmp_path / "units" / "lnpt").glob("*/[0-9a-f]*")}
     assert written == {u.key for u in chapter.work_units(cfg)}
     fresh = chapter.run_experiment(_tiny(tmp_path / "fresh"), progress=False)  # serial, through map_units
 
@@ -391,6 +392,7 @@ def test_work_units_list_the_stores_the_chapter_reads(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(chapter, "fit", no_training)
         mp.setattr(method, "fit", no_training)
+        mp.setattr("pruning_lib.dense.fit", no_training)
         loaded = chapter.run_experiment(cfg, progress=False)
     for name in ("accuracy", "trajectories", "histories", "teacher", "feature_scaling"):
         untimed = [c for c in fresh[name].columns if "second" not in c]  # wall times differ between runs

@@ -1,8 +1,8 @@
 """Chapter 1, dense baselines: the reference models later chapters compare against.
 
-:func:`train_dense` trains one registered model on one dataset with one seed and caches the trained
-weights and the learning curve, so other chapters (the LNPT teacher, the lottery-ticket dense round) can
-reuse the very same dense network instead of training it again.
+:func:`train_dense` trains one registered model on one dataset with one seed through the dense unit
+(:mod:`pruning_lib.dense`), which caches the trained weights and the learning curve, so another chapter
+asking for the same network (chapter 7's dense references) reuses it instead of training it again.
 """
 from __future__ import annotations
 
@@ -10,13 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import torch
 
-from .. import claims, metrics, plotting, reference
+from .. import claims, dense, metrics, plotting, reference
 from ..data import load_dataset
-from ..models import build_model
+from ..dense import DenseSpec
 from ..runs import RunConfig, Store, param, progress_bar
-from ..train import default_device, fit
 
 CHAPTER = "01_dense_baselines"
 
@@ -53,9 +51,9 @@ class Config(RunConfig):
 
 def dense_spec(model_name: str, dataset: str, seed: int, *, epochs: float, batch_size: int = 60,
                lr: float = 1.2e-3, evals_per_epoch: int = 2) -> dict:
-    """What a dense network's cache folder (``results/dense/<hash>/``) is named by."""
-    return dict(model=model_name, dataset=dataset, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
-                evals_per_epoch=evals_per_epoch, optimizer="adam")
+    """What a dense network's cache folder (``results/dense/<hash>/``) is named by: the dense unit's spec."""
+    return DenseSpec(model_name, dataset, seed, batch_size=batch_size, lr=lr, epochs=epochs,
+                     evals_per_epoch=evals_per_epoch).to_dict()
 
 
 def work_units(cfg: Config) -> list:
@@ -68,7 +66,7 @@ def work_units(cfg: Config) -> list:
         for seed in cfg.seeds:
             kw = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, evals_per_epoch=cfg.evals_per_epoch)
             store = Store(cfg.results_dir, "dense", dense_spec(model_name, cfg.dataset, seed, **kw))
-            done = store.exists("model.pt") and store.exists("history.csv")
+            done = dense.done(store)
 
             def run(results_dir, model_name=model_name, seed=seed, kw=kw):
                 train_dense(model_name, cfg.dataset, seed, results_dir=results_dir, data_root=cfg.data_root,
@@ -82,27 +80,11 @@ def work_units(cfg: Config) -> list:
 def train_dense(model_name: str, dataset: str, seed: int, *, epochs: float, batch_size: int = 60,
                 lr: float = 1.2e-3, evals_per_epoch: int = 2, results_dir: str = "results",
                 data_root: str = "data", progress: bool = True, data=None):
-    """Train (or load) one dense model with Adam; returns ``(model, history)``.
-
-    Cached under ``results/dense/<hash>/`` by everything that determines the result, so a rerun, or
-    another chapter asking for the same network, loads it.
-    """
-    store = Store(results_dir, "dense", dense_spec(model_name, dataset, seed, epochs=epochs, batch_size=batch_size,
-                                                   lr=lr, evals_per_epoch=evals_per_epoch))
-    data = data if data is not None else load_dataset(dataset, root=data_root)
-    torch.manual_seed(seed)
-    model = build_model(model_name, **data.model_kwargs())
-    if store.exists("model.pt") and store.exists("history.csv"):
-        model.load_state_dict(torch.load(store.path("model.pt"), map_location="cpu", weights_only=True))
-        return model.to(default_device()), store.frame("history")
-    steps = -(-len(data.train) // batch_size)
-    history = fit(model, data, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                  eval_every=max(1, steps // evals_per_epoch), checkpoint=store.path("checkpoint.pt"),
-                  progress=progress, desc=f"{model_name} seed {seed}")
-    store.save_torch("model", model.state_dict())
-    store.save_frame("history", history)
-    store.path("checkpoint.pt").unlink(missing_ok=True)
-    return model, history
+    """Train (or load) one dense model with Adam; returns ``(model, history)``: the dense unit
+    (:func:`pruning_lib.dense.train`), so another chapter asking for the same network loads it."""
+    spec = DenseSpec(model_name, dataset, seed, batch_size=batch_size, lr=lr, epochs=epochs,
+                     evals_per_epoch=evals_per_epoch)
+    return dense.train(spec, results_dir=results_dir, data_root=data_root, data=data, progress=progress)
 
 
 def run_experiment(cfg: Config, progress: bool = True) -> dict[str, pd.DataFrame]:

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .. import claims, plotting
+from .. import claims, dense, plotting
 from .. import data as data_mod
 from ..data import DataSplits, TensorSplit
 from ..masks import apply_mask, mask_from_scores
@@ -184,8 +184,28 @@ def _build(cfg: Config, name: str, data: DataSplits, seed: int, width: float = 1
 
 
 def teacher_spec(cfg: Config, name: str | None = None) -> dict:
+    """The mature network ``name`` as the other units' specs name it (their hashes hold it), and the spec of
+    its Store before it moved to the dense unit (``results/lnpt/teacher/<hash>/``, adopted from there)."""
     return dict(dataset=cfg.dataset, unlabeled_fraction=cfg.unlabeled_fraction, teacher=name or cfg.teacher,
                 epochs=cfg.teacher_epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=0, optimizer="adam")
+
+
+def teacher_dense_spec(cfg: Config, name: str) -> dense.DenseSpec:
+    """The mature network ``name`` as a dense unit (:mod:`pruning_lib.dense`): trained with labels on the
+    teacher's split (:func:`~pruning_lib.methods.lnpt.lnpt_splits`), seed 0, evaluated once an epoch."""
+    return dense.DenseSpec(name, cfg.dataset, 0, batch_size=cfg.batch_size, lr=cfg.lr, epochs=cfg.teacher_epochs,
+                           evals_per_epoch=1,
+                           train_subset={"rule": "lnpt_splits", "part": "teacher", "seed": 0,
+                                         "unlabeled_fraction": cfg.unlabeled_fraction})
+
+
+def _legacy_teacher(cfg: Config, name: str) -> dense.Legacy:
+    """The mature network's Store before the dense unit: ``lnpt/teacher`` with :func:`teacher_spec`, one file
+    ``teacher.pt`` (``{"state": state_dict, "history": the history as lists}``)."""
+    def convert(old: Store):
+        saved = old.torch("teacher")
+        return saved["state"], pd.DataFrame(saved["history"])
+    return dense.Legacy("lnpt/teacher", teacher_spec(cfg, name), ("teacher.pt",), convert)
 
 
 def mature_names(cfg: Config) -> list[str]:
@@ -221,35 +241,26 @@ def _splits(cfg: Config) -> tuple[DataSplits, DataSplits, DataSplits]:
 
 
 def teacher_store(cfg: Config, name: str, results_dir: str | None = None) -> Store:
-    """The results folder of the mature network ``name`` (``results/lnpt/teacher/<hash>/``)."""
-    return Store(cfg.results_dir if results_dir is None else results_dir, "lnpt/teacher", teacher_spec(cfg, name))
+    """The results folder of the mature network ``name``, a dense unit (``results/dense/<hash>/``; its older
+    ``results/lnpt/teacher/<hash>/`` is adopted once)."""
+    return dense.store(teacher_dense_spec(cfg, name), cfg.results_dir if results_dir is None else results_dir,
+                       _legacy_teacher(cfg, name))
 
 
-def _teacher(cfg: Config, name: str, data: DataSplits, teacher_data: DataSplits, progress: bool
-             ) -> tuple[nn.Module, dict]:
-    """The mature network ``name`` trained with labels on the teacher's split, or loaded from its Store;
-    returns the network (on the CPU) and what the Store holds (its state and history)."""
-    store = teacher_store(cfg, name)
-    teacher = _build(cfg, name, data, 0)
-
-    def train_teacher():
-        h = fit(teacher, teacher_data, epochs=cfg.teacher_epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=0,
-                eval_every=data_mod.num_batches(teacher_data.train, cfg.batch_size), progress=progress,
-                desc=f"teacher {name}")
-        return {"state": {k: v.cpu() for k, v in teacher.state_dict().items()}, "history": h.to_dict("list")}
-
-    saved = store.torch("teacher", train_teacher)
-    teacher.load_state_dict(saved["state"])
-    return teacher, saved
+def _teacher(cfg: Config, name: str, teacher_data: DataSplits, progress: bool) -> tuple[nn.Module, pd.DataFrame]:
+    """The mature network ``name`` trained with labels on the teacher's split, or loaded from its Store (the
+    dense unit); returns the network and its history."""
+    return dense.train(teacher_dense_spec(cfg, name), results_dir=cfg.results_dir, data=teacher_data,
+                       progress=progress, desc=f"teacher {name}", legacy=_legacy_teacher(cfg, name))
 
 
 def _mature(cfg: Config, name: str, data: DataSplits, teacher_data: DataSplits, student_data: DataSplits,
             fit_x: torch.Tensor, eval_x: torch.Tensor, device, progress: bool) -> Mature:
     """Train (or load from the Store) the mature network ``name`` with labels on the teacher's split."""
-    teacher, saved = _teacher(cfg, name, data, teacher_data, progress)
+    teacher, history = _teacher(cfg, name, teacher_data, progress)
     teacher.to(device)
     cache_x = student_data.train.x if isinstance(student_data.train, TensorSplit) else None
-    return Mature(name, teacher, TeacherOutputs(teacher, cache_x), pd.DataFrame(saved["history"]),
+    return Mature(name, teacher, TeacherOutputs(teacher, cache_x), history,
                   teacher_spec(cfg, name), penultimate_features(teacher, fit_x), penultimate_features(teacher, eval_x))
 
 
@@ -389,7 +400,7 @@ def _unit_spec(cfg: Config, teacher: str, **kw) -> dict:
 def unit_spec(cfg: Config, kind: str, args: tuple) -> dict:
     """What a unit's results folder is named by (``results/lnpt/<kind>/<hash>/``)."""
     if kind == "teacher":
-        return teacher_spec(cfg, *args)
+        return teacher_dense_spec(cfg, *args).to_dict()
     if kind == "trajectories":
         lr, s, seed = args
         # probes="raw+aligned": the paper's gap and ours are both logged (older entries had one gap)
@@ -404,10 +415,12 @@ def unit_spec(cfg: Config, kind: str, args: tuple) -> dict:
 
 
 def unit_store(cfg: Config, kind: str, args: tuple, results_dir: str | None = None) -> Store:
+    if kind == "teacher":
+        return teacher_store(cfg, *args, results_dir=results_dir)
     return Store(cfg.results_dir if results_dir is None else results_dir, f"lnpt/{kind}", unit_spec(cfg, kind, args))
 
 
-_UNIT_FILES = {"teacher": ("teacher.pt",), "trajectories": ("result.csv",), "accuracy": ("result.csv", "history.csv")}
+_UNIT_FILES = {"teacher": dense.FILES, "trajectories": ("result.csv",), "accuracy": ("result.csv", "history.csv")}
 
 
 def unit_done(kind: str, store: Store) -> bool:
@@ -423,7 +436,7 @@ def _teachers_root(cfg: Config, results_dir: str) -> str:
     them), unless they are finished only in ``cfg.results_dir`` (a torchrun rank other than 0 writes a scratch
     folder: every rank then reads the same networks); missing in both, they are trained in ``results_dir``."""
     def ready(root):
-        return all(teacher_store(cfg, n, root).exists("teacher.pt") for n in mature_names(cfg))
+        return all(dense.done(teacher_store(cfg, n, root)) for n in mature_names(cfg))
     return cfg.results_dir if not ready(results_dir) and ready(cfg.results_dir) else results_dir
 
 
@@ -438,8 +451,8 @@ def run_unit(task: tuple, results_dir: str):
     store = unit_store(cfg, kind, args, results_dir)
     if kind == "teacher":
         if not unit_done(kind, store):
-            data, teacher_data, _ = _splits(cfg)
-            _teacher(cfg.replace(results_dir=results_dir), args[0], data, teacher_data, progress=False)
+            _, teacher_data, _ = _splits(cfg)
+            _teacher(cfg.replace(results_dir=results_dir), args[0], teacher_data, progress=False)
         return None
     teachers = _teachers_root(cfg, results_dir)
     if kind == "trajectories":

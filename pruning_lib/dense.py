@@ -1,0 +1,152 @@
+"""The one dense unit: a dense network trained with :func:`~pruning_lib.train.fit`, cached under
+``results/dense/<hash>/`` (``model.pt``, ``history.csv``).
+
+:class:`DenseSpec` says everything that makes the network: model, dataset (and the rule that took a part of
+its training split), seed and schedule. As in open_lth, a field left at its default is left out of the
+hashed spec (except :attr:`DenseSpec.ALWAYS`, which chapter 1's first hashes always held), so adding a
+field with a default that switches it off changes no existing hash. Two chapters asking for the same
+network get one Store and one training (chapter 1's baselines and chapter 7's dense references; chapter 6's
+mature networks train on part of the data, so they are other networks).
+
+Dense trainings that are not this unit, and why: chapter 2's round 0 (not moved yet: a Glorot-initialised
+chain start with early stopping and a rewind point, stored as one file with its initial and rewind weights;
+its spec also names every round of the chain, so it would stay as the chain's name), chapter 3's ``dense`` method (the gated pipeline without gates: SGD with weight decay, a cosine
+schedule and a fine-tune phase; it keeps no weights), chapter 4's dense references (a weight prior, and they
+exist to time an epoch; no weights kept) and chapter 5's dense networks (a learning-rate schedule; their
+cached units kept no history, so moving them would retrain the cpu book).
+
+A chapter whose network moved here from a Store of its own passes :class:`Legacy`: when the dense Store is
+missing and the old one is finished, the old files are converted once into the dense Store (checked to
+read back equal, the old unit named in ``legacy.json``) instead of training again; the old Store is kept.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import pandas as pd
+import torch
+
+from .data import load_dataset
+from .models import build_model
+from .runs import CacheError, Store
+from .train import default_device, fit
+
+KIND = "dense"
+FILES = ("model.pt", "history.csv")
+
+
+@dataclass(frozen=True)
+class DenseSpec:
+    """What a dense network is: model, data, seed and schedule (Adam, one learning rate).
+
+    * ``epochs`` or ``iterations``: the length (exactly one);
+    * ``evals_per_epoch``: validation and test evaluations an epoch (None: :func:`fit`'s default, once an
+      epoch);
+    * ``width``: the model's width multiplier;
+    * ``train_subset``: the rule that took the training examples from ``dataset``'s training split (a
+      JSON dict naming it; None: the whole split). The caller passes those examples as ``data``.
+    """
+
+    model: str
+    dataset: str
+    seed: int
+    batch_size: int
+    lr: float
+    optimizer: str = "adam"
+    epochs: float | None = None
+    iterations: int | None = None
+    evals_per_epoch: int | None = None
+    width: float = 1.0
+    train_subset: dict | None = None
+
+    # hashed even at their defaults (chapter 1's specs always held them)
+    ALWAYS: ClassVar[tuple[str, ...]] = ("model", "dataset", "seed", "batch_size", "lr", "optimizer")
+
+    def __post_init__(self):
+        if (self.epochs is None) == (self.iterations is None):
+            raise ValueError("DenseSpec: give exactly one of epochs or iterations")
+        if self.optimizer != "adam":
+            raise ValueError(f"DenseSpec: optimizer {self.optimizer!r} is not supported (adam)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The hashed spec: every field of :attr:`ALWAYS`, and the others where they differ from their
+        default."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name in self.ALWAYS or getattr(self, f.name) != f.default}
+
+
+@dataclass(frozen=True)
+class Legacy:
+    """Where a network was cached before it moved to the dense unit: the old Store's ``kind`` and ``spec``
+    (computed exactly as the old code did), the ``files`` that made it finished, and
+    ``convert(old_store) -> (state_dict, history frame)``."""
+
+    kind: str
+    spec: dict[str, Any]
+    files: tuple[str, ...]
+    convert: Callable[[Store], tuple[dict[str, torch.Tensor], pd.DataFrame]]
+
+
+def done(store: Store) -> bool:
+    return all(store.exists(f) for f in FILES)
+
+
+def store(spec: DenseSpec, results_dir: str = "results", legacy: Legacy | None = None) -> Store:
+    """The network's Store; with ``legacy``, an old Store of it is adopted first (:func:`adopt_legacy`)."""
+    st = Store(results_dir, KIND, spec.to_dict())
+    if legacy is not None and not done(st):
+        adopt_legacy(st, legacy)
+    return st
+
+
+def adopt_legacy(st: Store, legacy: Legacy) -> bool:
+    """Write the old Store's network into the dense Store ``st`` (``legacy.json`` naming the old unit and its
+    files' digests first, then ``model.pt`` and ``history.csv``), and check that both read back equal to
+    what the old Store held. Returns False when there is no finished old Store. The old Store is kept."""
+    old = Store(st.root, legacy.kind, legacy.spec)
+    if not all(old.exists(f) for f in legacy.files):
+        return False
+    state, history = legacy.convert(old)
+    st.json("legacy", lambda: {"kind": legacy.kind, "key": old.key, "spec": old.spec,
+                               "files": dict(sorted(old._committed().items()))})
+    st.save_torch("model", state)
+    st.save_frame("history", history)
+    back = st.torch("model")
+    same = (back.keys() == state.keys() and all(torch.equal(back[k], state[k].cpu()) for k in state)
+            and st.frame("history").equals(history.reset_index(drop=True)))
+    if not same:
+        st._set_aside(f"adopted from {legacy.kind}/{old.key}: it does not read back equal")
+        raise CacheError(f"{st.dir}: the network adopted from {old.dir} does not read back equal; moved aside")
+    return True
+
+
+def train(spec: DenseSpec, *, results_dir: str = "results", data_root: str = "data", data=None,
+          progress: bool = True, desc: str | None = None, legacy: Legacy | None = None):
+    """Train (or load) the dense network ``spec``; returns ``(model, history)``.
+
+    ``data``: the loaded splits (``spec.dataset``, with ``spec.train_subset`` applied); required when a
+    subset is named. Training saves ``fit``'s checkpoint at every epoch's end and resumes from it.
+    """
+    st = store(spec, results_dir, legacy)
+    if data is None:
+        if spec.train_subset is not None:
+            raise ValueError(f"DenseSpec names a training subset {spec.train_subset}: pass its data")
+        data = load_dataset(spec.dataset, root=data_root)
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, width=spec.width, **data.model_kwargs())
+    if done(st):
+        model.load_state_dict(torch.load(st.path("model.pt"), map_location="cpu", weights_only=True))
+        return model.to(default_device()), st.frame("history")
+    eval_every = None
+    if spec.evals_per_epoch is not None:
+        steps = -(-len(data.train) // spec.batch_size)
+        eval_every = max(1, steps // spec.evals_per_epoch)
+    history = fit(model, data, epochs=spec.epochs, iterations=spec.iterations, batch_size=spec.batch_size,
+                  lr=spec.lr, seed=spec.seed, eval_every=eval_every, checkpoint=st.path("checkpoint.pt"),
+                  progress=progress, desc=desc or f"{spec.model} seed {spec.seed}")
+    st.save_torch("model", model.state_dict())
+    st.save_frame("history", history)
+    st.path("checkpoint.pt").unlink(missing_ok=True)
+    return model, history

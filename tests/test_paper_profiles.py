@@ -177,7 +177,7 @@ def test_ch1_dense_baselines_paper_profile(paper_data, monkeypatch):
     assert "our test error (mnist, 1 seeds)" in baselines.comparison_table(cfg, out).columns
     assert _datasets_recorded(cfg.results_dir) == {"mnist"}
     # a rerun loads every network from the cache
-    monkeypatch.setattr(baselines, "fit", _no_training)
+    monkeypatch.setattr("pruning_lib.dense.fit", _no_training)
     again = baselines.run_experiment(cfg, progress=False)
     pd.testing.assert_frame_equal(again["final"], final)
 

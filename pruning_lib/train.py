@@ -216,6 +216,24 @@ class Callback:
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class Method(Callback):
+    """The one way a pruning method plugs into :func:`fit` (``fit(model, data, method=m, ...)``): the
+    optimizers it trains with (``None``: ``fit``'s Adam on every parameter), the penalties it adds to the
+    loss, the task loss (``loss_fn``), and, being a :class:`Callback`, what it does after backward, after
+    each step and after each epoch. ``fit`` puts the method first among the callbacks. A method overrides
+    only what it needs; :class:`~pruning_lib.methods.bernoulli.BernoulliPruning` and
+    :class:`~pruning_lib.methods.hard_concrete.HardConcretePruning` are two."""
+
+    def optimizers(self, lr: float) -> list[torch.optim.Optimizer] | None:
+        return None
+
+    def penalties(self) -> dict[str, Callable[[nn.Module], torch.Tensor]]:
+        return {}
+
+    def loss_fn(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(model, x, y)
+
+
 # Generic callbacks: any chapter's training can use them
 
 class EarlyStop(Callback):
@@ -297,8 +315,13 @@ def fit(model: nn.Module, data: DataSplits, *,
         eval_batch_size: int = 1000, max_eval_batches: int | None = None,
         seed: int = 0, device: torch.device | str | None = None,
         checkpoint: str | Path | None = None, progress: bool = True, desc: str = "train",
-        grad_clip: float | None = None, settings: RunSettings | None = None) -> pd.DataFrame:
+        grad_clip: float | None = None, settings: RunSettings | None = None,
+        method: Method | None = None) -> pd.DataFrame:
     """Train ``model`` on ``data.train`` and return the history as a tidy DataFrame.
+
+    ``method`` (a :class:`Method`) plugs a pruning method in: its optimizers (unless ``optimizer`` is
+    given), its penalties (beside ``penalties``), its ``loss_fn`` (unless one is given) and itself as the
+    first callback.
 
     Give the length as ``epochs`` or ``iterations`` (optimizer steps). Validation (and test, with
     ``eval_test``) metrics are recorded every ``eval_every`` steps (default: once an epoch) and at the
@@ -326,10 +349,15 @@ def fit(model: nn.Module, data: DataSplits, *,
         steps_per_epoch = data_mod.num_batches(range(-(-len(data.train) // world)), batch_size // world)
     total = iterations if iterations is not None else int(math.ceil(epochs * steps_per_epoch))
     eval_every = eval_every or steps_per_epoch
-    optimizers = _as_list(optimizer) or [torch.optim.Adam(model.parameters(), lr=lr)]
-    schedulers = _as_list(scheduler)
     callbacks = list(callbacks)
     penalties = dict(penalties or {})
+    if method is not None:  # after the move to the device: its optimizers hold the device's parameters
+        optimizer = method.optimizers(lr) if optimizer is None else optimizer
+        loss_fn = method.loss_fn if loss_fn is cross_entropy else loss_fn
+        penalties = {**method.penalties(), **penalties}
+        callbacks = [method, *callbacks]
+    optimizers = _as_list(optimizer) or [torch.optim.Adam(model.parameters(), lr=lr)]
+    schedulers = _as_list(scheduler)
     gen = torch.Generator().manual_seed(seed)
     train_batches, loader_info = None, {"workers": "in memory" if data.in_memory else "default"}
     if on_cuda and not data.in_memory:

@@ -112,3 +112,34 @@ def test_ddp_two_processes_match_one(tmp_path):
     ddp = torch.load(out, weights_only=True)
     for k, v in single.state_dict().items():
         assert torch.allclose(v, ddp[k], atol=1e-5), k
+
+
+def test_a_method_plugs_into_fit_as_its_parts_do():
+    """``fit(method=m)`` trains exactly as passing m's optimizers, penalties, loss and m as first callback."""
+    from pruning_lib import families
+    from pruning_lib.methods import hard_concrete as hc
+    from pruning_lib.models import build_model
+    from pruning_lib.train import Method
+
+    data = load_dataset("synthetic-mnist")
+
+    def run(plugged: bool):
+        torch.manual_seed(0)
+        net = build_model("lenet300_100", **data.model_kwargs())
+        families.attach("l0_hc", net)
+        m = hc.HardConcretePruning(net, lambda model: 1e-3 * families.get("l0_hc").penalty(model), 0.1,
+                                   name="l0")
+        kw = dict(iterations=6, batch_size=32, seed=3, progress=False, eval_every=3)
+        if plugged:
+            h = fit(net, data, method=m, lr=1e-3, **kw)
+        else:
+            h = fit(net, data, optimizer=m.optimizers(1e-3), penalties=m.penalties(), callbacks=[m], **kw)
+        return net, h
+
+    a, ha = run(True)
+    b, hb = run(False)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert ha.drop(columns="seconds").equals(hb.drop(columns="seconds")) and "l0" in ha.columns
+    # the defaults: fit's Adam on every parameter, no penalty, cross-entropy
+    base = Method()
+    assert base.optimizers(1e-3) is None and base.penalties() == {}

@@ -244,9 +244,8 @@ def train_bernoulli_run(cfg: Config, model_name: str, width: float, seed: int, d
     bern.attach_bernoulli_gates(model, cfg.theta_init)
     steps_per_epoch = num_batches(data.train, cfg.batch_size)
     bp = _pruning(cfg, model, len(data.train), steps_per_epoch, flip, seed)
-    history = fit(model, data, optimizer=bp.optimizers(cfg.lr), loss_fn=bp.loss_fn, penalties=bp.penalties(),
-                  callbacks=[bp], epochs=cfg.epochs_of(model_name), batch_size=cfg.batch_size, seed=seed,
-                  progress=False)
+    history = fit(model, data, method=bp, lr=cfg.lr, epochs=cfg.epochs_of(model_name), batch_size=cfg.batch_size,
+                  seed=seed, progress=False)
     bp.remove_dead(bp._opts)  # last removal
     final = bp.widths()
     thetas = bern.gate_thetas(model)

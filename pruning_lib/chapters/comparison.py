@@ -422,15 +422,11 @@ def hard_concrete_unit(cfg: Config, data, method: str, lam: float, seed: int, de
             hc.attach_l0_gates(net, cfg.init_log_alpha)
         else:
             hc.attach_dep_l0_gates(net, "forward", cfg.init_log_alpha)
-        gates = hc.gate_parameters(net)
-        ids = {id(p) for p in gates}
-        opts = [torch.optim.Adam([p for p in net.parameters() if id(p) not in ids], lr=cfg.lr),
-                torch.optim.Adam(gates, lr=cfg.gate_lr)]
+        pruning = hc.HardConcretePruning(net, lambda m: lam * cost.expected_flops(m) / nominal, cfg.gate_lr,
+                                         name="flops")
         total = max(1, math.ceil(cfg.epochs * steps_per_epoch(cfg, data)))
-        hist = fit(net, data, optimizer=opts, iterations=total, batch_size=cfg.batch_size,
-                   penalties={"flops": lambda m: lam * cost.expected_flops(m) / nominal},
-                   callbacks=[hc.ClampLogAlpha()], eval_every=_eval_every(cfg, data), seed=seed,
-                   progress=False, desc=f"{method} λ={lam:g}")
+        hist = fit(net, data, method=pruning, lr=cfg.lr, iterations=total, batch_size=cfg.batch_size,
+                   eval_every=_eval_every(cfg, data), seed=seed, progress=False, desc=f"{method} λ={lam:g}")
         net = net.cpu().eval()
         keep, _ = hc.keep_and_scale(net)
         with warnings.catch_warnings():
@@ -531,9 +527,8 @@ def bernoulli_unit(cfg: Config, data, kappa: float, seed: int, dense_ref: dict) 
                                    theta_tau=cfg.theta_tau * spe, flip_examples=cfg.flip_examples,
                                    check_every=cfg.check_every, shrink_every=5, record_every=0, seed=seed)
         total = max(1, math.ceil(cfg.epochs * spe))
-        hist = fit(net, data, optimizer=bp.optimizers(cfg.lr), loss_fn=bp.loss_fn, penalties=bp.penalties(),
-                   callbacks=[bp], iterations=total, batch_size=cfg.batch_size, eval_every=_eval_every(cfg, data),
-                   seed=seed, progress=False, desc=f"bernoulli κ={kappa:g}")
+        hist = fit(net, data, method=bp, lr=cfg.lr, iterations=total, batch_size=cfg.batch_size,
+                   eval_every=_eval_every(cfg, data), seed=seed, progress=False, desc=f"bernoulli κ={kappa:g}")
         bp.remove_dead(bp._opts)
         net = net.cpu().eval()
         family = families.get("bernoulli")

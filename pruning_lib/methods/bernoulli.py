@@ -55,7 +55,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import families
 from ..compact import compact
 from ..gates import GateSlot, get_gates, scale_channels, set_gates
-from ..train import Callback, EpochTimer
+from ..train import Callback, EpochTimer, Method
 
 __all__ = [
     "BernoulliGate", "attach_bernoulli_gates", "bernoulli_gates", "gate_thetas", "project_",
@@ -582,14 +582,13 @@ def shrink_(model: nn.Module, keep: Mapping[str, torch.Tensor],
 # Training: the callback that plugs all of it into pruning_lib.train.fit
 # --------------------------------------------------------------------------------------------------
 
-class BernoulliPruning(Callback):
+class BernoulliPruning(Method):
     """Learns the gates' ``theta`` by projected SGD on the cost and removes units at 0 during training.
 
     Use with :func:`~pruning_lib.train.fit` as::
 
         bp = BernoulliPruning(model, dataset_size=len(data.train), ...)
-        fit(model, data, optimizer=bp.optimizers(lr), loss_fn=bp.loss_fn, penalties=bp.penalties(),
-            callbacks=[bp], ...)
+        fit(model, data, method=bp, lr=lr, ...)  # its optimizers, penalty, loss and callback
 
     Each step: the forward draws ``xi`` and records what the estimator needs (and the per-example
     losses, which the estimator reuses); after backward the callback writes ``theta.grad = (estimate of

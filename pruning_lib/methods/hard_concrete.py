@@ -42,7 +42,7 @@ from torch import nn
 
 from ..compact import compact
 from ..gates import get_gates, scale_channels, set_gates
-from ..train import Callback
+from ..train import Callback, Method
 
 __all__ = [
     "BETA", "GAMMA", "ZETA", "LOG_ALPHA_RANGE", "LAYER_SCOPES",
@@ -423,6 +423,31 @@ class ClampLogAlpha(Callback):
         for g in _hc_gates(state.model).values():
             if isinstance(g, L0Gate):
                 g.clamp_()
+
+
+class HardConcretePruning(Method):
+    """L0-HC or Dep-L0 gates (attached beforehand) as a :class:`~pruning_lib.train.Method` of ``fit``: Adam
+    on the weights at ``fit``'s ``lr`` and Adam on the gates at ``gate_lr`` (two optimizers, as the official
+    code), the sparsity penalty ``{name: penalty(model)}``, and L0-HC's log-alpha clamp after each step."""
+
+    def __init__(self, model: nn.Module, penalty: Callable[[nn.Module], torch.Tensor], gate_lr: float,
+                 name: str = "sparsity"):
+        if not _hc_gates(model):
+            raise ValueError("the model has no hard-concrete gates: attach L0-HC or Dep-L0 gates first")
+        self.model, self.penalty, self.gate_lr, self.name = model, penalty, gate_lr, name
+        self._clamp = ClampLogAlpha()
+
+    def optimizers(self, lr: float) -> list[torch.optim.Optimizer]:
+        gates = gate_parameters(self.model)
+        ids = {id(p) for p in gates}
+        return [torch.optim.Adam([p for p in self.model.parameters() if id(p) not in ids], lr=lr),
+                torch.optim.Adam(gates, lr=self.gate_lr)]
+
+    def penalties(self) -> dict[str, Callable[[nn.Module], torch.Tensor]]:
+        return {self.name: self.penalty}
+
+    def after_step(self, state) -> None:
+        self._clamp.after_step(state)
 
 
 class GateMonitor(Callback):

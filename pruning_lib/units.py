@@ -9,9 +9,9 @@ function), so a unit trained here is a cached unit that ``make book`` then reads
 Usage (from the repository root)::
 
     python -m pruning_lib.book units 03_dep_l0 --profile paper [-p NAME VALUE ...] --list
-    python -m pruning_lib.book units 03 --profile paper --run 3f2a...   # one unit (a unique hash prefix)
+    python -m pruning_lib.book units 03 --profile paper --unit 3f2a...  # one unit (a unique hash prefix)
     python -m pruning_lib.book units 03 --profile paper --missing        # every unit not done yet
-    torchrun --standalone --nproc_per_node=8 -m pruning_lib.book units 03 --profile paper --run 3f2a... --bf16
+    torchrun --standalone --nproc_per_node=8 -m pruning_lib.book units 03 --profile paper --unit 3f2a... --bf16
     python -m pruning_lib.book units 03 --profile paper --missing --nproc 8   # the same, torchrun started for you
 
 ``-p`` parameters are checked exactly as ``python -m pruning_lib.book run`` checks them (the chapter
@@ -254,7 +254,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="a chapter parameter, as for `run` (repeatable)")
     what = ap.add_mutually_exclusive_group()
     what.add_argument("--list", action="store_true", help="list the units: hash, done or not, what (default)")
-    what.add_argument("--run", metavar="HASH", help="run the unit with this hash (a unique prefix will do)")
+    # --unit, not only --run: under torchrun, whose own options include --run-path and --run_path, argparse
+    # calls "--run" an ambiguous abbreviation even after the module name
+    what.add_argument("--unit", "--run", dest="run", metavar="HASH",
+                      help="run the unit with this hash (a unique prefix will do)")
     what.add_argument("--missing", action="store_true", help="run every unit that is not done")
     ap.add_argument("--nproc", type=int, default=None, metavar="N",
                     help="run under `torchrun --standalone --nproc_per_node=N` (one process per GPU)")
@@ -270,12 +273,15 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` for the processes torchrun starts: without ``--nproc``, and ``--run`` spelt ``--unit``."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
         elif a == "--nproc":
             skip = True
+        elif a == "--run" or a.startswith("--run="):
+            out.append("--unit" + a[len("--run"):])
         elif not a.startswith("--nproc="):
             out.append(a)
     return out

@@ -270,3 +270,16 @@ def test_a_stopped_unit_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     for name in ("history", "trace"):
         pd.testing.assert_frame_equal(whole.frame(name).drop(columns="seconds", errors="ignore"),
                                       resumed.frame(name).drop(columns="seconds", errors="ignore"), rtol=1e-6)
+
+
+def test_the_torchrun_command_spells_run_as_unit():
+    """torchrun's own parser calls ``--run`` an ambiguous abbreviation of its ``--run-path`` (even after the
+    module name), so the processes it starts are given ``--unit``, the same option; ``--nproc`` is dropped."""
+    argv = ["03", "--profile", "smoke", "--run", "ab12", "--nproc", "2", "--bf16"]
+    assert units._without_nproc(argv) == ["03", "--profile", "smoke", "--unit", "ab12", "--bf16"]
+    assert units._without_nproc(["03", "--run=ab12", "--nproc=2"]) == ["03", "--unit=ab12"]
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    units.add_arguments(ap)
+    assert ap.parse_args(["03", "--unit", "ab12"]).run == ap.parse_args(["03", "--run", "ab12"]).run == "ab12"

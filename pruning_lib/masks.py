@@ -25,11 +25,14 @@ multiplication on, re-checked every 64 steps. Values are bit-identical to multip
 
 Adam's and AdamW's second moment ``exp_avg_sq`` only ever enters the update as ``sqrt(v) + eps`` in a
 denominator. At a pruned entry whose first moment is zero the update is ``0 / denominator = 0`` whatever ``v``
-is, so, once a parameter is clean (above), 1 is added to ``v`` at its pruned entries after each step (kept
-entries get ``+0``: the same bits). This changes no weight, but it matters for speed: on the project's CPU
-(AMD EPYC, torch's AVX-512 kernels) ``sqrt`` of an exact zero costs about 7x ``sqrt`` of a positive number,
-so Adam's ``v.sqrt()`` over an 80 %-pruned ``v`` was most of the masked step's extra cost
-(``benchmarks/mask_step.py``). ``v`` stays in ``[1, 1 / (1 - beta2)]`` there, far from denormals.
+is, so, once a parameter is clean (above), a large ``L`` (1e18 in float32) is added to ``v`` at its pruned
+entries, and again whenever ``beta2``'s decay could have brought it below 1 (every 41,000 steps for
+``beta2 = 0.999``; kept entries get ``+0``: the same bits). This changes no weight, but it matters for speed: on
+the project's CPU (AMD EPYC, torch's AVX-512 kernels) ``sqrt`` of an exact zero costs about 7x ``sqrt`` of a
+positive number, so Adam's ``v.sqrt()`` over an 80 %-pruned ``v`` was most of the masked step's extra cost
+(``benchmarks/mask_step.py``).
+The hooks' bookkeeping is a few attribute reads per masked parameter and step (``_Entry``); issue 15 measured
+the earlier per-step ``+1`` pass over ``v`` and weak-dictionary look-ups as most of what remained.
 Weights must be changed in place through the parameter (``p.copy_``, ``load_state_dict``) or by applying
 the mask again, not through ``p.data`` (whose writes no version counter sees).
 
@@ -39,6 +42,9 @@ zero) weights as plain parameters: the forward is unchanged.
 """
 from __future__ import annotations
 
+import functools
+import math
+import weakref
 from pathlib import Path
 from typing import Iterable
 
@@ -113,31 +119,105 @@ def prunable_names(model: nn.Module, include_bias: bool = False) -> list[str]:
 
 # --- enforcement --------------------------------------------------------------------------------
 
-# Parameter -> float mask for every parameter under an applied mask. Weak keys: a model that is garbage
-# collected leaves nothing behind.
-# Keyed by identity (tensors compare elementwise, so a plain WeakKeyDictionary would not work).
-_ACTIVE = WeakIdKeyDictionary()
+# id(parameter) -> (weak reference to it, float mask) for every parameter under an applied mask. A plain dict
+# keyed by id, looked up once per parameter and step (a WeakIdKeyDictionary look-up builds a weak reference
+# each time); the weak reference's callback drops the entry when the parameter is garbage collected, and
+# the reference is compared on look-up, so a recycled id never matches.
+_ACTIVE: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 _HOOKS = WeakIdKeyDictionary()
 _HOOKS_REGISTERED = False
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    rec = _ACTIVE.get(key)
+    if rec is not None and rec[0] is ref:
+        del _ACTIVE[key]
+
 
 # Optimizers whose update of an entry depends only on that entry's gradient, value and state, so that an
 # entry that is zero in all three stays exactly zero (exact type: a subclass may change the update).
 _ELEMENTWISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+_ADAM = (torch.optim.Adam, torch.optim.AdamW)
 _RECHECK_EVERY = 64  # steps between re-checks of stale optimizer state at pruned entries
-
-# Optimizer -> {id(param): record}. A record (mask, param version, param storage, state key) says: after the
-# last step the parameter was zero at its pruned entries and its optimizer state was zero there; a record
-# (mask, None, step of the next check) says the state was not (stale moments): multiply after every step.
-_CLEAN = WeakIdKeyDictionary()
-_PENDING = WeakIdKeyDictionary()  # optimizer -> ([(param, mask)] to multiply, [param] to skip) this step
-_STEPS = WeakIdKeyDictionary()  # optimizer -> steps seen
-
 
 # Adam/AdamW state that only divides the update (sqrt(v) + eps): it cannot move a pruned weight whose first
 # moment is zero, so it is neither checked for zeros nor watched for writes.
 _DENOMINATOR_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq"})
-_ADAM = (torch.optim.Adam, torch.optim.AdamW)
-_PRUNED_ONES = WeakIdKeyDictionary()  # float mask -> 1.0 at pruned entries, 0.0 at kept ones
+
+
+class _Entry:
+    """What the hooks know about one masked parameter of one optimizer.
+
+    ``clean``: after the last step the parameter was zero at its pruned entries and the optimizer's moving
+    state (:func:`_moving_state`) was zero there; ``version``/``ptr`` (the parameter's version counter and
+    storage), ``state`` (its optimizer state dict and that dict's length) and ``moving`` ((key, tensor,
+    version, storage) of each moving state tensor) say what it was, so that any later write is noticed.
+    Not clean (stale moments): multiply after every step, re-check at step ``next_check``. ``v`` and
+    ``lift_due``: Adam's second moment and the step of its next lift (:func:`_lift_second_moment`).
+    """
+
+    __slots__ = ("p", "m", "clean", "version", "ptr", "state", "state_len", "moving", "next_check", "v",
+                 "lift_due")
+
+    def __init__(self, p, m):
+        self.p, self.m, self.clean, self.next_check, self.v, self.lift_due = p, m, False, 0, None, 0
+
+    def record(self, optimizer) -> None:
+        """Note that the parameter is clean, and the versions that this step left."""
+        p = self.p
+        st = optimizer.state.get(p)
+        self.clean, self.version, self.ptr = True, p._version, p.data_ptr()
+        self.state, self.state_len = st, (len(st) if st is not None else 0)
+        self.moving = tuple((k, t, t._version, t.data_ptr()) for k, t in (st or {}).items()
+                            if k not in _DENOMINATOR_STATE and isinstance(t, torch.Tensor) and t.shape == p.shape)
+
+    def still_clean(self, optimizer) -> bool:
+        """Nothing wrote to the parameter or its moving state since :meth:`record` (or :meth:`advance`)."""
+        p = self.p
+        if not self.clean or p._version != self.version or p.data_ptr() != self.ptr:
+            return False
+        st = optimizer.state.get(p)
+        if st is not self.state or (st is not None and len(st) != self.state_len):
+            return False
+        for k, t, version, ptr in self.moving:
+            if st.get(k) is not t or t._version != version or t.data_ptr() != ptr:
+                return False
+        return True
+
+    def advance(self) -> None:
+        """After a step that :meth:`still_clean` allowed to skip: note the versions the step left (a step that
+        replaced or added state is caught by the next :meth:`still_clean`)."""
+        p = self.p
+        self.version, self.ptr = p._version, p.data_ptr()
+        self.moving = tuple((k, t, t._version, t.data_ptr()) for k, t, _, _ in self.moving)
+
+
+class _Plan:
+    """Per optimizer: its entries by ``id(param)``, the steps seen, and this step's (todo, skip) lists."""
+
+    __slots__ = ("ref", "entries", "step", "pending")
+
+    def __init__(self, ref):
+        self.ref, self.entries, self.step, self.pending = ref, {}, 0, None
+
+
+# id(optimizer) -> _Plan, dropped when the optimizer is garbage collected (as _ACTIVE).
+_PLANS: dict[int, _Plan] = {}
+
+
+def _plan(optimizer) -> _Plan:
+    key = id(optimizer)
+    plan = _PLANS.get(key)
+    if plan is None or plan.ref() is not optimizer:
+        ref = weakref.ref(optimizer, functools.partial(_forget_plan, key))
+        plan = _PLANS[key] = _Plan(ref)
+    return plan
+
+
+def _forget_plan(key: int, ref: weakref.ref) -> None:
+    plan = _PLANS.get(key)
+    if plan is not None and plan.ref is ref:
+        del _PLANS[key]
 
 
 def _moving_state(optimizer, p):
@@ -147,82 +227,101 @@ def _moving_state(optimizer, p):
             and isinstance(t, torch.Tensor) and t.shape == p.shape]
 
 
-def _state_key(optimizer, p) -> tuple:
-    return tuple((id(t), t._version, t.data_ptr()) for t in _moving_state(optimizer, p))
+def _lift_second_moment(optimizer, entry: _Entry, step: int) -> None:
+    """Keep Adam's ``exp_avg_sq`` of a clean parameter at least 1 at its pruned entries (module docstring:
+    same weights, no ``sqrt`` of zeros).
 
-
-def _lift_second_moment(optimizer, p, m) -> None:
-    """Add 1 to Adam's ``exp_avg_sq`` of a clean parameter at its pruned entries (module docstring: same
-    weights, no ``sqrt`` of zeros)."""
+    There the gradient is zero, so ``v`` only decays, by ``beta2`` per step. Adding a large ``L`` once, and
+    again every ``log(L) / -log(beta2)`` steps (41,000 for ``beta2 = 0.999`` in float32), keeps ``v >= 1``
+    without a pass over ``v`` at every step (issue 15). Kept entries get ``+0``: the same bits.
+    """
+    p, m = entry.p, entry.m
     v = (optimizer.state.get(p) or {}).get("exp_avg_sq")
     if v is None or v.shape != p.shape:
+        entry.v = None
         return
-    ones = _PRUNED_ONES.get(m)
-    if ones is None or ones.dtype != v.dtype or ones.device != v.device:
-        ones = _PRUNED_ONES[m] = (1 - m).to(dtype=v.dtype, device=v.device)
-    v.add_(ones)
+    if v is entry.v and step < entry.lift_due:
+        return
+    lift = min(1e18, math.sqrt(torch.finfo(v.dtype).max))  # v stays below 2 L: far from the dtype's maximum
+    beta2 = float(next((g["betas"][1] for g in optimizer.param_groups if any(q is p for q in g["params"])), 0.0))
+    every = int(math.log(lift) / -math.log(beta2)) if 0.0 < beta2 < 1.0 else (1 if beta2 <= 0.0 else 2**62)
+    v.add_((1 - m).to(dtype=v.dtype, device=v.device), alpha=lift)
+    entry.v, entry.lift_due = v, step + max(every, 1)
 
 
 def _masked_params(optimizer):
     for group in optimizer.param_groups:
         for p in group["params"]:
-            m = _ACTIVE.get(p)
-            if m is not None:
-                yield p, m
+            rec = _ACTIVE.get(id(p))
+            if rec is not None and rec[0]() is p:
+                yield p, rec[1]
 
 
 def _before_step(optimizer, args, kwargs) -> None:
     """Pre-step hook: list the masked parameters of ``optimizer`` whose pruned entries this step may move."""
     if not _ACTIVE:
-        _PENDING.pop(optimizer, None)
+        plan = _PLANS.get(id(optimizer))
+        if plan is not None:
+            plan.pending = None
         return
-    clean = _CLEAN.get(optimizer, {})
+    masked = list(_masked_params(optimizer))
+    if not masked and id(optimizer) not in _PLANS:
+        return
+    plan = _plan(optimizer)
+    entries = plan.entries
     todo, skip = [], []
-    for p, m in _masked_params(optimizer):
-        rec = clean.get(id(p))
-        if rec is None or rec[0] is not m:
-            todo.append((p, m))
-        elif rec[1] is None:  # stale state: always multiply
-            todo.append((p, m))
-        elif rec[1] != p._version or rec[2] != p.data_ptr() or rec[3] != _state_key(optimizer, p):
-            todo.append((p, m))
+    for p, m in masked:
+        e = entries.get(id(p))
+        if e is not None and e.p is p and e.m is m and e.still_clean(optimizer):
+            skip.append(e)
         else:
-            skip.append(p)
-    _PENDING[optimizer] = (todo, skip)
+            todo.append((p, m))
+    plan.pending = (todo, skip)
 
 
 def _reapply_after_step(optimizer, args, kwargs) -> None:
     """Post-step hook: multiply by their mask the parameters :func:`_before_step` listed."""
-    todo, skip = _PENDING.pop(optimizer, (None, ()))
-    if todo is None:  # no pre-step record (hooks registered mid-step): multiply all
+    plan = _PLANS.get(id(optimizer))
+    if plan is not None and plan.ref() is not optimizer:
+        plan = None
+    pending = plan.pending if plan is not None else None
+    if pending is None:  # no pre-step record (hooks registered mid-step): multiply all
         if not _ACTIVE:
             return
-        todo = list(_masked_params(optimizer))
-    step = _STEPS[optimizer] = _STEPS.get(optimizer, 0) + 1
-    clean = _CLEAN.setdefault(optimizer, {})
+        todo, skip = list(_masked_params(optimizer)), ()
+        if not todo:
+            return
+        plan = _plan(optimizer)
+    else:
+        todo, skip = pending
+        plan.pending = None
+    plan.step += 1
+    step = plan.step
     adam = type(optimizer) in _ADAM
     with torch.no_grad():
-        for p in skip:  # still zero at pruned entries (see module docstring): note the versions this step left
-            rec = clean[id(p)]
-            clean[id(p)] = (rec[0], p._version, p.data_ptr(), _state_key(optimizer, p))
-            if adam:
-                _lift_second_moment(optimizer, p, rec[0])
+        for e in skip:  # still zero at pruned entries (see module docstring): note the versions this step left
+            e.advance()
+            if adam and step >= e.lift_due:
+                _lift_second_moment(optimizer, e, step)
         if not todo:
             return
         elementwise = type(optimizer) in _ELEMENTWISE
+        entries = plan.entries
         for p, m in todo:
             p.mul_(m)
             if not elementwise:
                 continue
-            rec = clean.get(id(p))
-            if rec is not None and rec[0] is m and rec[1] is None and step < rec[2]:
+            e = entries.get(id(p))
+            if e is None or e.p is not p or e.m is not m:
+                e = entries[id(p)] = _Entry(p, m)
+            elif not e.clean and step < e.next_check:
                 continue  # stale state, next check later
             if _state_zero_where_pruned(optimizer, p, m):
-                clean[id(p)] = (m, p._version, p.data_ptr(), _state_key(optimizer, p))
+                e.record(optimizer)
                 if adam:
-                    _lift_second_moment(optimizer, p, m)
+                    _lift_second_moment(optimizer, e, step)
             else:
-                clean[id(p)] = (m, None, step + _RECHECK_EVERY)
+                e.clean, e.next_check = False, step + _RECHECK_EVERY
 
 
 def _state_zero_where_pruned(optimizer, p, m) -> bool:
@@ -269,7 +368,7 @@ def apply_mask(model: nn.Module, mask: Mask) -> nn.Module:
         fmask = buf.to(p.dtype)
         with torch.no_grad():
             p.mul_(fmask)
-        _ACTIVE[p] = fmask
+        _ACTIVE[id(p)] = (weakref.ref(p, functools.partial(_forget, id(p))), fmask)
         old = _HOOKS.pop(p, None)
         if old is not None:
             old.remove()
@@ -324,7 +423,7 @@ def load_masked_state(model: nn.Module, state_dict: dict) -> nn.Module:
 def make_permanent(model: nn.Module) -> nn.Module:
     """Remove mask hooks and buffers; pruned weights stay zero, so the forward is unchanged."""
     for name, p in model.named_parameters():
-        _ACTIVE.pop(p, None)
+        _ACTIVE.pop(id(p), None)
         h = _HOOKS.pop(p, None)
         if h is not None:
             h.remove()

@@ -292,3 +292,41 @@ def test_adam_second_moment_is_lifted_at_pruned_entries_and_weights_keep_their_b
         assert torch.equal(_bits(v[keep]), _bits(v_ref[keep]))
         assert torch.all(o.state[p]["exp_avg"][~keep] == 0)
         assert torch.equal(_bits(p), _bits(q))
+
+
+@pytest.mark.parametrize("make_opt", [lambda p: torch.optim.Adam(p, 1e-2, betas=(0.9, 0.5)),
+                                      lambda p: torch.optim.AdamW(p, 1e-2, betas=(0.9, 0.5), amsgrad=True)],
+                         ids=["adam", "adamw_amsgrad"])
+def test_second_moment_lift_is_renewed_as_beta2_decays_it_and_weights_keep_their_bits(make_opt):
+    """Issue 15: the lift is added once and renewed every log(L) / -log(beta2) steps (59 for beta2 = 1/2),
+    not at every step; across several renewals v stays >= 1 at pruned entries and the weights keep the
+    reference's bits."""
+    x = torch.randn(16, 8)
+    steps = 150
+    ref, _ = _reference_masked_training(net(), random_mask(net()), make_opt, x, steps)
+    m = net()
+    mask = random_mask(m)
+    apply_mask(m, mask)
+    o = make_opt(m.parameters())
+    for i in range(steps):
+        o.zero_grad(); m(x).pow(2).sum().backward(); o.step()
+        for n, p in m.named_parameters():
+            if n in mask:
+                assert torch.all(o.state[p]["exp_avg_sq"][~mask[n]] >= 1.0), (i, n)
+    for (n, p), q in zip(m.named_parameters(), ref.parameters()):
+        assert torch.equal(_bits(p), _bits(q)), n
+
+
+def test_enforcement_forgets_models_and_optimizers_that_are_garbage_collected():
+    import gc
+
+    from pruning_lib import masks as masks_mod
+    before = (len(masks_mod._ACTIVE), len(masks_mod._PLANS))
+    m = net()
+    apply_mask(m, random_mask(m))
+    o = torch.optim.Adam(m.parameters(), 1e-2)
+    o.zero_grad(); m(torch.randn(4, 8)).sum().backward(); o.step()
+    assert len(masks_mod._ACTIVE) > before[0] and len(masks_mod._PLANS) > before[1]
+    del m, o
+    gc.collect()
+    assert (len(masks_mod._ACTIVE), len(masks_mod._PLANS)) == before

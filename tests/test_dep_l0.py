@@ -209,3 +209,31 @@ def test_the_gate_family_attaches_what_the_direct_call_does(method):
     ids = {id(p) for p in gates}
     assert ([p.shape for p in direct.parameters() if id(p) not in ids]
             == [p.shape for p in family.weight_parameters(looked_up)])
+
+
+def test_the_pages_tables_and_discussion_come_from_the_run(tiny_run):
+    """The notebook's settings table, glued numbers and discussion lists are built by the chapter module."""
+    cfg, out = tiny_run
+    settings = dep_l0.settings_table(cfg)
+    assert settings[["model", "dataset"]].values.tolist() == [["lenet5_caffe", "synthetic-mnist"]]
+    assert settings["lambdas"].iloc[0] == f"{dep_l0.MODEL_SETTINGS['lenet5_caffe']['base_lambda'] * 50.0:.2g}"
+    nums = dep_l0.settings_numbers(cfg, out)
+    assert isinstance(nums["gate_steps"], int) and nums["gate_steps"] > 0 and nums["first_width"] > 0
+    assert nums["travel_ours"] == pytest.approx(cfg.gate_lr * nums["gate_steps"])
+    assert 0 < nums["linear_share"] < 1 and 0 < nums["conv_flops_share"] < 1
+    shown = dep_l0.shown_summary(out["results"])
+    assert set(shown["method"]) <= set(dep_l0.METHOD_LABELS.values()) and len(shown) == 3  # dense + 2 methods
+    settle = dep_l0.settled_runs(out["trace"])
+    assert dep_l0.unsettled_text(settle).startswith("none") == bool(settle["settled"].all())
+    assert list(dep_l0.shown_settled(settle)["method"]) == [dep_l0.METHOD_LABELS[m] for m in settle["method"]]
+    assert set(dep_l0.matched_levels(cfg, out["results"])) == {"dep_l0_backward"}
+    table = dep_l0.claims_table(cfg, out)
+    text = dep_l0.discussion(cfg, out, table)
+    assert list(text) == ["pairs_md", "train_minutes", "verdicts_md", "settle_md", "epochs_n", "matched_md",
+                          "collapsed_md"]
+    assert text["pairs_md"].startswith("- lenet5_caffe on synthetic-mnist") and "**L0-HC**" in text["pairs_md"]
+    assert all(f"*{c}*: **{v}**" in text["verdicts_md"] for c, v in zip(table["claim"], table["verdict"]))
+    assert text["settle_md"].count("\n") == 1  # one line per method of the one model
+    assert text["matched_md"].startswith("- lenet5_caffe")
+    assert isinstance(text["train_minutes"], float) and text["train_minutes"] > 0
+    assert text["epochs_n"] == cfg.epochs

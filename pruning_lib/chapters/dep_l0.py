@@ -672,3 +672,116 @@ def settling_epochs(trace: pd.DataFrame, tol: float = 0.02) -> pd.DataFrame:
         rows.append(dict(zip(["model", "method", "lam", "seed"], key), settled_epoch=float(settle),
                          start=float(f[0]), final=float(f[-1])))
     return pd.DataFrame(rows)
+
+
+# --- the page's tables and prose ------------------------------------------------------------------------
+
+def settings_table(cfg: Config) -> pd.DataFrame:
+    """One row per experiment: model, dataset, its training settings (:meth:`Config.settings`) and the λ
+    values of the sweep (the model's base λ times :attr:`Config.lambda_scales`)."""
+    rows = []
+    for e in cfg.experiments:
+        model, dataset = e.split("/")
+        lambdas = ", ".join(f"{MODEL_SETTINGS[model]['base_lambda'] * s:.2g}" for s in cfg.lambda_scales)
+        rows.append({"model": model, "dataset": dataset, **cfg.settings(model), "lambdas": lambdas})
+    return pd.DataFrame(rows)
+
+
+def settings_numbers(cfg: Config, out: dict[str, pd.DataFrame]) -> dict[str, float]:
+    """The numbers of the page's settings: the gate steps of one run and how far Adam can move a free
+    ``log_alpha`` in them (at the official 1e-3 and at ``cfg.gate_lr``); how far one Adam step on a generator
+    weight can move the next layer's pre-activations (lr * C_1 * ln 100); and the penalty's scope for the
+    first experiment's model (:func:`penalty_shares`)."""
+    gate_steps = int(out["history"].query("phase == 'train'")["step"].max())
+    first = out["architecture"].query("layer_index == 0")["channels"]
+    first_width = int(first.iloc[0]) if len(first) else 0
+    model, dataset = cfg.experiments[0].split("/")
+    shares = penalty_shares(model, dataset, cfg.data_root)
+    return {"gate_steps": gate_steps, "gate_lr": cfg.gate_lr, "travel_official": 1e-3 * gate_steps,
+            "travel_ours": cfg.gate_lr * gate_steps, "first_width": first_width,
+            "gen_step": cfg.gate_lr * first_width * math.log(100),
+            "linear_share": shares["linear_share_of_params"], "conv_flops_share": shares["conv_share_of_flops"]}
+
+
+def shown_summary(results: pd.DataFrame) -> pd.DataFrame:
+    """:func:`summary_table` as the page shows it: methods by their labels, λ to 2 significant digits,
+    numbers rounded to 4 places."""
+    table = summary_table(results)
+    return table.assign(method=table["method"].map(METHOD_LABELS), lam=table["lam"].map("{:.2g}".format)).round(4)
+
+
+def matched_levels(cfg: Config, results: pd.DataFrame) -> dict[str, pd.Series]:
+    """Per Dep-L0 method of the run, the FLOPs level of each model at which it is read against L0-HC
+    (:func:`matched_flops_level` over the gated runs)."""
+    gated = results[results.method != "dense"]
+    return {m: matched_flops_level(gated, m) for m in cfg.methods if m.startswith("dep_l0")}
+
+
+def shown_settled(settle: pd.DataFrame) -> pd.DataFrame:
+    """:func:`settled_runs` as the page shows it: methods by their labels, λ to 2 significant digits, the
+    change rounded to 4 places."""
+    return settle.assign(method=settle["method"].map(METHOD_LABELS), lam=settle["lam"].map("{:.2g}".format),
+                         change=settle["change"].round(4))
+
+
+def unsettled_text(settle: pd.DataFrame) -> str:
+    """The runs of :func:`settled_runs` still pruning at the end (method, λ, seed, change), or "none"."""
+    unsettled = settle[~settle["settled"]]
+    if unsettled.empty:
+        return "none: every gated run settled"
+    return "; ".join(f"{METHOD_LABELS[r.method]} λ={r.lam:.2g} seed {r.seed} ({r.change:.1%})"
+                     for r in unsettled.itertuples())
+
+
+def discussion(cfg: Config, out: dict[str, pd.DataFrame], table: pd.DataFrame) -> dict[str, str | float]:
+    """The numbers and Markdown lists of the chapter's discussion, by glue name (``*_md`` are Markdown):
+    the accuracy / FLOPs pairs of each method (mean over seeds, by λ), the accuracies read off at the
+    common FLOPs level (:func:`accuracy_at_matched_flops`), the verdicts of ``table``
+    (:func:`claims_table`), when the gates settle (:func:`settling_epochs`), the runs in which a whole
+    layer closed, the units' summed training minutes and the number of epochs."""
+    results = out["results"]
+    gated = results[results.method != "dense"]
+    lines = []
+    for (model, dataset), r in results.groupby(["model", "dataset"], sort=False):
+        parts = []
+        for method in ["dense", "l0_hc", "dep_l0_forward", "dep_l0_backward"]:
+            rm = r[r.method == method]
+            if rm.empty:
+                continue
+            g = rm.groupby("lam")[["test_accuracy", "flops_kept"]].mean().reset_index()
+            pairs = "; ".join(f"{a:.1%} at {1 - f:.0%} FLOPs removed"
+                              for a, f in zip(g["test_accuracy"], g["flops_kept"]))
+            parts.append(f"**{METHOD_LABELS[method]}** {pairs}")
+        lines.append(f"- {model} on {dataset} (test accuracy, mean over seeds, by increasing λ): " + " | ".join(parts))
+    verdicts = table.set_index("claim")["verdict"]
+    settle = settling_epochs(out["trace"]).groupby(["model", "method"], sort=False).agg(
+        settled=("settled_epoch", "median"), start=("start", "mean"), final=("final", "mean"))
+    matched = []
+    for method, lv in matched_levels(cfg, results).items():
+        m = accuracy_at_matched_flops(gated, method)
+        for model, level in lv.items():
+            mm = m[m.model == model]
+            if mm.empty:
+                matched.append(f"- {model}, {METHOD_LABELS[method]}: the two methods' FLOPs ranges do not "
+                               "overlap in every seed, so there is no common level to read them at")
+                continue
+            matched.append(f"- {model} at {level:.1%} of the FLOPs kept, {METHOD_LABELS[method]} against "
+                           "L0-HC, by seed: " + "; ".join(
+                               f"seed {r.seed}: {r.method_acc:.2%} against {r.baseline_acc:.2%}"
+                               for r in mm.itertuples()))
+    empty = (gated[gated["empty_layers"].fillna("").astype(str).str.len() > 0] if "empty_layers" in gated
+             else gated.iloc[:0])
+    return {
+        "pairs_md": "\n".join(lines),
+        "train_minutes": float(results["seconds"].sum() / 60),
+        "verdicts_md": "; ".join(f"*{c}*: **{v}**" for c, v in verdicts.items()),
+        "settle_md": "\n".join(
+            f"- {model}, {METHOD_LABELS[method]}: expected FLOPs kept {r.start:.0%} at the start, "
+            f"{r.final:.0%} at the end, settled after epoch {r.settled:.2f} (median)"
+            for (model, method), r in settle.iterrows()),
+        "epochs_n": float(cfg.epochs),
+        "matched_md": "\n".join(matched) or "- no Dep-L0 run in this profile",
+        "collapsed_md": "none" if empty.empty else "; ".join(
+            f"{METHOD_LABELS[r.method]} λ={r.lam:.2g} seed {r.seed} (layer {r.empty_layers}: "
+            f"{r.test_accuracy:.1%} test accuracy)" for r in empty.itertuples()),
+    }

@@ -378,3 +378,27 @@ def test_a_listed_unit_writes_the_store_the_notebook_reads(tmp_path, monkeypatch
     assert chosen in cfg.flip_grid
     assert [u.key for u in listed[1:3]] == [bc.gated_store(cfg, "lenet300_100", w, 0, chosen).key
                                             for w in cfg.widths]
+
+
+def test_the_pages_prose_comes_from_the_run(tmp_path):
+    """The notebook's glued numbers, run sentence, fixed facts and discussion are built by the chapter module."""
+    from pruning_lib.chapters import bernoulli_gates as bc
+
+    cfg = bc.Config.from_profile("smoke", models=("lenet300_100",), results_dir=str(tmp_path))
+    results = bc.run_experiment(cfg, progress=False)
+    nums = bc.run_numbers(cfg, results)
+    assert list(nums) == ["n_runs", "undecided_mean", "undecided_max", "early_share"]
+    assert nums["n_runs"] == len(results["runs"]) == len(cfg.widths) * len(cfg.seeds)
+    assert 0 <= nums["undecided_mean"] <= nums["undecided_max"] <= 100
+    assert bc.run_text(cfg, results).startswith(f"Profile **smoke**: {nums['n_runs']} gated runs")
+    facts = bc.fixed_facts(cfg, results).splitlines()
+    assert len(facts) == len(bc.CLAIMS) + 1 and facts[0].startswith(f"{next(iter(bc.CLAIMS))}: ")
+    assert facts[-1].startswith("lenet300_100 ['") and facts[-1].count("-") >= len(cfg.widths)
+    closing, speed = bc.closing_numbers(cfg, results), bc.speed_table(cfg, results)
+    table = bc.claims_table(cfg, results)
+    text = bc.discussion(cfg, closing, table, speed)
+    assert text.startswith("This page was produced by the **smoke** profile on **mnist5k**.")
+    assert text.count("\n- lenet300_100 from ") == len(closing)
+    assert text.count("\n- speed, lenet300_100 from ") == len(speed)
+    assert all(f"*{c}*: **{v}**" in text for c, v in zip(table["claim"], table["verdict"]))
+    assert text.endswith(bc.CAVEATS)

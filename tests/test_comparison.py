@@ -314,3 +314,22 @@ def test_work_units_list_the_runs_own_stores_and_run_one_from_the_command_line(s
     ours = out["points"][(out["points"]["method"] == "gmp") & (out["points"]["level"] == cfg.compressions[0])
                          & (out["points"]["seed"] == cfg.seeds[0])].iloc[0]
     assert row["accuracy"] == ours["accuracy"] and row["effective_flops"] == ours["effective_flops"]
+
+
+def test_the_discussion_lists_come_from_the_run(smoke_run):
+    """The notebook's glued discussion (Markdown lists and numbers) is built by :func:`cmp.discussion`."""
+    cfg, out = smoke_run
+    verdicts = cmp.pareto_table(out["points"])
+    table = cmp.claims_table(cfg, out, results_dir=None)
+    lat = pd.DataFrame(columns=["batch", "ratio", "dense_twice"])  # nothing timed: the test stays fast
+    text = cmp.discussion(cfg, out, verdicts, lat, table)
+    assert list(text) == ["pareto_md", "ratio_md", "scratch_md", "dense_acc", "reach_md", "train_minutes"]
+    assert text["ratio_md"] == "- nothing was timed"
+    assert text["pareto_md"].count("\n") == max(len(verdicts) - 1, 0)
+    ran = [m for m in dict.fromkeys(out["points"]["method"]) if not m.startswith("scratch_b:")]
+    assert [line.split(":")[0] for line in text["reach_md"].splitlines()] == [f"- {cmp.label(m)}" for m in ran]
+    assert 0 <= text["dense_acc"] <= 100 and text["train_minutes"] >= 0
+    lat = pd.DataFrame({"batch": [1, 1], "ratio": [0.5, 1.0], "dense_twice": [1.1, 1.1]})
+    assert cmp.discussion(cfg, out, verdicts, lat, table)["ratio_md"] == (
+        "- batch 1: speed-up / FLOPs reduction from 0.50 to 1.00 (median 0.75); the dense network timed twice "
+        "differed by a factor 1.10")

@@ -1066,3 +1066,39 @@ def plot_overlap(frame: pd.DataFrame):
     fig.colorbar(im, ax=ax, label="IoU of kept weights")
     ax.set_title("mask overlap (first seed)")
     return fig
+
+
+# --- the page's prose -------------------------------------------------------------------------------
+
+def discussion(cfg: Config, out: dict, verdicts: pd.DataFrame, lat: pd.DataFrame,
+               table: pd.DataFrame) -> dict[str, str | float]:
+    """The numbers and Markdown lists of the chapter's discussion, by glue name (``*_md`` are Markdown):
+    each method's class against global magnitude (``verdicts``, :func:`pareto_table`), the speed-up over
+    the FLOPs reduction per batch size (``lat``, :func:`latency`), the Scratch-B verdicts of ``table``
+    (:func:`claims_table`), the dense accuracy, the FLOPs reductions and accuracies each method reached
+    with its runs not settled, and the units' summed training minutes."""
+    points = out["points"]
+    pareto_md = "\n".join(
+        f"- **{label(r['method'])}**: {r['class']} ({r['above']} levels above, {r['tied']} tied, "
+        f"{r['below']} below; mean difference {100 * r['mean_difference']:+.2f} points)"
+        for _, r in verdicts.iterrows())
+    ratios = lat.groupby("batch").agg(lo=("ratio", "min"), mid=("ratio", "median"), hi=("ratio", "max"),
+                                      noise=("dense_twice", "first")) if len(lat) else pd.DataFrame()
+    sb = table[table["claim"].str.contains("Scratch-B")]
+    reach = points[~points["method"].str.startswith("scratch_b:")].groupby(["method", "level"], sort=False).agg(
+        r=("flops_reduction", "mean"), a=("accuracy", "mean"), u=("settled", lambda s: int((~s.astype(bool)).sum())))
+    return {
+        "pareto_md": pareto_md or "- no method was compared",
+        "ratio_md": "\n".join(f"- batch {b}: speed-up / FLOPs reduction from {r['lo']:.2f} to {r['hi']:.2f} "
+                              f"(median {r['mid']:.2f}); the dense network timed twice differed by a factor "
+                              f"{r['noise']:.2f}" for b, r in ratios.iterrows()) or "- nothing was timed",
+        "scratch_md": "\n".join(f"- {c}: **{v}** ({o})" for c, v, o in zip(sb["claim"], sb["verdict"], sb["ours"]))
+                      or "- no structured method ran",
+        "dense_acc": float(100 * out["dense"]["accuracy"].mean()),
+        "reach_md": "\n".join(
+            f"- {label(m)}: ×{g['r'].min():.1f} to ×{g['r'].max():.1f} fewer FLOPs "
+            f"(test accuracy {100 * g['a'].max():.1f} % to {100 * g['a'].min():.1f} %); "
+            f"{g['u'].sum()} of {len(g) * len(cfg.seeds)} runs not settled"
+            for m, g in reach.groupby(level=0, sort=False)),
+        "train_minutes": float((points["unit_seconds"].sum() if "unit_seconds" in points else 0) / 60),
+    }

@@ -95,3 +95,14 @@ def test_a_unit_run_from_the_command_line_is_the_notebooks_cached_unit(tmp_path,
     assert dense_baselines.work_units(cfg)[0].done
     monkeypatch.setattr("pruning_lib.dense.fit", lambda *a, **k: pytest.fail("trained instead of reading the cache"))
     assert len(dense_baselines.run_experiment(cfg, progress=False)["final"]) == 1
+
+
+def test_the_discussion_reports_each_models_error(tmp_path):
+    cfg = dense_baselines.Config.from_profile("smoke", dataset="synthetic-mnist", models=["lenet300_100"],
+                                              results_dir=str(tmp_path))
+    res = dense_baselines.run_experiment(cfg, progress=False)
+    text = dense_baselines.discussion(cfg, res, dense_baselines.claims_table(cfg, res))
+    err = 100 * res["final"]["test_error"].iloc[0]
+    assert text.splitlines()[0] == "This page was produced by the **smoke** profile on **synthetic-mnist**."
+    assert f"- lenet300_100: test error {err:.2f} % (s.d. 0.00, 1 seeds)." in text
+    assert "not judged here" in text and "Their ranking" not in text  # one model: no ranking claim

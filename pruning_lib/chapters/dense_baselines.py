@@ -188,3 +188,23 @@ def plot_learning_curves(curves: pd.DataFrame, metric: str = "test_accuracy"):
         ax.set_ylim(max(0.0, lo - 0.02), 1.0)
     axes[0][0].set_ylabel("accuracy (mean ± s.d. over seeds)")
     return fig
+
+
+def discussion(cfg: Config, results: dict[str, pd.DataFrame], table: pd.DataFrame) -> str:
+    """The chapter's discussion (Markdown): the run, each model's test error (mean, s.d. over seeds), and the
+    verdict on the models' ranking from ``table`` (:func:`claims_table`)."""
+    summary = results["final"].groupby("model")["test_error"].agg(["mean", "std", "count"])
+    lines = [f"This page was produced by the **{cfg.profile}** profile on **{cfg.dataset}**."]
+    if cfg.profile == "smoke":
+        lines.append("The smoke profile trains for a fraction of an epoch: its numbers only show that the "
+                     "pipeline runs and mean nothing about the models.")
+    for m, row in summary.iterrows():
+        lines.append(f"- {m}: test error {100 * row['mean']:.2f} % "
+                     f"(s.d. {100 * (row['std'] if row['count'] > 1 else 0):.2f}, {int(row['count'])} seeds).")
+    if cfg.dataset != "mnist":
+        lines.append("The published errors were measured on full MNIST, so their values are not judged here "
+                     "(verdict 'not measured'); the gap to them is the price of training on far fewer digits.")
+    ranking = table[table["claim"].str.startswith("LeNet-5-Caffe has a lower")]
+    if len(ranking):
+        lines.append(f"Their ranking: **{ranking['verdict'].iloc[0]}** ({ranking['ours'].iloc[0]}).")
+    return "\n".join(lines)

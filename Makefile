@@ -32,6 +32,8 @@ BUDGET ?=
 # part of any result's hash: the same units give the same numbers wherever they run.
 DASK ?=
 DASK_RESOURCES ?=
+# chapters executed at once: auto (2 on 2 cores when every chapter's units are cached, else 1) or a number
+JOBS ?=
 
 # `make test` runs the smoke profile in a stage of its own, so it never overwrites the book's chapters
 # (book/chapters/) or its HTML (_build/html); its book is built into $(SMOKE)/_build/html.
@@ -78,7 +80,7 @@ book: run html
 	@echo "The book: _build/html/index.html"
 
 run: $(STAMP)
-	$(PY) -m pruning_lib.book run --profile $(PROFILE) $(if $(CHAPTERS),--chapters $(CHAPTERS)) $(if $(BUDGET),-p budget $(BUDGET)) $(if $(DASK),--executor $(DASK)) $(if $(DASK_RESOURCES),--resources $(DASK_RESOURCES)) $(PARAMS)
+	$(PY) -m pruning_lib.book run --profile $(PROFILE) $(if $(CHAPTERS),--chapters $(CHAPTERS)) $(if $(BUDGET),-p budget $(BUDGET)) $(if $(DASK),--executor $(DASK)) $(if $(DASK_RESOURCES),--resources $(DASK_RESOURCES)) $(if $(JOBS),--jobs $(JOBS)) $(PARAMS)
 
 html: $(STAMP)
 	$(PY) -m pruning_lib.book build

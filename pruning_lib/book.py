@@ -422,10 +422,44 @@ def read_run_records(results_dir: str | Path, profile: str, budget: float = 1.0)
     return out
 
 
+def cached_chapters(jobs: Sequence[Job], root: str | Path = ".") -> list[str]:
+    """The chapters among ``jobs`` whose every unit is already in the results cache, as the units listing
+    (:mod:`pruning_lib.units`) says for the job's profile and parameters: running them only loads and
+    draws, so they may run side by side. A chapter whose units cannot be listed counts as not cached."""
+    from . import units
+
+    out = []
+    for job in jobs:
+        if job.name == VERDICTS or job.name not in units.REGISTRY:
+            continue
+        params = [(k, v) for k, v in job.parameters.items() if k != "profile"]
+        try:
+            _, _, listed = units.chapter_units(job.name, job.parameters.get("profile", DEFAULT_PROFILE),
+                                               params, root)
+        except Exception:  # noqa: BLE001 - anything that stops the listing: run it alone
+            continue
+        if listed and all(u.done for u in listed):
+            out.append(job.name)
+    return out
+
+
+def parallel_jobs(jobs: Sequence[Job], root: str | Path = ".", requested: str | int | None = "auto") -> int:
+    """How many chapters run at once: ``requested`` when a number; ``"auto"``: one per core (at most 2)
+    when every chapter is cached (:func:`cached_chapters`), else 1, so a chapter that trains has the
+    machine to itself (its timings are measured)."""
+    if requested not in (None, "auto"):
+        return max(1, int(requested))
+    chapters = [j for j in jobs if j.name != VERDICTS]
+    cores = min(2, os.cpu_count() or 1)
+    if requested is None or len(chapters) < 2 or cores < 2:
+        return 1
+    return cores if len(cached_chapters(chapters, root)) == len(chapters) else 1
+
+
 def execute(jobs: Sequence[Job], root: str | Path = ".", executor: str | None = None,
-            resources: str | None = None) -> dict[str, Any]:
-    """Execute ``jobs`` in order with Papermill (cwd = ``root``). Returns ``{"failed": [...],
-    "seconds": {name: s}}``. Each runs into ``_build/executing/`` and replaces its ``job.output`` only
+            resources: str | None = None, parallel: int = 1) -> dict[str, Any]:
+    """Execute ``jobs`` with Papermill (cwd = ``root``), ``parallel`` chapters at a time (the verdicts
+    notebook last, alone). Returns ``{"failed": [...], "seconds": {name: s}, "wall": s}``. Each runs into ``_build/executing/`` and replaces its ``job.output`` only
     when it succeeded (see :func:`check_publishable`); a failed notebook, with its error, goes to
     ``_build/failed/``, and the rest run. Each chapter's run is recorded (:func:`write_run_record`).
     ``executor`` and ``resources`` (see :func:`pruning_lib.runs.map_units`) reach the kernels as
@@ -442,7 +476,7 @@ def execute(jobs: Sequence[Job], root: str | Path = ".", executor: str | None = 
             os.environ[name] = value  # the kernels Papermill starts inherit the environment
     try:
         return _execute(jobs, root, papermill, PapermillExecutionError, tqdm,
-                        os.environ.get(EXECUTOR_ENV) or None)
+                        os.environ.get(EXECUTOR_ENV) or None, parallel)
     finally:
         for name, value in saved.items():
             if value is None:
@@ -451,7 +485,9 @@ def execute(jobs: Sequence[Job], root: str | Path = ".", executor: str | None = 
                 os.environ[name] = value
 
 
-def _execute(jobs, root, papermill, PapermillExecutionError, tqdm, executor):
+def _execute(jobs, root, papermill, PapermillExecutionError, tqdm, executor, parallel=1):
+    from concurrent.futures import ThreadPoolExecutor
+
     root = Path(root).resolve()
     commit = _git_commit(root)
     failed: list[str] = []
@@ -459,64 +495,80 @@ def _execute(jobs, root, papermill, PapermillExecutionError, tqdm, executor):
     # a kernel started with MPLBACKEND=Agg (say) shows figures as "<Figure size ...>" text only: the
     # kernels must use matplotlib's inline backend, their default
     backend = os.environ.pop("MPLBACKEND", None)
-    bar = tqdm(jobs, desc="notebooks", unit="nb", file=sys.stderr, dynamic_ncols=True)
-    try:
-        for job in bar:
-            bar.set_postfix_str(job.name)
-            job.output.parent.mkdir(parents=True, exist_ok=True)
-            base = build_base(job.output)
-            # a name of its own: two runs at once (a book and a stage) never write the same file
-            work = base / EXECUTING / f"{job.output.stem}.{os.getpid()}{job.output.suffix}"
-            work.parent.mkdir(parents=True, exist_ok=True)
-            work.unlink(missing_ok=True)
-            chapter = job.name != VERDICTS
-            started, start = time.time(), time.perf_counter()
-            if chapter:
-                write_run_record(root, job, "running", started, None, commit, executor=executor)
-            error = None
-            try:
-                papermill.execute_notebook(str(job.source), str(work), parameters=job.parameters,
-                                           kernel_name=KERNEL, cwd=str(root), progress_bar=False,
-                                           log_output=False)
-                blank = text_only_figures(work)
-                if blank:
-                    error = (f"figures without an image in cell(s) {', '.join(map(str, blank))}: display a "
-                             f"figure made by pruning_lib.plotting.figure, in matplotlib's inline backend")
-                else:
-                    check_publishable(work)
-            except PapermillExecutionError as exc:
-                error = f"{exc.ename}: {exc.evalue}"
-            except BookError as exc:
-                error = str(exc)
-            except KeyboardInterrupt:
-                if chapter:
-                    write_run_record(root, job, "interrupted", started, time.perf_counter() - start, commit,
-                                     "interrupted", executor=executor)
-                raise
-            except Exception as exc:  # the kernel died, the notebook could not be read, ...
-                error = f"{type(exc).__name__}: {exc}"
-            elapsed = time.perf_counter() - start
-            if error is None:
-                os.replace(work, job.output)  # publish: the whole run succeeded
-                status, kept = "ok", job.output
+    bar = tqdm(total=len(jobs), desc="notebooks", unit="nb", file=sys.stderr, dynamic_ncols=True)
+
+    def one(job: Job) -> None:
+        job.output.parent.mkdir(parents=True, exist_ok=True)
+        base = build_base(job.output)
+        # a name of its own: two runs at once (a book and a stage) never write the same file
+        work = base / EXECUTING / f"{job.output.stem}.{os.getpid()}{job.output.suffix}"
+        work.parent.mkdir(parents=True, exist_ok=True)
+        work.unlink(missing_ok=True)
+        chapter = job.name != VERDICTS
+        started, start = time.time(), time.perf_counter()
+        if chapter:
+            write_run_record(root, job, "running", started, None, commit, executor=executor)
+        error = None
+        try:
+            papermill.execute_notebook(str(job.source), str(work), parameters=job.parameters,
+                                       kernel_name=KERNEL, cwd=str(root), progress_bar=False,
+                                       log_output=False)
+            blank = text_only_figures(work)
+            if blank:
+                error = (f"figures without an image in cell(s) {', '.join(map(str, blank))}: display a "
+                         f"figure made by pruning_lib.plotting.figure, in matplotlib's inline backend")
             else:
-                status, kept = f"FAILED ({error})", None
-                if work.exists():
-                    kept = base / FAILED / job.output.name
-                    kept.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(work, kept)
-                failed.append(job.name)
+                check_publishable(work)
+        except PapermillExecutionError as exc:
+            error = f"{exc.ename}: {exc.evalue}"
+        except BookError as exc:
+            error = str(exc)
+        except KeyboardInterrupt:
             if chapter:
-                write_run_record(root, job, "ok" if error is None else "failed", started, elapsed, commit,
-                                 error, kept, executor=executor)
-            seconds[job.name] = round(elapsed, 1)
-            shown = ", ".join(f"{k}={v!r}" for k, v in job.parameters.items())
-            tqdm.write(f"[{seconds[job.name]:7.1f} s] {job.name} ({shown}): {status}", file=sys.stderr)
+                write_run_record(root, job, "interrupted", started, time.perf_counter() - start, commit,
+                                 "interrupted", executor=executor)
+            raise
+        except Exception as exc:  # the kernel died, the notebook could not be read, ...
+            error = f"{type(exc).__name__}: {exc}"
+        elapsed = time.perf_counter() - start
+        if error is None:
+            os.replace(work, job.output)  # publish: the whole run succeeded
+            status, kept = "ok", job.output
+        else:
+            status, kept = f"FAILED ({error})", None
+            if work.exists():
+                kept = base / FAILED / job.output.name
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(work, kept)
+            failed.append(job.name)
+        if chapter:
+            write_run_record(root, job, "ok" if error is None else "failed", started, elapsed, commit,
+                             error, kept, executor=executor)
+        seconds[job.name] = round(elapsed, 1)
+        shown = ", ".join(f"{k}={v!r}" for k, v in job.parameters.items())
+        tqdm.write(f"[{seconds[job.name]:7.1f} s] {job.name} ({shown}): {status}", file=sys.stderr)
+        bar.update(1)
+
+    t0 = time.perf_counter()
+    try:
+        chapters = [j for j in jobs if j.name != VERDICTS]
+        if parallel > 1 and len(chapters) > 1:
+            with ThreadPoolExecutor(max_workers=parallel) as pool:  # each job's kernel is its own process
+                for f in [pool.submit(one, job) for job in chapters]:
+                    f.result()
+        else:
+            for job in chapters:
+                one(job)
+        for job in jobs:  # the verdicts notebook reads every chapter's claims: last, alone
+            if job.name == VERDICTS:
+                one(job)
     finally:
         bar.close()
         if backend is not None:
             os.environ["MPLBACKEND"] = backend
-    return {"failed": failed, "seconds": seconds}
+    order = [j.name for j in jobs]
+    return {"failed": sorted(failed, key=order.index), "seconds": {k: seconds[k] for k in order if k in seconds},
+            "wall": time.perf_counter() - t0}
 
 
 _WARNING = None
@@ -787,6 +839,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resources", default=None, metavar="NAME=N,...",
                      help="what each unit asks of a Dask worker, e.g. GPU=1 (default: $PRUNING_RESOURCES; "
                           "make: DASK_RESOURCES=...)")
+    run.add_argument("--jobs", default="auto", metavar="N",
+                     help="chapters executed at once (default auto: 2 on a 2-core machine when every "
+                          "chapter's units are cached, so the run only loads and draws; else 1; make: JOBS=)")
     run.add_argument("--dry-run", action="store_true", help="check and print the plan; run nothing")
     run.add_argument("--root", default=".", help=argparse.SUPPRESS)
     b = sub.add_parser("build", help="build the HTML book into _build/html (warnings are errors)")
@@ -829,9 +884,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for job in jobs:
             print(f"{job.source} -> {job.output} {json.dumps(job.parameters)}")
         return 0
-    result = execute(jobs, args.root, args.executor, args.resources)
+    if args.jobs != "auto" and not str(args.jobs).isdigit():
+        print(f"error: --jobs {args.jobs!r}: give a number or 'auto'", file=sys.stderr)
+        return 2
+    parallel = parallel_jobs(jobs, args.root, args.jobs)
+    result = execute(jobs, args.root, args.executor, args.resources, parallel=parallel)
     total = sum(result["seconds"].values())
-    print(f"ran {len(jobs)} notebook(s) in {total:.0f} s (profile {args.profile})", file=sys.stderr)
+    side = f", {parallel} at a time: {result['wall']:.0f} s wall" if parallel > 1 else ""
+    print(f"ran {len(jobs)} notebook(s) in {total:.0f} s (profile {args.profile}{side})", file=sys.stderr)
     if result["failed"]:
         where = build_base(jobs[0].output) / FAILED
         print("error: failed: " + ", ".join(result["failed"]) + f" (not published; the executed "

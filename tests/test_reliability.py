@@ -657,3 +657,34 @@ def test_adopt_verifies_older_units_and_moves_the_bad_ones_aside(tmp_path):
     again = subprocess.run([sys.executable, "-m", "pruning_lib.runs", "adopt", str(res)], capture_output=True,
                            text=True, cwd=tmp_path)
     assert again.returncode == 0 and "3 verified" in again.stdout  # idempotent
+
+
+def test_chapters_run_side_by_side_and_the_verdicts_last(tmp_path, monkeypatch):
+    """``parallel=2`` runs two chapters at once (each in its own kernel), a failed one still goes to
+    ``_build/failed`` alone, and the verdicts notebook starts only when every chapter has finished."""
+    stamp = tmp_path / "stamps"
+    stamp.mkdir()
+    body = ("import time, pathlib\n"
+            f"pathlib.Path({str(stamp)!r}, NAME + '.start').write_text(str(time.time()))\n"
+            "time.sleep(1.5)\n"
+            f"pathlib.Path({str(stamp)!r}, NAME + '.end').write_text(str(time.time()))")
+    for name in ("01_a", "02_b"):
+        _notebook(tmp_path / "notebooks" / f"{name}.ipynb", 'profile = "cpu"\nresults_dir = "results"',
+                  f"NAME = {name!r}", body)
+    _notebook(tmp_path / "notebooks" / "03_c.ipynb", 'profile = "cpu"\nresults_dir = "results"',
+              "raise ValueError('boom')")
+    _notebook(tmp_path / "notebooks" / "99_verdicts.ipynb", 'profile = "cpu"\nresults_dir = "results"',
+              "NAME = '99_verdicts'", body)
+    jobs = book.plan(tmp_path, "cpu", None)
+    assert [j.name for j in jobs][-1] == "99_verdicts"
+    result = book.execute(jobs, tmp_path, parallel=2)
+    assert result["failed"] == ["03_c"] and list(result["seconds"]) == [j.name for j in jobs]
+    t = {p.name: float(p.read_text()) for p in stamp.iterdir()}
+    assert t["01_a.start"] < t["02_b.end"] and t["02_b.start"] < t["01_a.end"]  # side by side
+    assert t["99_verdicts.start"] >= max(t["01_a.end"], t["02_b.end"])
+    assert (tmp_path / "_build" / "failed" / "03_c.ipynb").exists()
+    # "auto": side by side only when every chapter's units are cached; these list none, so one at a time
+    assert book.parallel_jobs(jobs, tmp_path, "auto") == 1 and book.parallel_jobs(jobs, tmp_path, "3") == 3
+    monkeypatch.setattr(book, "cached_chapters", lambda js, root=".": [j.name for j in js])
+    monkeypatch.setattr(book.os, "cpu_count", lambda: 2)
+    assert book.parallel_jobs(jobs, tmp_path, "auto") == 2

@@ -857,7 +857,20 @@ def latency(cfg: Config, out: dict) -> pd.DataFrame:
     """The first seed's compacted structured networks against the dense one, timed in one run on CPU in eval
     mode: batch 1 and ``timing_batch``; speed-up, FLOPs reduction and their ratio (1.0 is the limit).
     ``dense_twice``: the slower over the faster time of two copies of the dense network timed alike, a
-    measure of the timing noise of that batch size."""
+    measure of the timing noise of that batch size.
+
+    Measured once and cached like a unit (named by the architectures timed and the timing settings), so a
+    rebuild from the cache shows the same timings and two chapters rebuilt side by side do not disturb
+    them; delete ``results/comparison/latency/`` to time again on this machine."""
+    arch = [[m, lv, {k: v.int().tolist() for k, v in p["keep"].items()}]
+            for (m, lv), p in out["units"].items() if m in STRUCTURED]
+    spec = {**_base_spec(cfg, cfg.seeds[0]), "architectures": arch, "timing_batch": cfg.timing_batch,
+            "timing_repeats": cfg.timing_repeats, "threads": torch.get_num_threads()}
+    return Store(cfg.results_dir, "comparison/latency", spec).frame("latency", lambda: measure_latency(cfg, out))
+
+
+def measure_latency(cfg: Config, out: dict) -> pd.DataFrame:
+    """:func:`latency`'s measurement itself (not cached)."""
     data, seed = out["data"], cfg.seeds[0]
     shape = tuple(data.input_shape)
     nets, rows = [], []

@@ -510,8 +510,10 @@ def _execute(jobs, root, papermill, PapermillExecutionError, tqdm, executor, par
             write_run_record(root, job, "running", started, None, commit, executor=executor)
         error = None
         try:
+            # cwd=None: the process already works in root (below); papermill's own cwd= changes the
+            # directory of the whole process and back, which two threads would undo for each other
             papermill.execute_notebook(str(job.source), str(work), parameters=job.parameters,
-                                       kernel_name=KERNEL, cwd=str(root), progress_bar=False,
+                                       kernel_name=KERNEL, cwd=None, progress_bar=False,
                                        log_output=False)
             blank = text_only_figures(work)
             if blank:
@@ -550,6 +552,8 @@ def _execute(jobs, root, papermill, PapermillExecutionError, tqdm, executor, par
         bar.update(1)
 
     t0 = time.perf_counter()
+    previous = os.getcwd()
+    os.chdir(root)  # the kernels start here, so relative paths (results_dir, data/) mean the repository's
     try:
         chapters = [j for j in jobs if j.name != VERDICTS]
         if parallel > 1 and len(chapters) > 1:
@@ -563,6 +567,7 @@ def _execute(jobs, root, papermill, PapermillExecutionError, tqdm, executor, par
             if job.name == VERDICTS:
                 one(job)
     finally:
+        os.chdir(previous)
         bar.close()
         if backend is not None:
             os.environ["MPLBACKEND"] = backend

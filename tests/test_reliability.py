@@ -662,6 +662,7 @@ def test_adopt_verifies_older_units_and_moves_the_bad_ones_aside(tmp_path):
 def test_chapters_run_side_by_side_and_the_verdicts_last(tmp_path, monkeypatch):
     """``parallel=2`` runs two chapters at once (each in its own kernel), a failed one still goes to
     ``_build/failed`` alone, and the verdicts notebook starts only when every chapter has finished."""
+    here = Path.cwd()
     stamp = tmp_path / "stamps"
     stamp.mkdir()
     body = ("import time, pathlib\n"
@@ -688,3 +689,5 @@ def test_chapters_run_side_by_side_and_the_verdicts_last(tmp_path, monkeypatch):
     monkeypatch.setattr(book, "cached_chapters", lambda js, root=".": [j.name for j in js])
     monkeypatch.setattr(book.os, "cpu_count", lambda: 2)
     assert book.parallel_jobs(jobs, tmp_path, "auto") == 2
+    # the run leaves the process where it was (papermill's own cwd= would not, with two threads)
+    assert Path.cwd() == here

@@ -14,7 +14,7 @@ import pandas as pd
 from .. import claims, dense, metrics, plotting, reference
 from ..data import load_dataset
 from ..dense import DenseSpec
-from ..runs import RunConfig, Store, param, progress_bar
+from ..runs import RunConfig, Store, in_worker, map_units, param, parse_executor, progress_bar
 
 CHAPTER = "01_dense_baselines"
 
@@ -87,13 +87,40 @@ def train_dense(model_name: str, dataset: str, seed: int, *, epochs: float, batc
     return dense.train(spec, results_dir=results_dir, data_root=data_root, data=data, progress=progress)
 
 
+def _store(cfg: Config, model_name: str, seed: int) -> Store:
+    return Store(cfg.results_dir, "dense", dense_spec(model_name, cfg.dataset, seed, epochs=cfg.epochs,
+                                                      batch_size=cfg.batch_size, lr=cfg.lr,
+                                                      evals_per_epoch=cfg.evals_per_epoch))
+
+
+def _train_task(task, results_dir: str) -> str:
+    """One network for :func:`runs.map_units` (``task``: ``(cfg, model, seed)``), trained into ``results_dir``
+    (or loaded when it is there); on a worker with one torch thread."""
+    cfg, model_name, seed = task
+    if in_worker():
+        import torch
+
+        torch.set_num_threads(1)
+    train_dense(model_name, cfg.dataset, seed, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                evals_per_epoch=cfg.evals_per_epoch, results_dir=str(results_dir), data_root=cfg.data_root,
+                progress=False)
+    return _store(cfg, model_name, seed).key
+
+
 def run_experiment(cfg: Config, progress: bool = True) -> dict[str, pd.DataFrame]:
     """Train every (model, seed) of ``cfg``; returns ``curves`` (all histories), ``final`` (one row per
     run) and ``size`` (parameters and FLOPs per model)."""
     data = load_dataset(cfg.dataset, root=cfg.data_root)
     curves, final, size = [], [], []
     units = [(m, s) for m in cfg.models for s in cfg.seeds]
-    for model_name, seed in progress_bar(units, progress=progress, desc="dense baselines"):
+    # the networks missing from the cache train through runs.map_units: here, one after another, unless
+    # $PRUNING_EXECUTOR names processes or a Dask cluster; then each is read back below
+    bar = progress_bar(total=len(units), desc="dense baselines", progress=progress)
+    map_units(_train_task, [(cfg, m, s) for m, s in units], results_dir=cfg.results_dir,
+              executor=parse_executor(None, 1), done=lambda t: _store(cfg, t[1], t[2]).exists("model.pt"),
+              key=lambda t: _store(cfg, t[1], t[2]).key, bar=bar)
+    bar.close()
+    for model_name, seed in units:
         model, h = train_dense(model_name, cfg.dataset, seed, epochs=cfg.epochs, batch_size=cfg.batch_size,
                                lr=cfg.lr, evals_per_epoch=cfg.evals_per_epoch, results_dir=cfg.results_dir,
                                data_root=cfg.data_root, progress=False, data=data)

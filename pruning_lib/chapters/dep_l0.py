@@ -34,7 +34,7 @@ from ..data import load_dataset
 from ..methods.hard_concrete import (PENALTIES, ClampLogAlpha, CostModel, GateMonitor, ResumableGateMonitor,
                                      gate_probabilities, keep_and_scale, set_fixed, sparsity_penalty)
 from ..models import build_model
-from ..runs import RunConfig, Store, param, progress_bar
+from ..runs import RunConfig, Store, in_worker, map_units, param, parse_executor, progress_bar
 from ..train import evaluate, fit, last_run
 
 CHAPTER = "03_dep_l0"
@@ -323,20 +323,42 @@ def work_units(cfg: Config) -> list:
     return out
 
 
+_DATA: dict[tuple[str, str], Any] = {}
+
+
+def _unit_task(task, results_dir: str) -> str:
+    """One unit for :func:`runs.map_units`: ``task`` is ``(cfg, unit)``; trains it into ``results_dir`` (on a
+    worker, one torch thread per process) with the dataset loaded once per process."""
+    cfg, unit = task
+    store = unit_store(cfg, unit, str(results_dir))
+    if unit_done(store):  # map_units calls a finished unit here too: it only loads
+        return store.key
+    if in_worker():
+        torch.set_num_threads(1)
+    dataset = unit[1]
+    key = (dataset, cfg.data_root)
+    if key not in _DATA:
+        _DATA.clear()
+        _DATA[key] = load_dataset(dataset, root=cfg.data_root)
+    return run_unit(cfg, unit, data=_DATA[key], results_dir=str(results_dir)).key
+
+
 def run_experiment(cfg: Config, progress: bool = True) -> dict[str, pd.DataFrame]:
     """Run (or load from the results cache) every unit; returns frames ``results``, ``history``, ``gates``,
-    ``architecture``, ``trace`` with columns model, dataset, method, lam, seed identifying the unit."""
+    ``architecture``, ``trace`` with columns model, dataset, method, lam, seed identifying the unit.
+
+    The units missing from the cache run through :func:`runs.map_units`: here, one after another, unless
+    ``$PRUNING_EXECUTOR`` names processes or a Dask cluster (``make book DASK=...``)."""
     frames: dict[str, list[pd.DataFrame]] = {"results": [], "history": [], "gates": [], "architecture": [],
                                              "trace": []}
-    cache: dict[str, Any] = {}
-    for unit in progress_bar(units(cfg), desc="Dep-L0 units", progress=progress):
+    todo = units(cfg)
+    bar = progress_bar(total=len(todo), desc="Dep-L0 units", progress=progress)
+    map_units(_unit_task, [(cfg, u) for u in todo], results_dir=cfg.results_dir, executor=parse_executor(None, 1),
+              done=lambda t: unit_done(unit_store(cfg, t[1])), key=lambda t: unit_store(cfg, t[1]).key, bar=bar)
+    bar.close()
+    for unit in todo:
         model, dataset, method, lam, seed = unit
         store = unit_store(cfg, unit)
-        if not unit_done(store):
-            if dataset not in cache:
-                cache.clear()
-                cache[dataset] = load_dataset(dataset, root=cfg.data_root)
-            store = run_unit(cfg, unit, data=cache[dataset])
         result = store.json("result")
         ident = dict(model=model, dataset=dataset, method=method, lam=lam, seed=seed)
         frames["results"].append(pd.DataFrame([result]))

@@ -105,6 +105,19 @@ def load_dataset(name: str, root: str | Path | None = None, seed: int = 0, **kwa
     return DATASETS[name](root=data_root(root), seed=seed, **kwargs)
 
 
+_ONCE: dict[tuple, DataSplits] = {}
+
+
+def load_dataset_once(name: str, root: str | Path | None = None, seed: int = 0) -> DataSplits:
+    """:func:`load_dataset`, kept for this process's next call with the same arguments: a chapter's units,
+    run one after another here or on a worker, share one copy. Only the last dataset is kept."""
+    key = (name, str(data_root(root)), seed)
+    if key not in _ONCE:
+        _ONCE.clear()
+        _ONCE[key] = load_dataset(name, root=root, seed=seed)
+    return _ONCE[key]
+
+
 def data_root(root: str | Path | None = None) -> Path:
     """The folder to read datasets from: ``root``, except that the default ``data`` (or None) means
     ``$PRUNING_DATA`` when that is set, so the datasets can live outside the repository without

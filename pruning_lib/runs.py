@@ -1175,7 +1175,8 @@ def _run_on_worker(fn: Callable[[Any, str], Any], spec: Any, inputs: list[dict[s
     """A unit on a worker: ``fn(spec, scratch)`` in a scratch results folder seeded with ``inputs``.
     Returns the result (or the error, with its traceback) and every finished unit the scratch folder
     gained, also when ``fn`` failed part-way. One unit at a time per process: a unit's code may set
-    process-wide state (torch threads, a results root)."""
+    process-wide state (torch threads, a results root). The unit starts with one torch thread (the workers
+    share the machine's cores; a unit may set its own count) and the count is restored after it."""
     import platform
     import threading
     import traceback
@@ -1190,6 +1191,8 @@ def _run_on_worker(fn: Callable[[Any, str], Any], spec: Any, inputs: list[dict[s
         seeded = {(u["kind"], u["key"]): u["entries"] for u in inputs}
         result, error = None, None
         _WORKER_FLAG[0] = True
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         t0 = time.perf_counter()
         try:
             result = fn(spec, scratch)
@@ -1197,6 +1200,7 @@ def _run_on_worker(fn: Callable[[Any, str], Any], spec: Any, inputs: list[dict[s
             error = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
         finally:
             _WORKER_FLAG[0] = False
+            torch.set_num_threads(threads)
         seconds = time.perf_counter() - t0
         units = []
         for folder in unit_folders(root):

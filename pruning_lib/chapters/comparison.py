@@ -41,17 +41,18 @@ from .. import data as data_mod
 from ..methods import hard_concrete as hc
 from ..methods import polarization as polar
 from .dense_baselines import dense_spec, train_dense
-from ..compact import compact
 from ..methods import gmp, l1_filter, scratch
 from ..models import build_model
-from ..runs import Executor, RunConfig, Store, in_worker, map_units, param, parse_executor, progress_bar
+from .. import dense as dense_unit
+from ..runs import Executor, RunConfig, Store, map_units, param, parse_executor, progress_bar
 from ..train import default_device, evaluate, fit
 
 CHAPTER = "07_comparison"
 UNSTRUCTURED = ("random", "magnitude", "gmp", "imp", "snip", "lnpt")
 STRUCTURED = ("l1_filter", "polarization", "l0_hc", "dep_l0", "bernoulli")
 METHODS = UNSTRUCTURED + STRUCTURED
-PENALTY_METHODS = ("l0_hc", "dep_l0", "bernoulli")  # swept by a penalty weight, placed by what they achieved
+PENALTY_METHODS = ("l0_hc", "dep_l0", "bernoulli")
+PRETRAINED = ("random", "magnitude", "l1_filter", "lnpt")  # start from the dense network after pretrain_epochs  # swept by a penalty weight, placed by what they achieved
 REFERENCE = "magnitude"
 METHOD_LABELS = {
     "dense": "dense", "random": "random + fine-tune", "magnitude": "global magnitude + fine-tune",
@@ -650,16 +651,9 @@ def method_table(cfg: Config) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-_DATA: dict[tuple[str, str], Any] = {}
-
-
 def _dataset(cfg: Config):
     """The chapter's dataset, loaded once per process (a worker keeps it for its next units)."""
-    key = (cfg.dataset, cfg.data_root)
-    if key not in _DATA:
-        _DATA.clear()
-        _DATA[key] = data_mod.load_dataset(cfg.dataset, root=cfg.data_root)
-    return _DATA[key]
+    return data_mod.load_dataset_once(cfg.dataset, root=cfg.data_root)
 
 
 def run_point(task, results_dir: str):
@@ -667,8 +661,6 @@ def run_point(task, results_dir: str):
     (the budget's dense network; ``level`` its epochs) or "scratch_b" (``level``: the structured point). On a
     worker it writes to the worker's results folder (one torch thread per process); serially to ``results_dir``."""
     cfg, what, level, seed = task
-    if in_worker():
-        torch.set_num_threads(1)
     cfg = cfg.replace(results_dir=str(results_dir))
     data = _dataset(cfg)
     ref = _dense_ref(cfg, data)
@@ -713,13 +705,13 @@ def task_store(cfg: Config, task) -> Store:
 
 def _task_done(cfg: Config, task) -> bool:
     st = task_store(cfg, task)
-    return st.exists("model.pt") if task[1] == "dense" else st.exists("unit.pt")
+    return dense_unit.done(st) if task[1] == "dense" else st.exists("unit.pt")
 
 
 def _task_inputs(cfg: Config, task) -> list[Store]:
     """The finished units a task reads: the pre-trained dense network of the prune-then-train methods."""
     _, what, _, seed = task
-    if what in ("random", "magnitude", "l1_filter", "lnpt") and cfg.pretrain_epochs > 0:
+    if what in PRETRAINED and cfg.pretrain_epochs > 0:
         return [task_store(cfg, (cfg, "dense", cfg.pretrain_epochs, seed))]
     return []
 
@@ -728,7 +720,7 @@ def tasks(cfg: Config) -> tuple[list, list]:
     """The first two phases' tasks: the dense networks (the budget's, and the pre-trained ones the
     prune-then-train methods start from), then every point (IMP: one task per seed, its whole chain).
     Scratch-B tasks follow once their structured points exist (:func:`scratch_tasks`)."""
-    pre = any(m in ("random", "magnitude", "l1_filter", "lnpt") for m in cfg.methods) and cfg.pretrain_epochs > 0
+    pre = any(m in PRETRAINED for m in cfg.methods) and cfg.pretrain_epochs > 0
     dense_tasks = [(cfg, "dense", cfg.epochs, s) for s in cfg.seeds]
     dense_tasks += [(cfg, "dense", cfg.pretrain_epochs, s) for s in cfg.seeds] if pre else []
     imp = [(cfg, "imp", 0.0, s) for s in cfg.seeds] if "imp" in cfg.methods and not why_not_run(cfg, "imp") else []

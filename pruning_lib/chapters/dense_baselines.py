@@ -14,7 +14,7 @@ import pandas as pd
 from .. import claims, dense, metrics, plotting, reference
 from ..data import load_dataset
 from ..dense import DenseSpec
-from ..runs import RunConfig, Store, in_worker, map_units, param, parse_executor, progress_bar
+from ..runs import RunConfig, Store, map_units, param, parse_executor, progress_bar
 
 CHAPTER = "01_dense_baselines"
 
@@ -65,7 +65,7 @@ def work_units(cfg: Config) -> list:
     for model_name in cfg.models:
         for seed in cfg.seeds:
             kw = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, evals_per_epoch=cfg.evals_per_epoch)
-            store = Store(cfg.results_dir, "dense", dense_spec(model_name, cfg.dataset, seed, **kw))
+            store = _store(cfg, model_name, seed)
             done = dense.done(store)
 
             def run(results_dir, model_name=model_name, seed=seed, kw=kw):
@@ -97,10 +97,6 @@ def _train_task(task, results_dir: str) -> str:
     """One network for :func:`runs.map_units` (``task``: ``(cfg, model, seed)``), trained into ``results_dir``
     (or loaded when it is there); on a worker with one torch thread."""
     cfg, model_name, seed = task
-    if in_worker():
-        import torch
-
-        torch.set_num_threads(1)
     train_dense(model_name, cfg.dataset, seed, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                 evals_per_epoch=cfg.evals_per_epoch, results_dir=str(results_dir), data_root=cfg.data_root,
                 progress=False)
@@ -117,7 +113,7 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict[str, pd.DataFrame
     # $PRUNING_EXECUTOR names processes or a Dask cluster; then each is read back below
     bar = progress_bar(total=len(units), desc="dense baselines", progress=progress)
     map_units(_train_task, [(cfg, m, s) for m, s in units], results_dir=cfg.results_dir,
-              executor=parse_executor(None, 1), done=lambda t: _store(cfg, t[1], t[2]).exists("model.pt"),
+              executor=parse_executor(None, 1), done=lambda t: dense.done(_store(cfg, t[1], t[2])),
               key=lambda t: _store(cfg, t[1], t[2]).key, bar=bar)
     bar.close()
     for model_name, seed in units:

@@ -30,11 +30,11 @@ import pandas as pd
 import torch
 
 from .. import claims, families, metrics
-from ..data import load_dataset
+from ..data import load_dataset, load_dataset_once
 from ..methods.hard_concrete import (PENALTIES, ClampLogAlpha, CostModel, GateMonitor, ResumableGateMonitor,
                                      gate_probabilities, keep_and_scale, set_fixed, sparsity_penalty)
 from ..models import build_model
-from ..runs import RunConfig, Store, in_worker, map_units, param, parse_executor, progress_bar
+from ..runs import RunConfig, Store, map_units, param, parse_executor, progress_bar
 from ..train import evaluate, fit, last_run
 
 CHAPTER = "03_dep_l0"
@@ -323,9 +323,6 @@ def work_units(cfg: Config) -> list:
     return out
 
 
-_DATA: dict[tuple[str, str], Any] = {}
-
-
 def _unit_task(task, results_dir: str) -> str:
     """One unit for :func:`runs.map_units`: ``task`` is ``(cfg, unit)``; trains it into ``results_dir`` (on a
     worker, one torch thread per process) with the dataset loaded once per process."""
@@ -333,14 +330,8 @@ def _unit_task(task, results_dir: str) -> str:
     store = unit_store(cfg, unit, str(results_dir))
     if unit_done(store):  # map_units calls a finished unit here too: it only loads
         return store.key
-    if in_worker():
-        torch.set_num_threads(1)
-    dataset = unit[1]
-    key = (dataset, cfg.data_root)
-    if key not in _DATA:
-        _DATA.clear()
-        _DATA[key] = load_dataset(dataset, root=cfg.data_root)
-    return run_unit(cfg, unit, data=_DATA[key], results_dir=str(results_dir)).key
+    data = load_dataset_once(unit[1], root=cfg.data_root)
+    return run_unit(cfg, unit, data=data, results_dir=str(results_dir)).key
 
 
 def run_experiment(cfg: Config, progress: bool = True) -> dict[str, pd.DataFrame]:

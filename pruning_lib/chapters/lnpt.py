@@ -44,7 +44,7 @@ from ..methods.lnpt import (GapProbe, LabelFreeLoss, TeacherOutputs, aligned_lea
                             train_label_free, withhold_labels)
 from ..metrics import nonzero_density
 from ..models import MODELS, build_model
-from ..runs import ConfigError, RunConfig, Store, in_worker, map_units, param, progress_bar
+from ..runs import ConfigError, RunConfig, Store, map_units, param, progress_bar
 from ..train import default_device, evaluate, fit
 
 CHAPTER = "06_lnpt"
@@ -446,8 +446,6 @@ def run_unit(task: tuple, results_dir: str):
     nothing for a mature network, a probed run's frame, or an accuracy cell's ``(row, history)``. The
     others read the mature networks (:func:`_teachers_root`) through one Context per process."""
     kind, cfg, args = task
-    if in_worker():
-        torch.set_num_threads(1)  # one thread per worker process: the workers share the cores
     store = unit_store(cfg, kind, args, results_dir)
     if kind == "teacher":
         if not unit_done(kind, store):

@@ -30,7 +30,7 @@ from ..methods.polarization import (apply_static, compact_static, gate_statistic
                                     strip_gates, train_polarized, train_step)
 from ..metrics import count_connections, count_flops
 from ..models import build_model
-from ..runs import Executor, RunConfig, Store, in_worker, map_units, param, parse_executor, progress_bar
+from ..runs import Executor, RunConfig, Store, map_units, param, parse_executor, progress_bar
 from ..timing import best_forward_seconds
 from ..train import evaluate, fit
 
@@ -347,8 +347,6 @@ def _pool_unit(task, results_dir: str) -> dict:
     """One unit for :func:`runs.map_units`. On a worker (one thread per process, so ``workers``
     processes share the cores) it writes to the worker's results folder; serially, to this process's."""
     kind, cfg, rest = task
-    if in_worker():
-        torch.set_num_threads(1)
     _RESULTS_ROOT[0] = results_dir
     return _unit(kind, cfg, rest)
 

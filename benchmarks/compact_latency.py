@@ -1,6 +1,6 @@
 """Inference latency of compacted networks against the dense one, side by side, with their FLOPs reduction.
 
-Every structured method of the book ends with ``pruning_lib.compact.compact``: a physically smaller dense
+Every structured method of the book ends with ``pruning_lib.gates.compact``: a physically smaller dense
 network.  This script builds, for each model at a chapter's setting, the compacted networks that keep a given
 fraction of the channels of every channel group (the channels with the largest filter L1 norm, as the
 magnitude baseline of chapter 5 keeps them; which channels are kept does not change the cost, only how many),
@@ -29,7 +29,7 @@ import argparse
 import torch
 from torch import nn
 
-from pruning_lib.compact import compact
+from pruning_lib.gates import compact
 from pruning_lib.metrics import layer_flops
 from pruning_lib.models import build_model
 from pruning_lib.timing import best_forward_seconds

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from _timing import arguments, compare
 
-from pruning_lib import families
+from pruning_lib.gates import families
 from pruning_lib.models import build_model
 
 KINDS = ("dense", "l0_hc", "dep_l0", "bernoulli", "polarization")

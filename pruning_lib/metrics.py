@@ -4,7 +4,7 @@ FLOPs come from torch's own ``FlopCounterMode`` (one multiply-add = 2 FLOPs; con
 products, which is where the cost of these networks lies). *Nominal* counts describe the dense
 architecture; *effective* counts discount weights removed by a :class:`~pruning_lib.masks.Mask`: a layer
 whose weight keeps a fraction d of its entries keeps d of its parameters and of its FLOPs. Structured
-pruning (gates) is measured after compaction (:func:`pruning_lib.compact.compact`), where nominal and
+pruning (gates) is measured after compaction (:func:`pruning_lib.gates.compact`), where nominal and
 effective coincide because the layers really are smaller.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from pruning_lib.compact import compact
+from pruning_lib.gates import compact
 from pruning_lib.gates import GateSlot, get_gates, scale_channels, set_block_gates, set_gates, slot_of
 from pruning_lib.models import MODELS, build_model
 

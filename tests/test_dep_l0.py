@@ -185,7 +185,7 @@ def test_the_gate_family_attaches_what_the_direct_call_does(method):
     parameters and random draws as calling the hard-concrete attach functions directly."""
     import torch
 
-    from pruning_lib import families
+    from pruning_lib.gates import families
     from pruning_lib.methods import hard_concrete as hc
     from pruning_lib.models import build_model
 

@@ -1,4 +1,4 @@
-"""The gate-family contract, checked over every registered family (pruning_lib.families).
+"""The gate-family contract, checked over every registered family (pruning_lib.gates.families).
 
 For each family and model: attach, move the gates away from their initial values so that some channels
 close, then
@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from pruning_lib import families
+from pruning_lib.gates import families
 from pruning_lib.data import TensorSplit
 from pruning_lib.models import build_model
 

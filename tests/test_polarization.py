@@ -12,7 +12,7 @@ from torch import nn
 from pruning_lib.chapters import polarization as C
 from pruning_lib.methods import polarization as P
 from pruning_lib.metrics import count_connections
-from pruning_lib.compact import remove_blocks
+from pruning_lib.gates import remove_blocks
 from pruning_lib.models import build_model
 from pruning_lib.runs import ConfigError
 

@@ -116,7 +116,7 @@ def test_ddp_two_processes_match_one(tmp_path):
 
 def test_a_method_plugs_into_fit_as_its_parts_do():
     """``fit(method=m)`` trains exactly as passing m's optimizers, penalties, loss and m as first callback."""
-    from pruning_lib import families
+    from pruning_lib.gates import families
     from pruning_lib.methods import hard_concrete as hc
     from pruning_lib.models import build_model
     from pruning_lib.train import Method

@@ -518,7 +518,7 @@ def bernoulli_unit(cfg: Config, data, kappa: float, seed: int, dense_ref: dict) 
     kind, spec = point_spec(cfg, "bernoulli", kappa, seed)
 
     def compute():
-        from .. import families
+        from ..gates import families
         from ..methods import bernoulli as bern
 
         net = _build(cfg, data, seed)

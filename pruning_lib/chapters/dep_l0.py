@@ -29,7 +29,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import claims, families, metrics
+from .. import claims, metrics
+from ..gates import families
 from ..data import load_dataset, load_dataset_once
 from ..methods.hard_concrete import (PENALTIES, ClampLogAlpha, CostModel, GateMonitor, ResumableGateMonitor,
                                      gate_probabilities, keep_and_scale, set_fixed, sparsity_penalty)
@@ -145,7 +146,7 @@ def _gate_frame(model: torch.nn.Module) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-# each gated method: its gate family (:mod:`pruning_lib.families`) and the options ``attach`` takes, given the
+# each gated method: its gate family (:mod:`pruning_lib.gates.families`) and the options ``attach`` takes, given the
 # initial log_alpha (L0-HC's free log_alphas, or the mean of the Dep-L0 generator's biases)
 GATE_FAMILIES = {
     "l0_hc": lambda init: ("l0_hc", dict(init=init)),

@@ -52,9 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import families
-from ..compact import compact
-from ..gates import GateSlot, get_gates, scale_channels, set_gates
+from ..gates import GateSlot, compact, families, get_gates, scale_channels, set_gates
 from ..train import Callback, EpochTimer, Method
 
 __all__ = [
@@ -518,7 +516,7 @@ def shrink_(model: nn.Module, keep: Mapping[str, torch.Tensor],
             optimizers: Sequence[torch.optim.Optimizer] = ()) -> dict[str, torch.Tensor]:
     """Physically remove the units with ``keep == False`` from ``model`` *in place*.
 
-    The layers are rebuilt smaller by :func:`pruning_lib.compact.compact` and swapped into ``model``
+    The layers are rebuilt smaller by :func:`pruning_lib.gates.compact` and swapped into ``model``
     (so the object the training loop holds stays valid); the Bernoulli gates are put back with their
     surviving ``theta``; every optimizer's parameter references and per-parameter state (Adam's moments,
     SGD's momentum) are sliced the same way, so training continues exactly where it was.  Returns the

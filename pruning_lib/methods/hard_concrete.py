@@ -40,8 +40,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from ..compact import compact
-from ..gates import get_gates, scale_channels, set_gates
+from ..gates import compact, get_gates, scale_channels, set_gates
 from ..train import Callback, Method
 
 __all__ = [

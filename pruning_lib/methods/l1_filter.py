@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..compact import compact
+from ..gates import compact
 from ..metrics import layer_flops
 
 

@@ -24,7 +24,7 @@ paper's public text describes it [abs] and as we reconstruct the rest [recon]:
   ``lambda = 5e-5``, ``t = 1.4``); it is available as ``form="zhuang"``.
 * **Static sub-network** [abs]: after the single training pass (:func:`train_polarized`), a gate whose mean
   over the training inputs is below 1/2 is agreed "off"; those channels (and blocks) are removed by
-  :func:`pruning_lib.compact.compact` and :func:`pruning_lib.compact.remove_blocks`, and the gating modules
+  :func:`pruning_lib.gates.compact` and :func:`pruning_lib.gates.remove_blocks`, and the gating modules
   are dropped.  With a polarized consensus the static network computes what the gated one does for
   (almost) every input.
 """
@@ -38,8 +38,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..compact import compact, remove_blocks
-from ..gates import GateSlot, scale_channels, set_block_gates, set_gates
+from ..gates import GateSlot, compact, remove_blocks, scale_channels, set_block_gates, set_gates
 from ..metrics import layer_flops
 from ..train import Callback, cross_entropy, fit
 
@@ -303,8 +302,8 @@ def apply_static(model: nn.Module, keep: dict[str, torch.Tensor]) -> None:
 
 
 def compact_static(model: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
-    """The physically smaller network: channels agreed off removed (:func:`~pruning_lib.compact.compact`),
-    blocks agreed off replaced by their shortcut (:func:`~pruning_lib.compact.remove_blocks`), gates dropped.
+    """The physically smaller network: channels agreed off removed (:func:`~pruning_lib.gates.compact`),
+    blocks agreed off replaced by their shortcut (:func:`~pruning_lib.gates.remove_blocks`), gates dropped.
 
     Equals ``model`` with static gates (:func:`apply_static`) in eval mode."""
     channel_keep = {k: v for k, v in keep.items() if not k.startswith("block:")}

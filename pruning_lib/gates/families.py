@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .compact import compact as _compact
-from .gates import get_gates
+from .compaction import compact as _compact
+from .slots import get_gates
 
 __all__ = ["GateFamily", "register", "get", "names", "attach"]
 
@@ -109,7 +109,7 @@ class _HardConcrete(GateFamily):
     """Shared by L0-HC and Dep-L0 (the gates differ in where ``log_alpha`` comes from)."""
 
     def _hc(self):
-        from .methods import hard_concrete
+        from ..methods import hard_concrete
 
         return hard_concrete
 
@@ -151,13 +151,13 @@ class Bernoulli(GateFamily):
     name = "bernoulli"
 
     def attach(self, model, init: float = 0.5):
-        from .methods import bernoulli
+        from ..methods import bernoulli
 
         bernoulli.attach_bernoulli_gates(model, init=init)
         return model
 
     def gates(self, model):
-        from .methods import bernoulli
+        from ..methods import bernoulli
 
         return bernoulli.bernoulli_gates(model)
 
@@ -166,7 +166,7 @@ class Bernoulli(GateFamily):
         return torch.stack([g.theta.clamp(0, 1).sum() for g in self.gates(model).values()]).sum()
 
     def decide(self, model):
-        from .methods import bernoulli
+        from ..methods import bernoulli
 
         return bernoulli.keep_and_scale(model)
 
@@ -178,7 +178,7 @@ class Polarization(GateFamily):
     name = "polarization"
 
     def _pol(self):
-        from .methods import polarization
+        from ..methods import polarization
 
         return polarization
 

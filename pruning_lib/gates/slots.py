@@ -10,7 +10,7 @@ Conventions
 -----------
 * A slot sits *after* the normalisation (BatchNorm) of its producer and *before* the activation (ReLU) and any
   max-pooling.  For gate values ``z >= 0`` this makes ``z`` foldable into the norm's affine parameters (or
-  into the producer's weights when there is no norm): see :func:`pruning_lib.compact.compact`.
+  into the producer's weights when there is no norm): see :func:`pruning_lib.gates.compact`.
 * An empty slot (``slot.gate is None``) is the identity, so a model's default forward is unchanged.
 * A gate is any ``nn.Module`` that receives the feature map ``[N, C, ...]`` (or ``[N, C]`` after a Linear) and
   returns it multiplied by its gate values; :func:`scale_channels` does the broadcasting.
@@ -69,7 +69,7 @@ class GateSlot(nn.Module):
 
     Args:
         channels: number of channels of the tensor passing through (dim 1).  Gate constructors use it to size
-            their parameters; :func:`pruning_lib.compact.compact` keeps it up to date.  For a residual
+            their parameters; :func:`pruning_lib.gates.compact` keeps it up to date.  For a residual
             ``branch_slot`` it is the branch's channel count even though a block gate is usually one scalar.
     """
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .gates import ChannelGroup, GateSlot, clear_gates
+from .slots import ChannelGroup, GateSlot, clear_gates
 
 __all__ = ["compact", "remove_blocks", "ResidualShortcut"]
 

@@ -1406,7 +1406,8 @@ def map_units(fn: Callable[[Any, str], Any], specs: typing.Iterable[Any], *,
     on a scratch results folder seeded with the finished units ``inputs(spec)`` names (the Stores it
     reads: a dense network, the rounds a chain resumes from); the worker returns its result and the
     units it finished, which are written here (:func:`install_unit`), so workers need no shared disk.
-    Units for which ``done(spec)`` is true run here (they only load). Specs with the same ``key`` (default
+    Units for which ``done(spec)`` is true run here (they only load), and so does the one unit left to
+    compute when a process pool would get only one. Specs with the same ``key`` (default
     :func:`unit_key`) run once. ``resources`` (``{"GPU": 1}``, ``"GPU=1"``; ``None`` reads
     ``$PRUNING_RESOURCES``): what each unit asks of a Dask worker (worker resources).
 
@@ -1437,21 +1438,19 @@ def map_units(fn: Callable[[Any, str], Any], specs: typing.Iterable[Any], *,
     own = bar is None
     bar = progress_bar(total=len(specs), desc=desc, progress=progress) if own else bar
     try:
-        remote = []
-        for i, spec in enumerate(specs):
-            if first[keys[i]] != i:
-                continue
-            if ex.kind == "serial" or (done is not None and done(spec)):
-                try:
-                    results[i] = fn(spec, str(results_dir))
-                except Exception as exc:  # here the caller sees its own exception (a missing dataset stays
-                    # a DatasetNotFoundError), with a note naming the unit
-                    exc.add_note(f"in unit {keys[i]} ({_describe(spec)}), run in this process; the units "
-                                 f"finished before it are stored in {results_dir}/ (rerun to resume)")
-                    raise
-                bar.update(copies[keys[i]])
-            else:
-                remote.append(i)
+        todo = [i for i in range(len(specs)) if first[keys[i]] == i]
+        remote = [] if ex.kind == "serial" else [i for i in todo if done is None or not done(specs[i])]
+        if ex.kind == "process" and len(remote) < 2:  # a pool for one unit only costs a spawn: run it here
+            remote = []
+        for i in sorted(set(todo) - set(remote)):
+            try:
+                results[i] = fn(specs[i], str(results_dir))
+            except Exception as exc:  # here the caller sees its own exception (a missing dataset stays
+                # a DatasetNotFoundError), with a note naming the unit
+                exc.add_note(f"in unit {keys[i]} ({_describe(specs[i])}), run in this process; the units "
+                             f"finished before it are stored in {results_dir}/ (rerun to resume)")
+                raise
+            bar.update(copies[keys[i]])
         if remote:
             _run_remote(fn, specs, keys, remote, results, ex, client, res, inputs, results_dir, bar, copies)
     finally:

@@ -96,6 +96,19 @@ def test_process_pool_matches_a_plain_loop(tmp_path):
         assert runs.check_unit(Store(tmp_path / "mapped", "test/square", {"x": x}).dir)[1] is None
 
 
+def test_process_pool_with_one_unit_to_compute_runs_it_here(tmp_path):
+    # one unit left to compute (the others are done) gets no pool: it runs in this process
+    for x in (1, 2):
+        square(x, str(tmp_path))
+    done = lambda x: Store(tmp_path, "test/square", {"x": x}).exists("value.json")
+    out = map_units(square, [1, 2, 3], results_dir=tmp_path, executor="process:2", done=done, progress=False)
+    assert out == [1, 4, 9]
+    assert Store(tmp_path, "test/square", {"x": 3}).json("value")["where"] == os.getpid()
+    # two left: the pool runs them
+    assert map_units(where, [1, 2], results_dir=tmp_path, executor="process:2", progress=False) == [True, True]
+    assert map_units(where, [1], results_dir=tmp_path, executor="process:2", progress=False) == [False]
+
+
 def test_process_pool_carries_a_closure(tmp_path):
     pytest.importorskip("cloudpickle")  # installed with Dask: it carries what pickle cannot
     offset = 10

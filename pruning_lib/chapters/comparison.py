@@ -44,7 +44,7 @@ from .dense_baselines import dense_spec, train_dense
 from ..methods import gmp, l1_filter, scratch
 from ..models import build_model
 from .. import dense as dense_unit
-from ..runs import Executor, RunConfig, Store, map_units, param, parse_executor, progress_bar
+from ..runs import RunConfig, Store, map_units, param, progress_bar
 from ..train import default_device, evaluate, fit
 
 CHAPTER = "07_comparison"
@@ -733,11 +733,8 @@ def scratch_tasks(cfg: Config, points: list[dict]) -> list:
 
 def _map(cfg: Config, todo: list, bar) -> list:
     """``todo`` through :func:`runs.map_units`: ``$PRUNING_EXECUTOR`` (Dask workers, ...), else ``workers``
-    processes (a phase of one unit runs here); finished units only load, here."""
-    executor = parse_executor(None, cfg.workers)
-    if executor.kind == "process" and len(todo) < 2:
-        executor = Executor("serial")
-    return map_units(run_point, todo, results_dir=cfg.results_dir, executor=executor, bar=bar,
+    processes (one unit left to compute runs here); finished units only load, here."""
+    return map_units(run_point, todo, results_dir=cfg.results_dir, workers=cfg.workers, bar=bar,
                      done=lambda t: _task_done(cfg, t), inputs=lambda t: _task_inputs(cfg, t),
                      key=lambda t: f"{t[1]}-{task_store(cfg, t).key}")
 

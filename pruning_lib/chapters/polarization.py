@@ -30,7 +30,7 @@ from ..methods.polarization import (apply_static, compact_static, gate_statistic
                                     strip_gates, train_polarized, train_step)
 from ..metrics import count_connections, count_flops
 from ..models import build_model
-from ..runs import Executor, RunConfig, Store, map_units, param, parse_executor, progress_bar
+from ..runs import RunConfig, Store, map_units, param, progress_bar
 from ..timing import best_forward_seconds
 from ..train import evaluate, fit
 
@@ -382,13 +382,10 @@ def _unit_stores(task, root: str) -> tuple[Store, list[Store]]:
 
 def _run_phase(units, cfg, root, workers, bar):
     """The units of one phase through :func:`runs.map_units`: ``$PRUNING_EXECUTOR`` (Dask workers, ...),
-    else ``workers`` spawned processes (a phase of one unit runs here); finished units only load, here."""
+    else ``workers`` spawned processes (a phase with one unit to compute runs it here); finished units only load, here."""
     tasks = [(kind, cfg, rest) for kind, rest in units]
     root = str(root)
-    executor = parse_executor(None, workers)
-    if executor.kind == "process" and len(tasks) < 2:
-        executor = Executor("serial")
-    return map_units(_pool_unit, tasks, results_dir=root, executor=executor, bar=bar,
+    return map_units(_pool_unit, tasks, results_dir=root, workers=workers, bar=bar,
                      done=lambda t: _unit_stores(t, root)[0].exists("metrics.json"),
                      inputs=lambda t: _unit_stores(t, root)[1],
                      key=lambda t: f"{t[0]}-{_unit_stores(t, root)[0].key}")

@@ -4,16 +4,18 @@
 :class:`DenseSpec` says everything that makes the network: model, dataset (and the rule that took a part of
 its training split), seed and schedule. As in open_lth, a field left at its default is left out of the
 hashed spec (except :attr:`DenseSpec.ALWAYS`, which chapter 1's first hashes always held), so adding a
-field with a default that switches it off changes no existing hash. Two chapters asking for the same
-network get one Store and one training (chapter 1's baselines and chapter 7's dense references; chapter 6's
-mature networks train on part of the data, so they are other networks).
+field with a default that switches it off changes no existing hash.
 
-Dense trainings that are not this unit, and why: chapter 2's round 0 (not moved yet: a Glorot-initialised
-chain start with early stopping and a rewind point, stored as one file with its initial and rewind weights;
-its spec also names every round of the chain, so it would stay as the chain's name), chapter 3's ``dense`` method (the gated pipeline without gates: SGD with weight decay, a cosine
-schedule and a fine-tune phase; it keeps no weights), chapter 4's dense references (a weight prior, and they
-exist to time an epoch; no weights kept) and chapter 5's dense networks (a learning-rate schedule; their
-cached units kept no history, so moving them would retrain the cpu book).
+Two chapters asking for the same network get one Store and one training (chapter 1's baselines and
+chapter 7's dense references). Chapter 5's dense networks are units here too (with their cosine learning-rate
+schedule), and so are chapter 6's mature networks (trained on part of the data, so they are other networks).
+
+Dense trainings that are not this unit, and why: chapter 2's round 0 (a Glorot-initialised chain start with
+early stopping and a rewind point, stored as one file with its initial and rewind weights; its spec also
+names every round of the chain, so it stays the chain's name), chapter 3's ``dense`` method (an arm of the
+L0-HC/Dep-L0 experiment: the gated pipeline without gates, SGD with weight decay, a cosine schedule and a
+fine-tune phase; it keeps no weights) and chapter 4's dense references (they time an epoch with a weight
+prior at a thread count that is part of their spec, and keep no weights).
 
 A chapter whose network moved here from a Store of its own passes :class:`Legacy`: when the dense Store is
 missing and the old one is finished, the old files are converted once into the dense Store (checked to
@@ -31,7 +33,7 @@ import torch
 from .data import load_dataset
 from .models import build_model
 from .runs import CacheError, Store
-from .train import default_device, fit
+from .train import default_device, fit, lr_scheduler
 
 KIND = "dense"
 FILES = ("model.pt", "history.csv")
@@ -45,6 +47,8 @@ class DenseSpec:
     * ``evals_per_epoch``: validation and test evaluations an epoch (None: :func:`fit`'s default, once an
       epoch);
     * ``width``: the model's width multiplier;
+    * ``lr_schedule``: ``"constant"`` or ``"cosine"`` (:func:`~pruning_lib.train.lr_scheduler`, stepped once an
+      epoch);
     * ``train_subset``: the rule that took the training examples from ``dataset``'s training split (a
       JSON dict naming it; None: the whole split). The caller passes those examples as ``data``.
     """
@@ -60,6 +64,7 @@ class DenseSpec:
     evals_per_epoch: int | None = None
     width: float = 1.0
     train_subset: dict | None = None
+    lr_schedule: str = "constant"
 
     # hashed even at their defaults (chapter 1's specs always held them)
     ALWAYS: ClassVar[tuple[str, ...]] = ("model", "dataset", "seed", "batch_size", "lr", "optimizer")
@@ -69,6 +74,10 @@ class DenseSpec:
             raise ValueError("DenseSpec: give exactly one of epochs or iterations")
         if self.optimizer != "adam":
             raise ValueError(f"DenseSpec: optimizer {self.optimizer!r} is not supported (adam)")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"DenseSpec: lr_schedule {self.lr_schedule!r} is not supported (constant, cosine)")
+        if self.lr_schedule != "constant" and self.epochs is None:
+            raise ValueError("DenseSpec: a learning-rate schedule is stepped per epoch: give epochs")
 
     def to_dict(self) -> dict[str, Any]:
         """The hashed spec: every field of :attr:`ALWAYS`, and the others where they differ from their
@@ -80,13 +89,15 @@ class DenseSpec:
 @dataclass(frozen=True)
 class Legacy:
     """Where a network was cached before it moved to the dense unit: the old Store's ``kind`` and ``spec``
-    (computed exactly as the old code did), the ``files`` that made it finished, and
-    ``convert(old_store) -> (state_dict, history frame)``."""
+    (computed exactly as the old code did), the ``files`` that made it finished,
+    ``convert(old_store) -> (state_dict, history frame)``, and a ``note`` for ``legacy.json`` (what the
+    conversion could not carry over)."""
 
     kind: str
     spec: dict[str, Any]
     files: tuple[str, ...]
     convert: Callable[[Store], tuple[dict[str, torch.Tensor], pd.DataFrame]]
+    note: str = ""
 
 
 def done(store: Store) -> bool:
@@ -110,7 +121,8 @@ def adopt_legacy(st: Store, legacy: Legacy) -> bool:
         return False
     state, history = legacy.convert(old)
     st.json("legacy", lambda: {"kind": legacy.kind, "key": old.key, "spec": old.spec,
-                               "files": dict(sorted(old._committed().items()))})
+                               "files": dict(sorted(old._committed().items())),
+                               **({"note": legacy.note} if legacy.note else {})})
     st.save_torch("model", state)
     st.save_frame("history", history)
     back = st.torch("model")
@@ -143,8 +155,12 @@ def train(spec: DenseSpec, *, results_dir: str = "results", data_root: str = "da
     if spec.evals_per_epoch is not None:
         steps = -(-len(data.train) // spec.batch_size)
         eval_every = max(1, steps // spec.evals_per_epoch)
+    schedule = {}
+    if spec.lr_schedule != "constant":
+        opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
+        schedule = dict(optimizer=opt, scheduler=lr_scheduler(opt, spec.epochs, spec.lr_schedule))
     history = fit(model, data, epochs=spec.epochs, iterations=spec.iterations, batch_size=spec.batch_size,
-                  lr=spec.lr, seed=spec.seed, eval_every=eval_every, checkpoint=st.path("checkpoint.pt"),
+                  lr=spec.lr, seed=spec.seed, **schedule, eval_every=eval_every, checkpoint=st.path("checkpoint.pt"),
                   progress=progress, desc=desc or f"{spec.model} seed {spec.seed}")
     st.save_torch("model", model.state_dict())
     st.save_frame("history", history)

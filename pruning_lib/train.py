@@ -305,6 +305,18 @@ def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
+def lr_scheduler(optimizer: torch.optim.Optimizer, epochs: float, kind: str = "constant"):
+    """A learning-rate schedule stepped once an epoch by :func:`fit` (chapter 5's trainings, dense and
+    gated alike): ``"constant"`` (None) or ``"cosine"``, ``0.5 (1 + cos(pi e / E))``
+    at epoch ``e`` of ``E = ceil(epochs)``, on every parameter group (the gating modules' too)."""
+    if kind == "constant":
+        return None
+    if kind != "cosine":
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {kind!r}")
+    total = max(int(math.ceil(epochs)), 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * min(e / total, 1))))
+
+
 def fit(model: nn.Module, data: DataSplits, *,
         optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
         lr: float = 1e-3, epochs: float | None = None, iterations: int | None = None,

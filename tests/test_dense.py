@@ -87,3 +87,42 @@ def test_no_old_store_trains(tmp_path):
     _, h = dense.train(spec, results_dir=tmp_path, data=data, progress=False, legacy=legacy)
     assert int(h["step"].iloc[-1]) == 3 and not (tmp_path / "dense" / Store(tmp_path, "dense", spec.to_dict()).key
                                                  / "legacy.json").exists()
+
+
+def test_a_learning_rate_schedule_is_part_of_the_spec_and_of_the_training(tmp_path):
+    base = dict(batch_size=50, lr=1e-2, epochs=2)
+    flat = dense.DenseSpec("lenet300_100", "synthetic-mnist", 0, **base)
+    cos = dense.DenseSpec("lenet300_100", "synthetic-mnist", 0, **base, lr_schedule="cosine")
+    assert "lr_schedule" not in flat.to_dict() and cos.to_dict() == {**flat.to_dict(), "lr_schedule": "cosine"}
+    with pytest.raises(ValueError, match="lr_schedule"):
+        dense.DenseSpec("lenet300_100", "synthetic-mnist", 0, **base, lr_schedule="step")
+    with pytest.raises(ValueError, match="per epoch"):
+        dense.DenseSpec("lenet300_100", "synthetic-mnist", 0, batch_size=50, lr=1e-2, iterations=4,
+                        lr_schedule="cosine")
+    data = load_dataset("synthetic-mnist", n=200)
+    m1, _ = dense.train(flat, results_dir=tmp_path, data=data, progress=False)
+    m2, _ = dense.train(cos, results_dir=tmp_path, data=data, progress=False)
+    # the same first epoch (the cosine factor is 1 at epoch 0), then a smaller step: other weights
+    assert not all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+
+
+def test_chapter_5s_old_dense_store_is_adopted_with_a_one_row_history(tmp_path, monkeypatch):
+    from pruning_lib.chapters import polarization as ch5
+
+    cfg = ch5.Config.from_profile("smoke", models=("lenet5_caffe",), results_dir=str(tmp_path))
+    data = load_dataset("synthetic-mnist")
+    spec = ch5.dense_spec(cfg, "lenet5_caffe", "synthetic-mnist", 0)
+    model, history = dense.train(spec, results_dir=tmp_path / "fresh", data=data, progress=False)
+    # the network as chapter 5 cached it before the dense unit: model.pt and metrics.json
+    old = Store(tmp_path, "polarization/dense", ch5._train_spec(cfg, "lenet5_caffe", "synthetic-mnist", 0))
+    old.save_torch("model", model.state_dict())
+    acc = float(history["test_accuracy"].iloc[-1])
+    old.json("metrics", lambda: {"test_accuracy": acc, "train_seconds": 1.5, "connections": 1, "flops": 2})
+    monkeypatch.setattr(dense, "fit", _no_fit)
+    ch5._RESULTS_ROOT[0] = str(tmp_path)
+    row = ch5._dense_unit(cfg, "lenet5_caffe", "synthetic-mnist", 0)
+    st = dense.store(spec, tmp_path)
+    assert dense.done(st) and st.json("legacy")["key"] == old.key and "no history" in st.json("legacy")["note"]
+    assert row["test_accuracy"] == acc and row["train_seconds"] == 1.5
+    a, b = st.torch("model"), model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k].cpu()) for k in a)

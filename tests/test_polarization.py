@@ -346,7 +346,7 @@ def test_work_units_list_the_notebooks_stores(tmp_path):
     assert keys == [(u.kind, u.key) for u in C.work_units(cfg)]  # a stable listing
     n = len(cfg.models) * len(cfg.datasets)  # one seed each in the smoke profile
     kinds = [k for k, _ in keys]
-    assert kinds.count("polarization/dense") == n and kinds.count("polarization/baseline") == 2 * n * 2
+    assert kinds.count("dense") == n and kinds.count("polarization/baseline") == 2 * n * 2
     assert kinds.count("polarization/gated") == n * (len(cfg.targets) + 1)  # the sweep and no polarizer
     assert not any(u.done for u in listed)
     assert all(u.datasets == ("synthetic-mnist",) for u in listed)
@@ -355,7 +355,7 @@ def test_work_units_list_the_notebooks_stores(tmp_path):
 def test_units_from_the_command_line_write_what_the_notebook_reads(tmp_path, monkeypatch, capsys):
     """Every unit of one smoke network through `book units --missing`; then the chapter's run only loads
     (its training functions replaced by failures) and a baseline run alone first trains its inputs."""
-    from pruning_lib import book
+    from pruning_lib import book, dense
 
     torch.set_num_threads(1)
     monkeypatch.setattr(C, "_DATA_CACHE", {})
@@ -369,6 +369,7 @@ def test_units_from_the_command_line_write_what_the_notebook_reads(tmp_path, mon
     no = lambda *a, **k: pytest.fail("trained instead of reading the cache")  # noqa: E731
     monkeypatch.setattr(C, "fit", no)
     monkeypatch.setattr(P, "fit", no)
+    monkeypatch.setattr(dense, "fit", no)
     runs = C.run_experiment(cfg, progress=False)["runs"]
     assert len(runs) == len(cfg.targets) * 3 + 1
     monkeypatch.undo()
@@ -380,12 +381,13 @@ def test_units_from_the_command_line_write_what_the_notebook_reads(tmp_path, mon
     base.run(fresh.results_dir)
     done = {u.key for u in C.work_units(fresh) if u.done}
     assert len(done) == 3 and base.key in done
-    for kind in ("polarization/dense", "polarization/baseline"):
-        key = next(u.key for u in C.work_units(fresh) if u.kind == kind and u.key in done)
-        a, b = (json.loads(Path(root, kind, key, "metrics.json").read_text())
-                for root in (cfg.results_dir, fresh.results_dir))
-        assert {k: v for k, v in a.items() if "seconds" not in k} == \
-            {k: v for k, v in b.items() if "seconds" not in k}
+    key = next(u.key for u in C.work_units(fresh) if u.kind == "polarization/baseline" and u.key in done)
+    a, b = (json.loads(Path(root, "polarization/baseline", key, "metrics.json").read_text())
+            for root in (cfg.results_dir, fresh.results_dir))
+    assert {k: v for k, v in a.items() if "seconds" not in k} == {k: v for k, v in b.items() if "seconds" not in k}
+    key = next(u.key for u in C.work_units(fresh) if u.kind == "dense" and u.key in done)  # the one dense unit
+    a, b = (torch.load(Path(root, "dense", key, "model.pt")) for root in (cfg.results_dir, fresh.results_dir))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_verdict_finds_the_claim_of_a_network():

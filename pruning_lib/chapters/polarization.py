@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from .. import claims as claims_mod
+from .. import dense
 from ..claims import AtLeast, AtMost, Claim
 from ..data import batches, load_dataset
 from ..methods.polarization import (apply_static, compact_static, gate_statistics, gated_optimizer,
-                                    gated_penalties, keep_sparsity, lr_scheduler, set_mode, static_keep,
+                                    gated_penalties, keep_sparsity, set_mode, static_keep,
                                     strip_gates, train_polarized, train_step)
 from ..metrics import count_connections, count_flops
 from ..models import build_model
@@ -196,22 +197,40 @@ def _timed(compute):
     return run
 
 
+def dense_spec(cfg: Config, model: str, dataset: str, seed: int) -> dense.DenseSpec:
+    """The chapter's dense network as a dense unit (:mod:`pruning_lib.dense`): Adam at ``lr`` with the
+    chapter's learning-rate schedule for ``epochs``, at the model's width; the gated runs start from the same
+    seeded initialisation, and the baselines prune its weights."""
+    return dense.DenseSpec(model, dataset, seed, batch_size=cfg.batch_size, lr=cfg.lr, epochs=cfg.epochs,
+                           width=cfg.model_width(model), lr_schedule=cfg.lr_schedule)
+
+
+def _legacy_dense(cfg: Config, model: str, dataset: str, seed: int) -> dense.Legacy:
+    """The network's Store before the dense unit: ``polarization/dense`` with :func:`_train_spec`, files
+    ``model.pt`` and ``metrics.json``. It kept no history, so the adopted one is a single row: the final test
+    accuracy and the training seconds it recorded."""
+    def convert(old: Store):
+        m = old.json("metrics")
+        return old.torch("model"), pd.DataFrame([{"epoch": float(cfg.epochs), "test_accuracy": m["test_accuracy"],
+                                                  "seconds": m["train_seconds"]}])
+    return dense.Legacy("polarization/dense", _train_spec(cfg, model, dataset, seed), ("model.pt", "metrics.json"),
+                        convert, note="the old unit kept no history: history.csv holds its final test accuracy "
+                                      "and training seconds only")
+
+
+def _dense_store(cfg: Config, model: str, dataset: str, seed: int, root: str | None = None) -> Store:
+    return dense.store(dense_spec(cfg, model, dataset, seed), root or cfg_root(cfg),
+                       _legacy_dense(cfg, model, dataset, seed))
+
+
 def _dense_unit(cfg: Config, model: str, dataset: str, seed: int) -> dict:
-    store = Store(cfg_root(cfg), "polarization/dense", _train_spec(cfg, model, dataset, seed))
-
-    def compute():
-        data = _data(dataset, cfg.data_root)
-        net = _build(cfg, model, data, seed)
-        t0 = time.perf_counter()
-        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-        hist = fit(net, data, optimizer=opt, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=seed,
-                   scheduler=lr_scheduler(opt, cfg.epochs, cfg.lr_schedule), progress=False, desc="dense")
-        secs = time.perf_counter() - t0
-        store.save_torch("model", net.cpu().state_dict())
-        return {"test_accuracy": float(hist["test_accuracy"].iloc[-1]), "train_seconds": secs,
-                "connections": count_connections(net), "flops": count_flops(net.cpu(), data.input_shape)}
-
-    return store.json("metrics", _timed(compute))
+    data = _data(dataset, cfg.data_root)
+    net, hist = dense.train(dense_spec(cfg, model, dataset, seed), results_dir=cfg_root(cfg), data=data,
+                            progress=False, desc="dense", legacy=_legacy_dense(cfg, model, dataset, seed))
+    net = net.cpu()
+    secs = float(hist["seconds"].iloc[-1])
+    return {"test_accuracy": float(hist["test_accuracy"].iloc[-1]), "train_seconds": secs, "unit_seconds": secs,
+            "connections": count_connections(net), "flops": count_flops(net, data.input_shape)}
 
 
 def _gate_unit(cfg: Config, model: str, dataset: str, seed: int, target: float, pw: float) -> dict:
@@ -297,8 +316,7 @@ def _baseline_unit(cfg: Config, method: str, model: str, dataset: str, seed: int
         data = _data(dataset, cfg.data_root)
         keep_gates = Store(cfg_root(cfg), "polarization/gated", gate_spec).torch("keep")
         net = _build(cfg, model, data, seed)
-        dense_store = Store(cfg_root(cfg), "polarization/dense", _train_spec(cfg, model, dataset, seed))
-        net.load_state_dict(dense_store.torch("model"))
+        net.load_state_dict(_dense_store(cfg, model, dataset, seed).torch("model"))
         gen = torch.Generator().manual_seed(10_000 + seed)
         scores = _l1_channel_scores(net)
         # Channels: in every group keep as many as the gates kept; blocks: remove as many as the gates did.
@@ -366,13 +384,18 @@ def _store(task, root: str) -> Store:
     """A unit's own Store (the spec its function uses)."""
     kind, cfg, rest = task
     if kind == "dense":
-        return Store(root, "polarization/dense", _train_spec(cfg, *rest))
+        return _dense_store(cfg, *rest, root=root)
     if kind == "gated":
         return Store(root, "polarization/gated", _gate_spec(cfg, *rest))
     method, model, dataset, seed, target = rest
     gate_spec = _gate_spec(cfg, model, dataset, seed, target, cfg.polarizer_weight)
     return Store(root, "polarization/baseline",
                  {"method": method, "gated": gate_spec, "finetune_epochs": cfg.finetune_epochs})
+
+
+def _done(task, root: str) -> bool:
+    store = _store(task, root)
+    return dense.done(store) if task[0] == "dense" else store.exists("metrics.json")
 
 
 def _unit_stores(task, root: str) -> tuple[Store, list[Store]]:
@@ -386,7 +409,7 @@ def _run_phase(units, cfg, root, workers, bar):
     tasks = [(kind, cfg, rest) for kind, rest in units]
     root = str(root)
     return map_units(_pool_unit, tasks, results_dir=root, workers=workers, bar=bar,
-                     done=lambda t: _unit_stores(t, root)[0].exists("metrics.json"),
+                     done=lambda t: _done(t, root),
                      inputs=lambda t: _unit_stores(t, root)[1],
                      key=lambda t: f"{t[0]}-{_unit_stores(t, root)[0].key}")
 
@@ -434,7 +457,7 @@ def _run_unit_with_inputs(task, results_dir: str) -> dict:
     """One unit from the command line: the finished units it reads first, where missing (they are
     units of this chapter, the same cached results whoever trains them), then the unit itself."""
     for dep in _inputs(task):
-        if not _store(dep, results_dir).exists("metrics.json"):
+        if not _done(dep, results_dir):
             _pool_unit(dep, results_dir)
     return _pool_unit(task, results_dir)
 
@@ -449,7 +472,7 @@ def work_units(cfg: Config) -> list:
         task = (kind, cfg, rest)
         store = _store(task, cfg.results_dir)
         dataset = rest[1] if kind != "baseline" else rest[2]
-        out.append(Unit(store.key, store.kind, _describe(cfg, task), store.exists("metrics.json"), (dataset,),
+        out.append(Unit(store.key, store.kind, _describe(cfg, task), _done(task, cfg.results_dir), (dataset,),
                         lambda results_dir, task=task: _run_unit_with_inputs(task, str(results_dir))))
     return out
 
@@ -464,7 +487,8 @@ def run_experiment(cfg: Config, results_dir: str | None = None, progress: bool =
     Returns ``{"runs": one row per gated/baseline run, "gates": per-gate statistics, "dense": the dense
     networks, "wall_seconds": this call's wall time, "compute_seconds": the summed time of every unit when
     it was computed (what a fresh sequential run costs, even when everything was loaded from the cache),
-    "cpu_seconds": the summed CPU time of the units (NaN for units computed before it was recorded)}``.
+    "cpu_seconds": the summed CPU time of the gated and baseline units (NaN for units computed before it was
+    recorded; the dense units record wall time only)}``.
     """
 
     results_dir = cfg.results_dir if results_dir is None else results_dir
@@ -509,7 +533,7 @@ def run_experiment(cfg: Config, results_dir: str | None = None, progress: bool =
     return {"runs": runs, "gates": pd.concat(gate_frames, ignore_index=True), "dense": dense_frame,
             "history": pd.concat(histories, ignore_index=True), "wall_seconds": wall,
             "compute_seconds": float(sum(r.get("unit_seconds", 0.0) for r in dense + gated + base)),
-            "cpu_seconds": float(sum(r.get("unit_cpu_seconds", math.nan) for r in dense + gated + base))}
+            "cpu_seconds": float(sum(r.get("unit_cpu_seconds", math.nan) for r in gated + base))}
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from torch import nn
 
 from ..gates import GateSlot, compact, remove_blocks, scale_channels, set_block_gates, set_gates
 from ..metrics import layer_flops
-from ..train import Callback, cross_entropy, fit
+from ..train import Callback, cross_entropy, fit, lr_scheduler
 
 __all__ = [
     "GatingModule", "straight_through", "add_gating", "gating_modules", "set_mode", "density_loss",
@@ -383,18 +383,6 @@ class TrainFlops(Callback):
 # --------------------------------------------------------------------------------------------------------
 # The one training pass
 # --------------------------------------------------------------------------------------------------------
-
-
-def lr_scheduler(optimizer: torch.optim.Optimizer, epochs: float, kind: str = "constant"):
-    """The learning-rate schedule of the chapter's trainings (dense and gated alike), stepped once an
-    epoch by :func:`pruning_lib.train.fit`: ``"constant"`` (None) or ``"cosine"``, ``0.5 (1 + cos(pi e / E))``
-    at epoch ``e`` of ``E = ceil(epochs)``, on every parameter group (the gating modules' too)."""
-    if kind == "constant":
-        return None
-    if kind != "cosine":
-        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {kind!r}")
-    total = max(int(math.ceil(epochs)), 1)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * min(e / total, 1))))
 
 
 def gated_optimizer(model: nn.Module, lr: float, gate_lr: float | None = None) -> torch.optim.Adam:

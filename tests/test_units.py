@@ -138,7 +138,7 @@ def test_a_missing_dataset_is_named_before_any_process_starts(tmp_path, monkeypa
     assert not (tmp_path / "results").exists()
 
 
-def test_a_unit_from_the_command_line_and_under_torchrun_is_the_notebooks_unit(tmp_path, monkeypatch, capsys):
+def test_a_unit_from_the_command_line_is_the_notebooks_unit(tmp_path, monkeypatch, capsys):
     torch.set_num_threads(1)
     # the notebook's own code path
     nb = tmp_path / "notebook"
@@ -166,9 +166,13 @@ def test_a_unit_from_the_command_line_and_under_torchrun_is_the_notebooks_unit(t
     pd.testing.assert_frame_equal(again["results"].drop(columns="seconds"),
                                   out["results"].drop(columns="seconds"))
 
+
+
+def test_units_under_torchrun_are_the_notebooks_units(tmp_path, monkeypatch):
     # under torchrun, 2 gloo processes (--nproc starts torchrun after checking the request), every missing
     # unit: the dense baseline and the Dep-L0 unit, each one DDP run written once by rank 0
-    monkeypatch.undo()
+    torch.set_num_threads(1)
+    nb = tmp_path / "notebook"
     with_dense = _tiny_cfg(nb).replace(dense_baseline=True)
     dep_l0.run_experiment(with_dense, progress=False)  # the notebook's dense baseline too
     reference = _unit_files(nb)

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
+
+from pruning_lib.timing import best_of
 
 
 def step(m, opt, x, y):
@@ -31,16 +32,9 @@ def compare(runs: dict, args, warmup: int = 5) -> None:
     alike) and its ratio to the first (the dense reference)."""
     torch.set_num_threads(args.threads)
     x, y = torch.randn(args.batch, 1, 28, 28), torch.randint(0, 10, (args.batch,))
-    for run in runs.values():
-        for _ in range(warmup):
-            step(*run, x, y)
-    best = {k: float("inf") for k in runs}
-    for _ in range(args.repeats):
-        for k, run in runs.items():
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                step(*run, x, y)
-            best[k] = min(best[k], (time.perf_counter() - t) / args.steps)
+    times = best_of([lambda run=run: step(*run, x, y) for run in runs.values()], args.repeats, inner=args.steps,
+                    warmup=warmup)
+    best = dict(zip(runs, times))
     ref = next(iter(runs))
     print(f"{args.model}, batch {args.batch}, {args.threads} threads, best of {args.repeats} x "
           f"{args.steps} steps")

@@ -16,20 +16,30 @@ from torch import nn
 __all__ = ["best_of", "best_forward_seconds"]
 
 
-def best_of(fns: Sequence[Callable[[], object]], repeats: int, inner: int = 1, warmup: int = 1) -> list[float]:
+def best_of(fns: Sequence[Callable[[], object]], repeats: int, inner: int = 1, warmup: int = 1, *,
+            alternate: bool = False, sync: Callable[[], object] | None = None) -> list[float]:
     """For each callable, the best (over ``repeats`` interleaved rounds) mean wall time of one call, each round
-    timing ``inner`` calls (short calls need several to be timed well), after ``warmup`` untimed calls."""
+    timing ``inner`` calls (short calls need several to be timed well), after ``warmup`` untimed calls.
+
+    ``alternate``: every other round times the callables in reverse order (so none always runs first, or
+    always right after another); ``sync`` (e.g. ``torch.cuda.synchronize``) is called before and after each
+    timed round, so queued GPU work is counted where it was issued."""
     if repeats < 1 or inner < 1:
         raise ValueError(f"repeats and inner must be at least 1, got {repeats} and {inner}")
     for fn in fns:
         for _ in range(warmup):
             fn()
     best = [math.inf] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
+    order = list(range(len(fns)))
+    for r in range(repeats):
+        for i in (order[::-1] if alternate and r % 2 else order):
+            if sync is not None:
+                sync()
             t0 = time.perf_counter()
             for _ in range(inner):
-                fn()
+                fns[i]()
+            if sync is not None:
+                sync()
             best[i] = min(best[i], (time.perf_counter() - t0) / inner)
     return best
 

@@ -31,3 +31,13 @@ def test_best_forward_seconds_times_in_eval_mode_without_autograd():
     m = Probe().train()
     best_forward_seconds([m], torch.zeros(1), repeats=2)
     assert seen and all(s == (False, False) for s in seen)
+
+
+def test_best_of_alternates_the_order_and_syncs_around_each_timed_round():
+    log = []
+    fns = [lambda: log.append("a"), lambda: log.append("b")]
+    best_of(fns, repeats=3, warmup=1, alternate=True, sync=lambda: log.append("|"))
+    assert "".join(log) == "ab" + "|a||b|" + "|b||a|" + "|a||b|"  # warm-up, then a b, b a, a b
+    log.clear()
+    best_of(fns, repeats=2, warmup=0)
+    assert log == ["a", "b", "a", "b"]

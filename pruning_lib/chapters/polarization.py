@@ -32,7 +32,7 @@ from ..methods.polarization import (apply_static, compact_static, gate_statistic
 from ..metrics import count_connections, count_flops
 from ..models import build_model
 from ..runs import RunConfig, Store, map_units, param, progress_bar
-from ..timing import best_forward_seconds
+from ..timing import best_forward_seconds, best_of
 from ..train import evaluate, fit
 
 CHAPTER = "05_polarization"
@@ -172,16 +172,9 @@ def training_step_seconds(gated: nn.Module, data, *, penalties: dict, batch_size
     x, y = next(iter(batches(data.train, batch_size, shuffle=True, generator=gen, device=device)))
     steps = {"gated": (g, gated_optimizer(g, lr, gate_lr), penalties),
              "dense": (d, torch.optim.Adam(d.parameters(), lr=lr), {})}
-    for m, opt, pen in steps.values():
-        train_step(m, opt, pen, x, y)
-    best = {k: math.inf for k in steps}
-    for r in range(repeats):
-        order = list(steps) if r % 2 == 0 else list(steps)[::-1]  # alternate who goes first
-        for k in order:
-            t0 = time.perf_counter()
-            train_step(*steps[k], x, y)
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return {"step_seconds_gated": best["gated"], "step_seconds_dense": best["dense"]}
+    gated_s, dense_s = best_of([lambda: train_step(*steps["gated"], x, y), lambda: train_step(*steps["dense"], x, y)],
+                               repeats, warmup=1, alternate=True)  # alternate who goes first
+    return {"step_seconds_gated": gated_s, "step_seconds_dense": dense_s}
 
 
 def _timed(compute):

@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
-import time
 import warnings
 from types import SimpleNamespace
 from typing import Iterable, Mapping, Sequence
@@ -53,7 +51,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..gates import GateSlot, compact, families, get_gates, scale_channels, set_gates
-from ..train import Callback, EpochTimer, Method
+from ..train import EpochTimer, Method
+from ..timing import best_of
 
 __all__ = [
     "BernoulliGate", "attach_bernoulli_gates", "bernoulli_gates", "gate_thetas", "project_",
@@ -801,21 +800,22 @@ def _best_step_ms(bps: Mapping[str, "BernoulliPruning"], batches: Sequence[tuple
     """Best over ``rounds`` of the mean time of ``block`` consecutive training steps, in ms, for every
     :class:`BernoulliPruning` of ``bps``; the rounds interleave them, so a change of machine load hits
     all alike."""
-    best = {k: math.inf for k in bps}
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for name, bp in bps.items():  # warm-up: allocator, first-call overheads
+    for bp in bps.values():  # warm-up: allocator, first-call overheads
         for x, y in batches[:2]:
             bp.step(x, y)
-    for r in range(rounds):
-        for name, bp in bps.items():
-            sync()
-            t0 = time.perf_counter()
+
+    def blocks(bp):  # round r steps on batches r * block, ..., r * block + block - 1 (cycling)
+        rounds_done = itertools.count()
+
+        def run():
+            r = next(rounds_done)
             for i in range(block):
-                x, y = batches[(r * block + i) % len(batches)]
-                bp.step(x, y)
-            sync()
-            best[name] = min(best[name], (time.perf_counter() - t0) / block * 1e3)
-    return best
+                bp.step(*batches[(r * block + i) % len(batches)])
+        return run
+
+    times = best_of([blocks(bp) for bp in bps.values()], rounds, warmup=0,
+                    sync=torch.cuda.synchronize if torch.cuda.is_available() else None)
+    return {name: t / block * 1e3 for name, t in zip(bps, times)}
 
 
 def compare_steps(bps: Mapping[str, "BernoulliPruning"], batches, rounds: int = 5, block: int = 1

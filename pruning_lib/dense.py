@@ -7,15 +7,14 @@ hashed spec (except :attr:`DenseSpec.ALWAYS`, which chapter 1's first hashes alw
 field with a default that switches it off changes no existing hash.
 
 Two chapters asking for the same network get one Store and one training (chapter 1's baselines and
-chapter 7's dense references). Chapter 5's dense networks are units here too (with their cosine learning-rate
-schedule), and so are chapter 6's mature networks (trained on part of the data, so they are other networks).
+chapter 7's dense references). Chapter 2's round 0 (Glorot initialisation, early stopping, its initial and
+rewind weights kept as snapshots), chapter 5's dense networks (a cosine learning-rate schedule) and chapter
+6's mature networks (trained on part of the data) are dense units too: other specs, so other networks.
 
-Dense trainings that are not this unit, and why: chapter 2's round 0 (a Glorot-initialised chain start with
-early stopping and a rewind point, stored as one file with its initial and rewind weights; its spec also
-names every round of the chain, so it stays the chain's name), chapter 3's ``dense`` method (an arm of the
-L0-HC/Dep-L0 experiment: the gated pipeline without gates, SGD with weight decay, a cosine schedule and a
-fine-tune phase; it keeps no weights) and chapter 4's dense references (they time an epoch with a weight
-prior at a thread count that is part of their spec, and keep no weights).
+Two dense trainings are not this unit, and why: chapter 3's ``dense`` method (an arm of the L0-HC/Dep-L0
+experiment: the gated pipeline without gates, SGD with weight decay, a cosine schedule and a fine-tune phase,
+measured like the gated arms and keeping no weights) and chapter 4's dense references (they time an epoch
+with the chapter's weight prior at a thread count that is part of their spec, and keep no weights).
 
 A chapter whose network moved here from a Store of its own passes :class:`Legacy`: when the dense Store is
 missing and the old one is finished, the old files are converted once into the dense Store (checked to
@@ -31,9 +30,9 @@ import pandas as pd
 import torch
 
 from .data import load_dataset
-from .models import build_model
+from .models import build_model, glorot_init
 from .runs import CacheError, Store
-from .train import default_device, fit, lr_scheduler
+from .train import Callback, EarlyStop, default_device, fit, lr_scheduler
 
 KIND = "dense"
 FILES = ("model.pt", "history.csv")
@@ -49,6 +48,13 @@ class DenseSpec:
     * ``width``: the model's width multiplier;
     * ``lr_schedule``: ``"constant"`` or ``"cosine"`` (:func:`~pruning_lib.train.lr_scheduler`, stepped once an
       epoch);
+    * ``init``: ``"default"`` (the model's own initialisation) or ``"glorot"``
+      (:func:`~pruning_lib.models.glorot_init`);
+    * ``eval_every``: evaluate every so many steps (instead of ``evals_per_epoch``);
+    * ``patience``: stop early this many steps after the lowest validation loss
+      (:class:`~pruning_lib.train.EarlyStop`; None: never);
+    * ``snapshots``: steps after which the weights are kept too, as ``weights_at_<step>.pt`` (0: the
+      initialisation); a rewind point, say.
     * ``train_subset``: the rule that took the training examples from ``dataset``'s training split (a
       JSON dict naming it; None: the whole split). The caller passes those examples as ``data``.
     """
@@ -65,6 +71,10 @@ class DenseSpec:
     width: float = 1.0
     train_subset: dict | None = None
     lr_schedule: str = "constant"
+    init: str = "default"
+    eval_every: int | None = None
+    patience: int | None = None
+    snapshots: tuple[int, ...] = ()
 
     # hashed even at their defaults (chapter 1's specs always held them)
     ALWAYS: ClassVar[tuple[str, ...]] = ("model", "dataset", "seed", "batch_size", "lr", "optimizer")
@@ -78,19 +88,38 @@ class DenseSpec:
             raise ValueError(f"DenseSpec: lr_schedule {self.lr_schedule!r} is not supported (constant, cosine)")
         if self.lr_schedule != "constant" and self.epochs is None:
             raise ValueError("DenseSpec: a learning-rate schedule is stepped per epoch: give epochs")
+        if self.init not in ("default", "glorot"):
+            raise ValueError(f"DenseSpec: init {self.init!r} is not supported (default, glorot)")
+        if self.eval_every is not None and self.evals_per_epoch is not None:
+            raise ValueError("DenseSpec: give at most one of eval_every and evals_per_epoch")
+        if any(int(k) != k or k < 0 for k in self.snapshots):
+            raise ValueError(f"DenseSpec: snapshots must be steps >= 0, got {self.snapshots}")
+        object.__setattr__(self, "snapshots", tuple(int(k) for k in self.snapshots))
 
     def to_dict(self) -> dict[str, Any]:
         """The hashed spec: every field of :attr:`ALWAYS`, and the others where they differ from their
         default."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name in self.ALWAYS or getattr(self, f.name) != f.default}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name in self.ALWAYS or getattr(self, f.name) != f.default}
+        if "snapshots" in out:
+            out["snapshots"] = list(out["snapshots"])
+        return out
+
+    def files(self) -> tuple[str, ...]:
+        """The files that make the unit finished."""
+        return FILES + tuple(snapshot_file(k) for k in self.snapshots)
+
+
+def snapshot_file(step: int) -> str:
+    return f"weights_at_{step}.pt"
 
 
 @dataclass(frozen=True)
 class Legacy:
     """Where a network was cached before it moved to the dense unit: the old Store's ``kind`` and ``spec``
     (computed exactly as the old code did), the ``files`` that made it finished,
-    ``convert(old_store) -> (state_dict, history frame)``, and a ``note`` for ``legacy.json`` (what the
+    ``convert(old_store) -> (state_dict, history frame[, {file name: tensors}])`` (the last: the spec's
+    snapshots), and a ``note`` for ``legacy.json`` (what the
     conversion could not carry over)."""
 
     kind: str
@@ -101,7 +130,8 @@ class Legacy:
 
 
 def done(store: Store) -> bool:
-    return all(store.exists(f) for f in FILES)
+    snapshots = store.spec.get("snapshots", ()) if isinstance(store.spec, dict) else ()
+    return all(store.exists(f) for f in FILES + tuple(snapshot_file(k) for k in snapshots))
 
 
 def store(spec: DenseSpec, results_dir: str = "results", legacy: Legacy | None = None) -> Store:
@@ -119,14 +149,21 @@ def adopt_legacy(st: Store, legacy: Legacy) -> bool:
     old = Store(st.root, legacy.kind, legacy.spec)
     if not all(old.exists(f) for f in legacy.files):
         return False
-    state, history = legacy.convert(old)
+    state, history, *extra = legacy.convert(old)
+    extra = extra[0] if extra else {}
     st.json("legacy", lambda: {"kind": legacy.kind, "key": old.key, "spec": old.spec,
                                "files": dict(sorted(old._committed().items())),
                                **({"note": legacy.note} if legacy.note else {})})
+    for name, tensors in extra.items():
+        st.save_torch(name.removesuffix(".pt"), tensors)
     st.save_torch("model", state)
     st.save_frame("history", history)
-    back = st.torch("model")
-    same = (back.keys() == state.keys() and all(torch.equal(back[k], state[k].cpu()) for k in state)
+
+    def equal(name, want):
+        back = st.torch(name)
+        return back.keys() == want.keys() and all(torch.equal(back[k], want[k].cpu()) for k in want)
+
+    same = (equal("model", state) and all(equal(n.removesuffix(".pt"), t) for n, t in extra.items())
             and st.frame("history").equals(history.reset_index(drop=True)))
     if not same:
         st._set_aside(f"adopted from {legacy.kind}/{old.key}: it does not read back equal")
@@ -148,10 +185,12 @@ def train(spec: DenseSpec, *, results_dir: str = "results", data_root: str = "da
         data = load_dataset(spec.dataset, root=data_root)
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, width=spec.width, **data.model_kwargs())
+    if spec.init == "glorot":
+        glorot_init(model)
     if done(st):
         model.load_state_dict(torch.load(st.path("model.pt"), map_location="cpu", weights_only=True))
         return model.to(default_device()), st.frame("history")
-    eval_every = None
+    eval_every = spec.eval_every
     if spec.evals_per_epoch is not None:
         steps = -(-len(data.train) // spec.batch_size)
         eval_every = max(1, steps // spec.evals_per_epoch)
@@ -159,10 +198,36 @@ def train(spec: DenseSpec, *, results_dir: str = "results", data_root: str = "da
     if spec.lr_schedule != "constant":
         opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
         schedule = dict(optimizer=opt, scheduler=lr_scheduler(opt, spec.epochs, spec.lr_schedule))
+    callbacks = [EarlyStop(spec.patience)] if spec.patience is not None else []
+    if spec.snapshots:
+        if 0 in spec.snapshots and not st.exists(snapshot_file(0)):
+            st.save_torch(snapshot_file(0).removesuffix(".pt"), _weights(model))
+        callbacks.append(_Snapshots(st, [k for k in spec.snapshots if k > 0]))
     history = fit(model, data, epochs=spec.epochs, iterations=spec.iterations, batch_size=spec.batch_size,
                   lr=spec.lr, seed=spec.seed, **schedule, eval_every=eval_every, checkpoint=st.path("checkpoint.pt"),
-                  progress=progress, desc=desc or f"{spec.model} seed {spec.seed}")
+                  callbacks=callbacks, progress=progress, desc=desc or f"{spec.model} seed {spec.seed}")
+    missing = [k for k in spec.snapshots if not st.exists(snapshot_file(k))]
+    if missing:
+        raise ValueError(f"{st.dir}: training stopped at step {int(history['step'].iloc[-1])}, before the "
+                         f"snapshot step(s) {missing}: lower them (a rewind iteration, say) or the early stop's "
+                         f"patience")
     st.save_torch("model", model.state_dict())
     st.save_frame("history", history)
     st.path("checkpoint.pt").unlink(missing_ok=True)
     return model, history
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the parameters (what a snapshot keeps)."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+
+
+class _Snapshots(Callback):
+    """Writes the weights after each of ``steps`` into the unit (at once: a resumed training finds them)."""
+
+    def __init__(self, st: Store, steps: list[int]):
+        self.st, self.steps = st, set(steps)
+
+    def after_step(self, state) -> None:
+        if state.step in self.steps and not self.st.exists(snapshot_file(state.step)):
+            self.st.save_torch(snapshot_file(state.step).removesuffix(".pt"), _weights(state.model))

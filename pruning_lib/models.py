@@ -26,6 +26,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck as _TVBottleneck
 
 from .gates import ChannelGroup, GateSlot
+from .masks import PRUNABLE_TYPES
 
 __all__ = [
     "MODELS",
@@ -39,6 +40,7 @@ __all__ = [
     "GatedBottleneck",
     "ResNet50",
     "scale_width",
+    "glorot_init",
 ]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -61,6 +63,16 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
         return fn
 
     return decorator
+
+
+def glorot_init(model: nn.Module) -> nn.Module:
+    """Glorot-normal weights and zero biases for linear and conv layers (Frankle & Carbin 2019)."""
+    for m in model.modules():
+        if isinstance(m, PRUNABLE_TYPES):
+            nn.init.xavier_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return model
 
 
 def build_model(

@@ -126,3 +126,42 @@ def test_chapter_5s_old_dense_store_is_adopted_with_a_one_row_history(tmp_path, 
     assert row["test_accuracy"] == acc and row["train_seconds"] == 1.5
     a, b = st.torch("model"), model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k].cpu()) for k in a)
+
+
+def test_snapshots_keep_the_initial_and_rewind_weights_and_a_stop_before_them_is_refused(tmp_path):
+    data = load_dataset("synthetic-mnist", n=200)
+    spec = dense.DenseSpec("lenet300_100", "synthetic-mnist", 0, batch_size=50, lr=1e-3, iterations=6,
+                           init="glorot", eval_every=2, snapshots=(0, 3))
+    assert spec.files() == ("model.pt", "history.csv", "weights_at_0.pt", "weights_at_3.pt")
+    model, _ = dense.train(spec, results_dir=tmp_path, data=data, progress=False)
+    st = dense.store(spec, tmp_path)
+    w0, w3 = st.torch("weights_at_0"), st.torch("weights_at_3")
+    torch.manual_seed(0)
+    from pruning_lib.models import build_model, glorot_init
+    fresh = glorot_init(build_model("lenet300_100", **data.model_kwargs()))
+    assert all(torch.equal(w0[n], p) for n, p in fresh.named_parameters())
+    assert not torch.equal(w3["head.0.weight"], w0["head.0.weight"])
+    assert not torch.equal(w3["head.0.weight"], model.state_dict()["head.0.weight"])
+    # an early stop before a snapshot step: no unit is finished, and the error says what to change
+    late = dense.DenseSpec("lenet300_100", "synthetic-mnist", 0, batch_size=50, lr=1e-3, iterations=6,
+                           eval_every=1, patience=0, snapshots=(5,))
+    with pytest.raises(ValueError, match="before the snapshot step"):
+        dense.train(late, results_dir=tmp_path, data=data, progress=False)
+    assert not dense.done(dense.store(late, tmp_path))
+
+
+def test_chapter_2s_old_round_0_is_adopted_with_its_initial_and_rewind_weights(tmp_path, monkeypatch):
+    from pruning_lib.chapters import lottery_tickets as L
+
+    data = load_dataset("synthetic-mnist", n=300)
+    cfg = L.Config.from_profile("smoke", setups=("lenet300_100/synthetic-mnist",), results_dir=str(tmp_path),
+                                rewind_iteration=2)
+    unit = L.Unit(cfg, cfg.setups[0], data)
+    fresh = L.dense_round(L.Unit(cfg.replace(results_dir=str(tmp_path / "fresh")), cfg.setups[0], data), 0)
+    Store(tmp_path, "lottery/dense", unit.dense_spec(0)).save_torch("dense", fresh)  # as the old code cached it
+    monkeypatch.setattr(dense, "fit", _no_fit)
+    got = L.dense_round(unit, 0)
+    for k in ("init", "rewind", "final"):
+        assert got[k].keys() == fresh[k].keys() and all(torch.equal(got[k][n], fresh[k][n]) for n in got[k]), k
+    assert got["history"].equals(fresh["history"])
+    assert L.dense_store(unit, 0).json("legacy")["kind"] == "lottery/dense"

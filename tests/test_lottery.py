@@ -8,7 +8,7 @@ from pruning_lib.chapters import lottery_tickets as L
 from pruning_lib.data import DatasetNotFoundError, load_dataset
 from pruning_lib.methods import imp
 from pruning_lib.models import build_model
-from pruning_lib.runs import ConfigError, Store
+from pruning_lib.runs import ConfigError, Store, digest
 
 SETUP = "lenet300_100/synthetic-mnist"  # generated stand-in: tests only
 
@@ -45,8 +45,9 @@ def test_rewinding_restores_the_exact_initial_values_of_surviving_weights(tmp_pa
     unit = L.Unit(cfg, SETUP, data)
     records = L.imp_chain(unit, 0, "magnitude", 2)
     init = L.dense_round(unit, 0)["init"]
-    assert len(starts) == 3  # dense + 2 rounds
-    for (weights, mask), rec in zip(starts[1:], records[1:]):
+    assert all(torch.equal(v, imp.weights(unit.build(0))[n]) for n, v in init.items())  # the seed's initialisation
+    assert len(starts) == 2  # 2 rounds (the dense round 0 trains as a dense unit)
+    for (weights, mask), rec in zip(starts, records[1:]):
         assert all(torch.equal(mask[n], rec["mask"][n]) for n in mask)
         for n, w in weights.items():
             expected = init[n] * mask[n] if n in mask else init[n]
@@ -64,7 +65,7 @@ def test_late_rewinding_restores_the_weights_of_iteration_k(tmp_path, data, monk
     L.imp_chain(unit, 0, "magnitude", 1)
     dense = L.dense_round(unit, 0)
     assert not torch.equal(dense["rewind"]["head.0.weight"], dense["init"]["head.0.weight"])
-    weights, mask = starts[1]
+    weights, mask = starts[0]
     expected = dense["rewind"]["head.0.weight"] * mask["head.0.weight"]
     assert torch.equal(weights["head.0.weight"], expected)
 
@@ -184,8 +185,10 @@ def test_claims_test_the_rounds_on_both_sides_of_3_6_percent(tmp_path):
 
 
 # the smoke profile's units as the notebook names them (computed by the chapter's code before issue 13's
-# split of lottery.py): the dense network, the last round of each chain, the one-shot SNIP run
-SMOKE_KEYS = ["acb2716f1d22b092", "f51f471e23033658", "37d0a14860e85749", "4ec417e481ba45bb",
+# split of lottery.py): the dense network, the last round of each chain, the one-shot SNIP run. The dense
+# network is now a dense unit, "af2ec36edcacb116"; "acb2716f1d22b092" names its older lottery/dense Store,
+# which the chains' names still hold and which is adopted when found
+SMOKE_KEYS = ["af2ec36edcacb116", "f51f471e23033658", "37d0a14860e85749", "4ec417e481ba45bb",
               "5e4cb2ff79f273a9", "389c115754fb0e3f", "27673431aa6c5b47", "71c92511e24daa6c",
               "5128417a5bc029ce", "7608a6b80478f65f", "1e73fa29125b6c4f", "92d512cb17622629"]
 
@@ -194,7 +197,8 @@ def test_work_units_list_the_stores_the_chapter_reads(tmp_path):
     cfg = L.Config.from_profile("smoke", results_dir=str(tmp_path))
     listed = L.work_units(cfg)
     assert [u.key for u in listed] == SMOKE_KEYS == [u.key for u in L.work_units(cfg)]  # stable
-    assert [u.kind for u in listed] == ["lottery/dense"] + ["lottery/round"] * 10 + ["lottery/snip"]
+    assert [u.kind for u in listed] == ["dense"] + ["lottery/round"] * 10 + ["lottery/snip"]
+    assert digest(L._legacy_dense(L.Unit(cfg, cfg.setups[0], None), cfg.seeds[0]).spec) == "acb2716f1d22b092"
     # one unit per task run_experiment sends to map_units, keyed by the last Store it writes of its kind
     dense, rest = L._tasks(cfg)
     assert len(listed) == len(dense) + len(rest)

@@ -9,8 +9,8 @@ the chains of rounds for each (setup, criterion, seed), the controls (the ``rand
 al. 2019), and what the chapter reads from them.
 
 Every round of every (setup, criterion, seed) chain is one :class:`~pruning_lib.runs.Store` unit (mask,
-history, final weights), so a stopped run resumes at the next round; the dense round 0 is shared by all
-criteria of a seed. Only weights are pruned, never biases.
+history, final weights), so a stopped run resumes at the next round; the dense round 0, shared by all
+criteria of a seed, is a dense unit (:mod:`pruning_lib.dense`). Only weights are pruned, never biases.
 """
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .. import claims, data as data_mod, masks as masks_mod, plotting, reference
+from .. import claims, data as data_mod, dense, masks as masks_mod, plotting, reference
 from ..masks import Mask
 from ..methods import criteria as crit, imp
-from ..models import build_model
+from ..models import build_model, glorot_init
 from ..runs import RunConfig, Store, digest, map_units, param, parse_executor, progress_bar
 from ..train import EarlyStop, cross_entropy, fit
 
@@ -164,7 +164,7 @@ class Unit:
     def build(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         model = build_model(self.s["model"], width=self.cfg.width, **self.data.model_kwargs())
-        return imp.glorot_init(model) if self.cfg.init == "glorot" else model
+        return glorot_init(model) if self.cfg.init == "glorot" else model
 
     def train(self, model: nn.Module, seed: int, iterations: int, callbacks=()) -> pd.DataFrame:
         cbs = [EarlyStop(self.cfg.patience), *callbacks]
@@ -187,20 +187,44 @@ class Unit:
                     grad_batch_size=c.grad_batch_size)
 
 
-def dense_round(unit: Unit, seed: int) -> dict[str, Any]:
-    """Round 0: the dense network, its initialisation, rewind point and trained weights (cached)."""
-    store = Store(unit.cfg.results_dir, "lottery/dense", unit.dense_spec(seed))
+def dense_unit_spec(unit: Unit, seed: int) -> dense.DenseSpec:
+    """Round 0 as a dense unit (:mod:`pruning_lib.dense`): the setup's model, data, learning rate and
+    iterations, the chapter's initialisation, evaluation interval and early stop, and snapshots of the
+    initialisation and of the rewind iteration."""
+    c, s = unit.cfg, unit.s
+    return dense.DenseSpec(s["model"], s["dataset"], seed, batch_size=c.batch_size, lr=s["lr"],
+                           iterations=s["iterations"], width=c.width, init=c.init, eval_every=c.eval_every,
+                           patience=c.patience, snapshots=tuple(sorted({0, c.rewind_iteration})))
 
-    def compute():
-        model = unit.build(seed)
-        init = imp.weights(model)
-        snap = imp.Snapshot(unit.cfg.rewind_iteration)
-        history = unit.train(model, seed, unit.s["iterations"], [snap])
-        rewind = init if unit.cfg.rewind_iteration == 0 else snap.state
-        if rewind is None:
-            raise RuntimeError("training stopped before the rewind iteration; lower rewind_iteration")
-        return {"init": init, "rewind": rewind, "final": imp.weights(model), "history": history}
-    return store.torch("dense", compute)
+
+def _legacy_dense(unit: Unit, seed: int) -> dense.Legacy:
+    """Round 0's Store before the dense unit: ``lottery/dense`` named by :meth:`Unit.dense_spec`, one file
+    ``dense.pt`` (``{"init", "rewind", "final", "history"}``); the initial and rewind weights become the
+    snapshots."""
+    k = unit.cfg.rewind_iteration
+
+    def convert(old: Store):
+        saved = old.torch("dense")
+        return saved["final"], saved["history"], {dense.snapshot_file(0): saved["init"],
+                                                  dense.snapshot_file(k): saved["rewind"]}
+    return dense.Legacy("lottery/dense", unit.dense_spec(seed), ("dense.pt",), convert)
+
+
+def dense_store(unit: Unit, seed: int, root: str | None = None) -> Store:
+    """Round 0's Store (a dense unit; an older ``lottery/dense`` Store of it is adopted first)."""
+    return dense.store(dense_unit_spec(unit, seed), unit.cfg.results_dir if root is None else root,
+                       _legacy_dense(unit, seed))
+
+
+def dense_round(unit: Unit, seed: int) -> dict[str, Any]:
+    """Round 0: the dense network's initialisation, rewind point, trained weights and history (a cached
+    dense unit)."""
+    spec = dense_unit_spec(unit, seed)
+    model, history = dense.train(spec, results_dir=unit.cfg.results_dir, data=unit.data, progress=False,
+                                 desc=f"{unit.setup} seed {seed}: round 0", legacy=_legacy_dense(unit, seed))
+    st = dense.store(spec, unit.cfg.results_dir)
+    init, rewind = (st.torch(dense.snapshot_file(k).removesuffix(".pt")) for k in (0, unit.cfg.rewind_iteration))
+    return {"init": init, "rewind": rewind, "final": imp.weights(model), "history": history}
 
 
 def chain_spec(unit: Unit, seed: int, criterion: str, round_: int) -> dict[str, Any]:
@@ -321,7 +345,7 @@ def _task_stores(task) -> list[Store]:
     rounds and controls (a stopped chain resumes from its rounds) or the SNIP run."""
     cfg, setup, seed, kind, arg = task
     unit, root = Unit(cfg, setup, None), cfg.results_dir
-    stores = [Store(root, "lottery/dense", unit.dense_spec(seed))]
+    stores = [dense_store(unit, seed, root)]
     if kind == "chain":
         for rd in range(1, cfg.rounds + 1):
             spec = chain_spec(unit, seed, arg, rd)
@@ -335,13 +359,12 @@ def _task_stores(task) -> list[Store]:
     return stores
 
 
-_TASK_FILE = {"lottery/dense": "dense.pt", "lottery/round": "final.pt", "lottery/reinit": "reinit.pt",
-              "lottery/snip": "snip.pt"}
+_TASK_FILE = {"lottery/round": "final.pt", "lottery/reinit": "reinit.pt", "lottery/snip": "snip.pt"}
 
 
 def _task_done(task) -> bool:
     """Whether every unit of ``task`` is in the Store (then it only loads, in the calling process)."""
-    return all(s.exists(_TASK_FILE[s.kind]) for s in _task_stores(task))
+    return all(dense.done(s) if s.kind == dense.KIND else s.exists(_TASK_FILE[s.kind]) for s in _task_stores(task))
 
 
 def _all_cached(cfg: Config) -> bool:

@@ -3,7 +3,8 @@
 Frankle & Carbin (2019), "The lottery ticket hypothesis", Sec. 2, "iterative pruning":
 
 1. initialise ``w_0`` and train; with late rewinding (Frankle et al. 2019, "Stabilizing the LTH") keep the
-   weights ``w_k`` of iteration ``k`` as the rewind point (``k = 0``: the initialisation; :class:`Snapshot`);
+   weights ``w_k`` of iteration ``k`` as the rewind point (``k = 0``: the initialisation; the dense unit's
+   ``snapshots``, :mod:`pruning_lib.dense`);
 2. score the trained weights ``w_f`` with a criterion (:mod:`pruning_lib.methods.criteria`) and remove
    ``p %`` of the surviving weights of each layer (20 % of hidden, 10 % of output weights by default,
    :func:`layer_rates`) or of all layers together (``scope="global"``): :func:`prune_round`;
@@ -23,18 +24,8 @@ from torch import nn
 
 from .. import data as data_mod, masks as masks_mod
 from ..masks import Mask
-from ..train import Callback, cross_entropy
+from ..train import cross_entropy
 from . import criteria as crit
-
-
-def glorot_init(model: nn.Module) -> nn.Module:
-    """Glorot-normal weights and zero biases for linear and conv layers (Frankle & Carbin 2019)."""
-    for m in model.modules():
-        if isinstance(m, masks_mod.PRUNABLE_TYPES):
-            nn.init.xavier_normal_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    return model
 
 
 def layer_rates(model: nn.Module, rate_hidden: float, rate_output: float, rate_conv: float = 0.0,
@@ -56,17 +47,6 @@ def expected_remaining(model: nn.Module, rates: dict[str, float], rounds: int) -
     """Closed-form fraction of weights left after ``rounds`` rounds of per-layer pruning."""
     params = dict(model.named_parameters())
     return masks_mod.remaining_fraction_per_layer(rates, {n: params[n].numel() for n in rates}, rounds)
-
-
-class Snapshot(Callback):
-    """Keeps a copy of the weights after iteration ``step`` (the late-rewinding point)."""
-
-    def __init__(self, step: int):
-        self.step, self.state = step, None
-
-    def after_step(self, state) -> None:
-        if state.step == self.step:
-            self.state = weights(state.model)
 
 
 def weights(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -17,7 +17,9 @@ Settings (``--settings``):
   resnet20      ResNet-20, width 0.25, 1x28x28 (chapter 5, ``cpu`` profile: 4 / 8 / 16 channels)
   resnet20_w1   ResNet-20, width 1, 3x32x32 (CIFAR-10 width, for comparison: 16 / 32 / 64 channels)
 
-Options for finding where time goes: ``--threads``, ``--channels-last`` (NHWC memory layout for the conv nets).
+Options for finding where time goes: ``--threads``, ``--channels-last`` (NHWC memory layout for the conv nets),
+``--multiple N`` (kept counts rounded up to multiples of N: do channel counts that fill the kernels' blocks
+time closer to their FLOPs?).
 Usage:
   python benchmarks/compact_latency.py [--settings lenet5,resnet20,resnet20_w1] [--keep 0.5,0.25]
                                        [--batches 1,256] [--threads 2] [--repeats 5]
@@ -41,14 +43,15 @@ SETTINGS = {
 }
 
 
-def magnitude_keep(model: nn.Module, fraction: float) -> dict[str, torch.Tensor]:
-    """Per channel group, the ``round(fraction * C)`` channels (at least 1) whose producer filters have the
-    largest L1 norm."""
+def magnitude_keep(model: nn.Module, fraction: float, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Per channel group, the ``round(fraction * C)`` channels (at least 1; rounded up to a multiple of
+    ``multiple`` where the group has that many) whose producer filters have the largest L1 norm."""
     keep = {}
     for g in model.channel_groups():
         w = model.get_submodule(g.producer).weight.detach()
         score = w.abs().flatten(1).sum(1)
         k = max(1, int(round(fraction * score.numel())))
+        k = min(score.numel(), -(-k // multiple) * multiple)
         mask = torch.zeros(score.numel(), dtype=torch.bool)
         mask[score.topk(k).indices] = True
         keep[g.name] = mask
@@ -71,11 +74,14 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--multiple", type=int, default=1,
+                    help="round each kept count up to a multiple of this (8, 16: the CPU kernels' channel blocks)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     keeps = [float(k) for k in args.keep.split(",")]
     print(f"CPU, {args.threads} threads, eval mode, no_grad, best of {args.repeats} interleaved rounds"
-          + (", channels_last" if args.channels_last else ""))
+          + (", channels_last" if args.channels_last else "")
+          + (f", kept counts rounded up to multiples of {args.multiple}" if args.multiple > 1 else ""))
     print(f"{'setting':12s} {'keep':>5s} {'channels kept':>16s} {'batch':>5s} {'dense ms':>9s} {'compact ms':>10s} "
           f"{'speed-up':>8s} {'FLOPs red.':>10s} {'efficiency':>10s}")
     for name in args.settings.split(","):
@@ -83,7 +89,7 @@ def main():
         torch.manual_seed(0)
         dense = build_model(s["model"], width=s["width"], in_channels=s["shape"][0], image_size=s["shape"][1:])
         dense.eval()
-        nets = [compact(dense, magnitude_keep(dense, k)).eval() for k in keeps]
+        nets = [compact(dense, magnitude_keep(dense, k, args.multiple)).eval() for k in keeps]
         f0 = flops(dense, s["shape"])
         reductions = [f0 / flops(n, s["shape"]) for n in nets]
         for batch in (int(b) for b in args.batches.split(",")):

@@ -1278,6 +1278,21 @@ def close_executors() -> None:
 _POOLS: dict[int, Any] = {}
 
 
+def _pool_worker_init() -> None:
+    """In a pool process: an interrupt (SIGINT) stops a running unit as usual, but a process waiting for
+    its next unit leaves quietly. A notebook kernel's shutdown interrupts its whole process group, and the
+    idle processes of a pool kept for the next call would otherwise each print a KeyboardInterrupt
+    traceback from the pool's queue into the book run's log."""
+    import signal
+
+    def on_interrupt(signum, frame):
+        if _WORKER_FLAG[0]:
+            raise KeyboardInterrupt
+        os._exit(0)
+
+    signal.signal(signal.SIGINT, on_interrupt)
+
+
 class _Pool:
     """A local process pool (spawned: safe from a notebook kernel), one unit per process at a time. The
     pool is kept for the next call in this process (a chapter's sweep in phases starts its processes
@@ -1291,7 +1306,8 @@ class _Pool:
         pool = _POOLS.get(self.n)
         if pool is None or getattr(pool, "_broken", False) or getattr(pool, "_shutdown_thread", False):
             _register_close()
-            pool = _POOLS[self.n] = ProcessPoolExecutor(self.n, mp_context=mp.get_context("spawn"))
+            pool = _POOLS[self.n] = ProcessPoolExecutor(self.n, mp_context=mp.get_context("spawn"),
+                                                        initializer=_pool_worker_init)
         self.pool = pool
 
     def slots(self) -> int:

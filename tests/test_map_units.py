@@ -278,3 +278,22 @@ def test_chapter_units_on_dask_gpu_workers_from_the_command_line(tmp_path, dask_
     wa, wb = runs.safe_torch_load(a), runs.safe_torch_load(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert book.main(there + ["--resources", "GPU=1"]) == 2  # resources need an executor
+
+
+def test_an_idle_pool_process_leaves_quietly_when_interrupted(tmp_path):
+    # a kernel's shutdown sends SIGINT to its process group: an idle pool process exits with status 0
+    # instead of printing a KeyboardInterrupt traceback; the next call makes a new pool
+    import signal
+    import time
+
+    assert map_units(where, [1, 2], results_dir=tmp_path, executor="process:2", progress=False) == [True, True]
+    procs = list(runs._POOLS[2]._processes.values())
+    assert procs
+    for p in procs:
+        os.kill(p.pid, signal.SIGINT)
+    deadline = time.time() + 30
+    while any(p.exitcode is None for p in procs) and time.time() < deadline:
+        time.sleep(0.1)
+    assert [p.exitcode for p in procs] == [0] * len(procs)
+    assert map_units(where, [1, 2], results_dir=tmp_path, executor="process:2", progress=False) == [True, True]
+    runs.close_executors()

@@ -107,11 +107,15 @@ class DenseSpec:
 
     def files(self) -> tuple[str, ...]:
         """The files that make the unit finished."""
-        return FILES + tuple(snapshot_file(k) for k in self.snapshots)
+        return _files(self.snapshots)
 
 
 def snapshot_file(step: int) -> str:
     return f"weights_at_{step}.pt"
+
+
+def _files(snapshots) -> tuple[str, ...]:
+    return FILES + tuple(snapshot_file(k) for k in snapshots)
 
 
 @dataclass(frozen=True)
@@ -119,8 +123,7 @@ class Legacy:
     """Where a network was cached before it moved to the dense unit: the old Store's ``kind`` and ``spec``
     (computed exactly as the old code did), the ``files`` that made it finished,
     ``convert(old_store) -> (state_dict, history frame[, {file name: tensors}])`` (the last: the spec's
-    snapshots), and a ``note`` for ``legacy.json`` (what the
-    conversion could not carry over)."""
+    snapshots), and a ``note`` for ``legacy.json`` (what the conversion could not carry over)."""
 
     kind: str
     spec: dict[str, Any]
@@ -130,8 +133,8 @@ class Legacy:
 
 
 def done(store: Store) -> bool:
-    snapshots = store.spec.get("snapshots", ()) if isinstance(store.spec, dict) else ()
-    return all(store.exists(f) for f in FILES + tuple(snapshot_file(k) for k in snapshots))
+    """Whether the unit is finished: the network, its history and the snapshots its spec asks for."""
+    return all(store.exists(f) for f in _files(store.spec.get("snapshots", ())))
 
 
 def store(spec: DenseSpec, results_dir: str = "results", legacy: Legacy | None = None) -> Store:

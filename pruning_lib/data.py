@@ -110,8 +110,9 @@ _ONCE: dict[tuple, DataSplits] = {}
 
 def load_dataset_once(name: str, root: str | Path | None = None, seed: int = 0) -> DataSplits:
     """:func:`load_dataset`, kept for this process's next call with the same arguments: a chapter's units,
-    run one after another here or on a worker, share one copy. Only the last dataset is kept."""
-    key = (name, str(data_root(root)), seed)
+    run one after another here or on a worker, share one copy. Only the last dataset is kept; the folder is
+    resolved, so a relative ``data`` read from another working directory is another dataset."""
+    key = (name, str(data_root(root).resolve()), seed)
     if key not in _ONCE:
         _ONCE.clear()
         _ONCE[key] = load_dataset(name, root=root, seed=seed)

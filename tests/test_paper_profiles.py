@@ -309,8 +309,8 @@ def test_ch5_polarization_paper_profile(paper_data, monkeypatch, dataset):
     from pruning_lib.chapters import polarization as P
 
     getattr(paper_data, dataset.replace("-", "_"))()
-    # the chapter keeps loaded datasets by (name, root): "data" in another test meant another folder
-    monkeypatch.setattr(P, "_DATA_CACHE", {})
+    # the last dataset loaded is kept by (name, root): "data" in another test meant another folder
+    monkeypatch.setattr(data_mod, "_ONCE", {})
     cfg = P.Config.from_profile("paper", datasets=(dataset,), targets=(0.5,), no_polarizer_target=0.5,
                                 resnet_seeds=(0,), epochs=0.5, finetune_epochs=0.25, batch_size=8,
                                 timing_batch=4, timing_repeats=1)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from pruning_lib import data as data_mod
 from pruning_lib.chapters import polarization as C
 from pruning_lib.methods import polarization as P
 from pruning_lib.metrics import count_connections
@@ -358,7 +359,7 @@ def test_units_from_the_command_line_write_what_the_notebook_reads(tmp_path, mon
     from pruning_lib import book, dense
 
     torch.set_num_threads(1)
-    monkeypatch.setattr(C, "_DATA_CACHE", {})
+    monkeypatch.setattr(data_mod, "_ONCE", {})
     argv = ["units", "05", "--profile", "smoke", "-p", "models", "[lenet5_caffe]", "-p", "results_dir",
             str(tmp_path / "a")]
     assert book.main(argv + ["--missing"]) == 0
@@ -373,7 +374,7 @@ def test_units_from_the_command_line_write_what_the_notebook_reads(tmp_path, mon
     runs = C.run_experiment(cfg, progress=False)["runs"]
     assert len(runs) == len(cfg.targets) * 3 + 1
     monkeypatch.undo()
-    monkeypatch.setattr(C, "_DATA_CACHE", {})
+    monkeypatch.setattr(data_mod, "_ONCE", {})
 
     # one baseline alone, in an empty folder: its gated and dense inputs are trained first, same results
     fresh = cfg.replace(results_dir=str(tmp_path / "b"))

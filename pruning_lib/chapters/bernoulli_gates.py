@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from .. import claims, metrics, reference
-from ..data import load_dataset, num_batches
+from ..data import load_dataset_once, num_batches
 from ..methods import bernoulli as bern
 from ..models import build_model
 from ..runs import RunConfig, Store, map_units, param, progress_bar
@@ -163,17 +163,6 @@ def _done(store: Store, files: tuple[str, ...]) -> bool:
     return all(store.exists(f) for f in files)
 
 
-_DATA_CACHE: dict = {}
-
-
-def _data(name: str, root: str):
-    """The dataset ``name``, loaded once per process (a unit loads it only when it trains)."""
-    key = (name, root)
-    if key not in _DATA_CACHE:
-        _DATA_CACHE[key] = load_dataset(name, root=root)
-    return _DATA_CACHE[key]
-
-
 def _pruning(cfg: Config, model, n_train: int, steps_per_epoch: int, flip: int, seed: int,
              **overrides) -> bern.BernoulliPruning:
     kw = dict(weight_precision=cfg.weight_precision, unit_cost=cfg.unit_cost, theta_lr=cfg.theta_lr,
@@ -205,7 +194,7 @@ def measure_flip_tradeoff(cfg: Config, model_name: str, data, results_dir: str |
     if store.exists("tradeoff.csv"):
         rows = store.frame("tradeoff")
     else:
-        data = data if data is not None else _data(cfg.dataset_of(model_name), cfg.data_root)
+        data = data if data is not None else load_dataset_once(cfg.dataset_of(model_name), root=cfg.data_root)
         torch.manual_seed(0)
         model = build_model(model_name, width=width, **data.model_kwargs())
         bern.attach_bernoulli_gates(model, cfg.theta_init)
@@ -235,7 +224,7 @@ def train_bernoulli_run(cfg: Config, model_name: str, width: float, seed: int, d
     if _done(store, GATED_FILES):
         return {"summary": store.json("summary"), "history": store.frame("history"),
                 "epochs": store.frame("epochs"), "trajectory": store.torch("trajectory")}
-    data = data if data is not None else _data(cfg.dataset_of(model_name), cfg.data_root)
+    data = data if data is not None else load_dataset_once(cfg.dataset_of(model_name), root=cfg.data_root)
     torch.manual_seed(seed)
     model = build_model(model_name, width=width, **data.model_kwargs())
     initial = _initial_widths(model)
@@ -298,7 +287,7 @@ def train_dense_reference(cfg: Config, model_name: str, width: float, seed: int,
     store = dense_store(cfg, model_name, width, seed, results_dir)
     if _done(store, DENSE_FILES):
         return {"summary": store.json("summary"), "epochs": store.frame("epochs")}
-    data = data if data is not None else _data(cfg.dataset_of(model_name), cfg.data_root)
+    data = data if data is not None else load_dataset_once(cfg.dataset_of(model_name), root=cfg.data_root)
     torch.manual_seed(seed)
     model = build_model(model_name, width=width, **data.model_kwargs())
     timer = EpochTimer()
@@ -481,7 +470,6 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict[str, pd.DataFrame
             times.append(r["epochs"].assign(kind="dense", model=m, width=w, seed=s))
     finally:
         torch.set_num_threads(threads)
-        _DATA_CACHE.clear()
     flip_cols = ["flip_examples", "variance", "step_ms", "step_ms_fit", "work", "efficiency", "model", "width", "chosen"]
     return {"runs": pd.DataFrame(runs), "widths": pd.DataFrame(widths),
             "history": pd.concat(hist, ignore_index=True), "undecided": pd.concat(undec, ignore_index=True),

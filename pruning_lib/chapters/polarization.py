@@ -25,7 +25,7 @@ from torch import nn
 from .. import claims as claims_mod
 from .. import dense
 from ..claims import AtLeast, AtMost, Claim
-from ..data import batches, load_dataset
+from ..data import batches, load_dataset_once
 from ..methods.polarization import (apply_static, compact_static, gate_statistics, gated_optimizer,
                                     gated_penalties, keep_sparsity, set_mode, static_keep,
                                     strip_gates, train_polarized, train_step)
@@ -124,17 +124,6 @@ class Config(RunConfig):
 # Units of work
 # --------------------------------------------------------------------------------------------------------
 
-_DATA_CACHE: dict = {}
-
-
-def _data(name: str, root: str):
-    key = (name, root)
-    if key not in _DATA_CACHE:
-        kw = {"n": 600} if name.startswith("synthetic") else {}
-        _DATA_CACHE[key] = load_dataset(name, root=root, **kw)
-    return _DATA_CACHE[key]
-
-
 def _build(cfg: Config, model: str, data, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return build_model(model, width=cfg.model_width(model), **data.model_kwargs())
@@ -217,7 +206,7 @@ def _dense_store(cfg: Config, model: str, dataset: str, seed: int, root: str | N
 
 
 def _dense_unit(cfg: Config, model: str, dataset: str, seed: int) -> dict:
-    data = _data(dataset, cfg.data_root)
+    data = load_dataset_once(dataset, root=cfg.data_root)
     net, hist = dense.train(dense_spec(cfg, model, dataset, seed), results_dir=cfg_root(cfg), data=data,
                             progress=False, desc="dense", legacy=_legacy_dense(cfg, model, dataset, seed))
     net = net.cpu()
@@ -231,7 +220,7 @@ def _gate_unit(cfg: Config, model: str, dataset: str, seed: int, target: float, 
     store = Store(cfg_root(cfg), "polarization/gated", spec)
 
     def compute():
-        data = _data(dataset, cfg.data_root)
+        data = load_dataset_once(dataset, root=cfg.data_root)
         net = _build(cfg, model, data, seed)
         dense_conn, dense_flops = count_connections(net), count_flops(net, data.input_shape)
         t0 = time.perf_counter()
@@ -306,7 +295,7 @@ def _baseline_unit(cfg: Config, method: str, model: str, dataset: str, seed: int
     store = Store(cfg_root(cfg), "polarization/baseline", spec)
 
     def compute():
-        data = _data(dataset, cfg.data_root)
+        data = load_dataset_once(dataset, root=cfg.data_root)
         keep_gates = Store(cfg_root(cfg), "polarization/gated", gate_spec).torch("keep")
         net = _build(cfg, model, data, seed)
         net.load_state_dict(_dense_store(cfg, model, dataset, seed).torch("model"))

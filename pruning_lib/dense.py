@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from .data import load_dataset
-from .models import build_model, glorot_init
+from .models import build_model, glorot_init, weights
 from .runs import CacheError, Store
 from .train import Callback, EarlyStop, default_device, fit, lr_scheduler
 
@@ -110,20 +110,31 @@ class DenseSpec:
         return _files(self.snapshots)
 
 
-def snapshot_file(step: int) -> str:
-    return f"weights_at_{step}.pt"
+def snapshot_name(step: int) -> str:
+    """The Store name of the weights after ``step`` (file ``<name>.pt``)."""
+    return f"weights_at_{step}"
+
+
+def snapshot(st: Store, step: int) -> dict[str, torch.Tensor]:
+    """The weights after ``step`` that the unit ``st`` kept (its spec's ``snapshots``)."""
+    return st.torch(snapshot_name(step))
+
+
+def _save_snapshot(st: Store, step: int, model: torch.nn.Module) -> None:
+    if not st.exists(f"{snapshot_name(step)}.pt"):
+        st.save_torch(snapshot_name(step), weights(model))
 
 
 def _files(snapshots) -> tuple[str, ...]:
-    return FILES + tuple(snapshot_file(k) for k in snapshots)
+    return FILES + tuple(f"{snapshot_name(k)}.pt" for k in snapshots)
 
 
 @dataclass(frozen=True)
 class Legacy:
     """Where a network was cached before it moved to the dense unit: the old Store's ``kind`` and ``spec``
     (computed exactly as the old code did), the ``files`` that made it finished,
-    ``convert(old_store) -> (state_dict, history frame[, {file name: tensors}])`` (the last: the spec's
-    snapshots), and a ``note`` for ``legacy.json`` (what the conversion could not carry over)."""
+    ``convert(old_store) -> (state_dict, history frame[, {snapshot name: tensors}])`` (the last: the spec's
+    snapshots, :func:`snapshot_name`), and a ``note`` for ``legacy.json`` (what the conversion could not carry over)."""
 
     kind: str
     spec: dict[str, Any]
@@ -158,7 +169,7 @@ def adopt_legacy(st: Store, legacy: Legacy) -> bool:
                                "files": dict(sorted(old._committed().items())),
                                **({"note": legacy.note} if legacy.note else {})})
     for name, tensors in extra.items():
-        st.save_torch(name.removesuffix(".pt"), tensors)
+        st.save_torch(name, tensors)
     st.save_torch("model", state)
     st.save_frame("history", history)
 
@@ -166,7 +177,7 @@ def adopt_legacy(st: Store, legacy: Legacy) -> bool:
         back = st.torch(name)
         return back.keys() == want.keys() and all(torch.equal(back[k], want[k].cpu()) for k in want)
 
-    same = (equal("model", state) and all(equal(n.removesuffix(".pt"), t) for n, t in extra.items())
+    same = (equal("model", state) and all(equal(n, t) for n, t in extra.items())
             and st.frame("history").equals(history.reset_index(drop=True)))
     if not same:
         st._set_aside(f"adopted from {legacy.kind}/{old.key}: it does not read back equal")
@@ -203,13 +214,13 @@ def train(spec: DenseSpec, *, results_dir: str = "results", data_root: str = "da
         schedule = dict(optimizer=opt, scheduler=lr_scheduler(opt, spec.epochs, spec.lr_schedule))
     callbacks = [EarlyStop(spec.patience)] if spec.patience is not None else []
     if spec.snapshots:
-        if 0 in spec.snapshots and not st.exists(snapshot_file(0)):
-            st.save_torch(snapshot_file(0).removesuffix(".pt"), _weights(model))
+        if 0 in spec.snapshots:
+            _save_snapshot(st, 0, model)
         callbacks.append(_Snapshots(st, [k for k in spec.snapshots if k > 0]))
     history = fit(model, data, epochs=spec.epochs, iterations=spec.iterations, batch_size=spec.batch_size,
                   lr=spec.lr, seed=spec.seed, **schedule, eval_every=eval_every, checkpoint=st.path("checkpoint.pt"),
                   callbacks=callbacks, progress=progress, desc=desc or f"{spec.model} seed {spec.seed}")
-    missing = [k for k in spec.snapshots if not st.exists(snapshot_file(k))]
+    missing = [k for k in spec.snapshots if not st.exists(f"{snapshot_name(k)}.pt")]
     if missing:
         raise ValueError(f"{st.dir}: training stopped at step {int(history['step'].iloc[-1])}, before the "
                          f"snapshot step(s) {missing}: lower them (a rewind iteration, say) or the early stop's "
@@ -220,11 +231,6 @@ def train(spec: DenseSpec, *, results_dir: str = "results", data_root: str = "da
     return model, history
 
 
-def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of the parameters (what a snapshot keeps)."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
-
-
 class _Snapshots(Callback):
     """Writes the weights after each of ``steps`` into the unit (at once: a resumed training finds them)."""
 
@@ -232,5 +238,5 @@ class _Snapshots(Callback):
         self.st, self.steps = st, set(steps)
 
     def after_step(self, state) -> None:
-        if state.step in self.steps and not self.st.exists(snapshot_file(state.step)):
-            self.st.save_torch(snapshot_file(state.step).removesuffix(".pt"), _weights(state.model))
+        if state.step in self.steps:
+            _save_snapshot(self.st, state.step, state.model)

@@ -41,6 +41,7 @@ __all__ = [
     "ResNet50",
     "scale_width",
     "glorot_init",
+    "weights",
 ]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -73,6 +74,12 @@ def glorot_init(model: nn.Module) -> nn.Module:
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
     return model
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the parameters (no buffers: a mask is kept separately), as a snapshot or a rewind
+    point keeps them."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
 
 
 def build_model(

@@ -25,7 +25,7 @@ from torch import nn
 from .. import claims, data as data_mod, dense, masks as masks_mod, plotting, reference
 from ..masks import Mask
 from ..methods import criteria as crit, imp
-from ..models import build_model, glorot_init
+from ..models import build_model, glorot_init, weights
 from ..runs import RunConfig, Store, digest, map_units, param, parse_executor, progress_bar
 from ..train import EarlyStop, cross_entropy, fit
 
@@ -205,8 +205,8 @@ def _legacy_dense(unit: Unit, seed: int) -> dense.Legacy:
 
     def convert(old: Store):
         saved = old.torch("dense")
-        return saved["final"], saved["history"], {dense.snapshot_file(0): saved["init"],
-                                                  dense.snapshot_file(k): saved["rewind"]}
+        return saved["final"], saved["history"], {dense.snapshot_name(0): saved["init"],
+                                                  dense.snapshot_name(k): saved["rewind"]}
     return dense.Legacy("lottery/dense", unit.dense_spec(seed), ("dense.pt",), convert)
 
 
@@ -223,8 +223,8 @@ def dense_round(unit: Unit, seed: int) -> dict[str, Any]:
     model, history = dense.train(spec, results_dir=unit.cfg.results_dir, data=unit.data, progress=False,
                                  desc=f"{unit.setup} seed {seed}: round 0", legacy=_legacy_dense(unit, seed))
     st = dense.store(spec, unit.cfg.results_dir)
-    init, rewind = (st.torch(dense.snapshot_file(k).removesuffix(".pt")) for k in (0, unit.cfg.rewind_iteration))
-    return {"init": init, "rewind": rewind, "final": imp.weights(model), "history": history}
+    init, rewind = (dense.snapshot(st, k) for k in (0, unit.cfg.rewind_iteration))
+    return {"init": init, "rewind": rewind, "final": weights(model), "history": history}
 
 
 def chain_spec(unit: Unit, seed: int, criterion: str, round_: int) -> dict[str, Any]:
@@ -267,7 +267,7 @@ def imp_chain(unit: Unit, seed: int, criterion: str, rounds: int, on_round=None)
             history = unit.train(model, seed, unit.s["iterations"] - offset)
             masks_mod.make_permanent(model)
             rec = {"mask": new_mask, "history": history, **imp.round_metrics(history, offset)}
-            final = imp.weights(model)
+            final = weights(model)
             store.save_torch("round", rec)
             store.save_torch("final", imp.pack(final, new_mask))  # written last: marks the round done
         mask = rec["mask"]

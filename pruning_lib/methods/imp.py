@@ -49,13 +49,8 @@ def expected_remaining(model: nn.Module, rates: dict[str, float], rounds: int) -
     return masks_mod.remaining_fraction_per_layer(rates, {n: params[n].numel() for n in rates}, rounds)
 
 
-def weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of the parameters (no mask buffers: masks are kept separately)."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
-
-
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """Copy ``state`` (from :func:`weights`) into the parameters of ``model``, in place."""
+    """Copy ``state`` (from :func:`pruning_lib.models.weights`) into the parameters of ``model``, in place."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, v in state.items():

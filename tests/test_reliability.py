@@ -661,11 +661,14 @@ def test_adopt_verifies_older_units_and_moves_the_bad_ones_aside(tmp_path):
 
 def test_chapters_run_side_by_side_and_the_verdicts_last(tmp_path, monkeypatch):
     """``parallel=2`` runs two chapters at once (each in its own kernel), a failed one still goes to
-    ``_build/failed`` alone, and the verdicts notebook starts only when every chapter has finished."""
+    ``_build/failed`` alone, and the verdicts notebook starts only when every chapter has finished. The
+    kernels side by side share the process's OpenMP threads (4 here: 2 each); the environment is restored."""
     here = Path.cwd()
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
     stamp = tmp_path / "stamps"
     stamp.mkdir()
-    body = ("import time, pathlib\n"
+    body = ("import os, time, pathlib\n"
+            f"pathlib.Path({str(stamp)!r}, NAME + '.threads').write_text(os.environ['OMP_NUM_THREADS'])\n"
             f"pathlib.Path({str(stamp)!r}, NAME + '.start').write_text(str(time.time()))\n"
             "time.sleep(1.5)\n"
             f"pathlib.Path({str(stamp)!r}, NAME + '.end').write_text(str(time.time()))")
@@ -681,6 +684,8 @@ def test_chapters_run_side_by_side_and_the_verdicts_last(tmp_path, monkeypatch):
     result = book.execute(jobs, tmp_path, parallel=2)
     assert result["failed"] == ["03_c"] and list(result["seconds"]) == [j.name for j in jobs]
     t = {p.name: float(p.read_text()) for p in stamp.iterdir()}
+    assert t["01_a.threads"] == t["02_b.threads"] == 2 and os.environ["OMP_NUM_THREADS"] == "4"
+    assert book.kernel_threads(1) is None and book.kernel_threads(8) == "1"
     assert t["01_a.start"] < t["02_b.end"] and t["02_b.start"] < t["01_a.end"]  # side by side
     assert t["99_verdicts.start"] >= max(t["01_a.end"], t["02_b.end"])
     assert (tmp_path / "_build" / "failed" / "03_c.ipynb").exists()

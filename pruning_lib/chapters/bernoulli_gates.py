@@ -84,7 +84,7 @@ class Config(RunConfig):
     PROFILES = {
         "smoke": {"models": ("lenet300_100", "lenet5_caffe"), "widths": (0.2, 0.4), "conv_widths": (0.5,),
                   "seeds": (0,), "conv_seeds": (0,), "epochs": 2, "conv_epochs": 1, "flip_grid": (4, 16),
-                  "flip_batches": 4, "step_repeats": 1, "check_every": 2},
+                  "flip_batches": 4, "step_repeats": 1, "check_every": 2, "num_threads": 1},
         # LeNet-300-100 only: three seeds of LeNet-5-Caffe trained to settlement (its estimator re-runs the
         # convolutions above every flipped filter) do not fit the cpu budget; the paper profile runs both.
         # One torch thread: on a shared 2-core machine two threads per run oversubscribe the cores and

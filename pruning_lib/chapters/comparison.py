@@ -111,11 +111,14 @@ class Config(RunConfig):
     overlap_compression: float = param(8.0, low=1.0, help="compression at which masks are compared")
     timing_batch: int = param(256, low=1, help="the large batch of the latency measurement")
     timing_repeats: int = param(30, low=1, help="best of this many interleaved rounds")
+    timing_threads: int = param(2, low=1, high=256, help="torch threads of the latency measurement (so a "
+                                                         "chapter run beside another times alike)")
     workers: int = param(1, low=1, high=64, help="processes running units in parallel (not hashed)")
     data_root: str = param("data")
     results_dir: str = param("results")
 
-    NOT_HASHED: ClassVar[tuple[str, ...]] = RunConfig.NOT_HASHED + ("data_root", "timing_repeats", "workers")
+    NOT_HASHED: ClassVar[tuple[str, ...]] = RunConfig.NOT_HASHED + ("data_root", "timing_repeats", "timing_threads",
+                                                                  "workers")
     BUDGETED: ClassVar[tuple[str, ...]] = ("epochs", "pretrain_epochs")
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
         # seconds: the generated stand-in, two levels, one seed; numbers mean nothing
@@ -854,7 +857,7 @@ def latency(cfg: Config, out: dict) -> pd.DataFrame:
     arch = [[m, lv, {k: v.int().tolist() for k, v in p["keep"].items()}]
             for (m, lv), p in out["units"].items() if m in STRUCTURED]
     spec = {**_base_spec(cfg, cfg.seeds[0]), "architectures": arch, "timing_batch": cfg.timing_batch,
-            "timing_repeats": cfg.timing_repeats, "threads": torch.get_num_threads()}
+            "timing_repeats": cfg.timing_repeats, "threads": cfg.timing_threads}
     return Store(cfg.results_dir, "comparison/latency", spec).frame("latency", lambda: measure_latency(cfg, out))
 
 
@@ -876,15 +879,20 @@ def measure_latency(cfg: Config, out: dict) -> pd.DataFrame:
     dense_net = _build(cfg, data, seed).eval()
     twin = _build(cfg, data, seed).eval()  # the dense network timed twice: their ratio is the noise
     table = []
-    for batch in (1, cfg.timing_batch):
-        x = torch.randn(batch, *shape)
-        inner = max(1, int(64 / batch ** 0.5))
-        t = timing.best_forward_seconds([dense_net, twin, *nets], x, cfg.timing_repeats, inner, warmup=3)
-        noise = max(t[0], t[1]) / min(t[0], t[1])
-        for r, tc in zip(rows, t[2:]):
-            table.append({**r, "batch": batch, "dense_ms": 1e3 * t[0], "compact_ms": 1e3 * tc,
-                          "speedup": t[0] / tc, "ratio": t[0] / tc / r["flops_reduction"],
-                          "dense_twice": noise})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.timing_threads)
+    try:
+        for batch in (1, cfg.timing_batch):
+            x = torch.randn(batch, *shape)
+            inner = max(1, int(64 / batch ** 0.5))
+            t = timing.best_forward_seconds([dense_net, twin, *nets], x, cfg.timing_repeats, inner, warmup=3)
+            noise = max(t[0], t[1]) / min(t[0], t[1])
+            for r, tc in zip(rows, t[2:]):
+                table.append({**r, "batch": batch, "dense_ms": 1e3 * t[0], "compact_ms": 1e3 * tc,
+                              "speedup": t[0] / tc, "ratio": t[0] / tc / r["flops_reduction"],
+                              "dense_twice": noise})
+    finally:
+        torch.set_num_threads(threads)
     return pd.DataFrame(table)
 
 

@@ -13,7 +13,6 @@ from pruning_lib import masks as masks_mod
 from pruning_lib import metrics, pareto
 from pruning_lib.chapters import comparison as cmp
 from pruning_lib.gates import compact
-from pruning_lib.data import load_dataset
 from pruning_lib.methods import gmp, l1_filter, scratch
 from pruning_lib.models import build_model
 from pruning_lib.train import fit

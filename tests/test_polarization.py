@@ -262,7 +262,6 @@ def test_training_step_seconds_times_both_steps_and_leaves_the_model_alone(tiny_
 
 def _fake_results(ratio, settled=True, seeds=(0, 1, 2)):
     """A results dict as run_experiment returns it, for claims_table: one model, two targets, 3 seeds."""
-    import numpy as np
     import pandas as pd
 
     rows, hist = [], []

@@ -1,7 +1,9 @@
 """Parameters and FLOPs, nominal and effective, per layer and in total (ShrinkBench's report).
 
-FLOPs come from torch's own ``FlopCounterMode`` (one multiply-add = 2 FLOPs; convolutions and matrix
-products, which is where the cost of these networks lies). *Nominal* counts describe the dense
+FLOPs are counted as torch's own ``FlopCounterMode`` counts them (one multiply-add = 2 FLOPs; convolutions
+and matrix products, which is where the cost of these networks lies), from forward hooks on the layers:
+``FlopCounterMode`` imports ``torch._dynamo`` (~2 s in every process that counts), and
+``tests/test_metrics.py`` checks the two agree on every model. *Nominal* counts describe the dense
 architecture; *effective* counts discount weights removed by a :class:`~pruning_lib.masks.Mask`: a layer
 whose weight keeps a fraction d of its entries keeps d of its parameters and of its FLOPs. Structured
 pruning (gates) is measured after compaction (:func:`pruning_lib.gates.compact`), where nominal and
@@ -12,7 +14,6 @@ from __future__ import annotations
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from .masks import PRUNABLE_TYPES, Mask, current_mask
 
@@ -23,19 +24,27 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 @torch.no_grad()
 def layer_flops(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
-    """FLOPs of one example through each conv/linear layer, keyed by module path."""
+    """FLOPs of one example through each conv/linear layer, keyed by module path: 2 per multiply-add, bias
+    not counted (``FlopCounterMode``'s rule), summed over every call of the layer in one forward."""
+    counts: dict[nn.Module, int] = {}
+
+    def count(module: nn.Module, inputs, output: torch.Tensor) -> None:
+        # each output entry is one dot product of length in_features (linear) or C_in/groups * kernel (conv)
+        w = module.weight
+        counts[module] = counts.get(module, 0) + 2 * output.numel() * (w.numel() // w.shape[0] if len(w) else 0)
+
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
+    handles = [m.register_forward_hook(count) for _, m in layers]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    with FlopCounterMode(display=False) as counter:
+    try:
         model(torch.zeros(1, *input_shape, device=device))
-    model.train(was_training)
-    prefix = type(model).__name__ + "."
-    counts = {}
-    for key, ops in counter.get_flop_counts().items():
-        if key.startswith(prefix):
-            counts[key[len(prefix):]] = int(sum(ops.values()))
-    return {name: counts.get(name, 0) for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return {name: counts.get(m, 0) for name, m in layers}
 
 
 def layer_table(model: nn.Module, input_shape: tuple[int, ...], mask: Mask | None = None) -> pd.DataFrame:

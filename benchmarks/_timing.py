@@ -7,6 +7,17 @@ import torch
 import torch.nn.functional as F
 
 from pruning_lib.timing import best_of
+from pruning_lib.train import RunSettings, uses_channels_last
+
+
+def as_fit_trains(m, layout: str = "fit"):
+    """``m`` in the memory format ``fit`` trains it in on CPU (``layout="fit"``: channels-last for a network
+    with 2-d convolutions, see :class:`pruning_lib.train.RunSettings`) or plain contiguous
+    (``layout="contiguous"``)."""
+    settings = RunSettings(channels_last=False if layout == "contiguous" else None)
+    if uses_channels_last(m, torch.device("cpu"), settings):
+        m.to(memory_format=torch.channels_last)
+    return m
 
 
 def step(m, opt, x, y):
@@ -23,6 +34,9 @@ def arguments(description: str, model: str, steps: int, batch: int) -> argparse.
     ap.add_argument("--batch", type=int, default=batch)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--layout", choices=("fit", "contiguous"), default="fit",
+                    help="memory format of the networks: as fit trains them on CPU (channels-last for "
+                         "convolutional ones), or contiguous")
     return ap
 
 

@@ -9,14 +9,15 @@ update) of:
                   local-expectation estimator, is not included);
   polarization  - per-input binary gates from gating modules, straight-through (chapter 5);
 and the inference time of each chapter's compacted network is not measured here (chapter 5 measures it).
-Penalties are left out: this is the price of the gates in the hot loop. Prints the best mean step
+Penalties are left out: this is the price of the gates in the hot loop. The networks are in the memory
+format fit trains them in (channels-last for convolutional ones on CPU; --layout contiguous for the other). Prints the best mean step
 time of each over interleaved repeats and its ratio to dense. Usage:
   python benchmarks/gate_step.py [--model lenet5_caffe|lenet300_100|small_vgg|resnet20] [--steps 100]
 """
 from __future__ import annotations
 
 import torch
-from _timing import arguments, compare
+from _timing import arguments, as_fit_trains, compare
 
 from pruning_lib.gates import families
 from pruning_lib.models import build_model
@@ -29,16 +30,16 @@ def attach_gates(kind: str, m):
     return m if kind == "dense" else families.attach(kind, m)
 
 
-def make(kind: str, model_name: str):
+def make(kind: str, model_name: str, layout: str = "fit"):
     torch.manual_seed(0)
-    m = attach_gates(kind, build_model(model_name))
+    m = as_fit_trains(attach_gates(kind, build_model(model_name)), layout)
     m.train()
     return m, torch.optim.Adam(m.parameters(), 1e-3)
 
 
 def main():
     args = arguments(__doc__.splitlines()[0], model="lenet5_caffe", steps=100, batch=64).parse_args()
-    compare({k: make(k, args.model) for k in KINDS}, args)
+    compare({k: make(k, args.model, args.layout) for k in KINDS}, args)
 
 
 if __name__ == "__main__":

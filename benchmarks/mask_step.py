@@ -10,14 +10,14 @@ Prints the mean step time of each and the ratios to dense. Usage:
 from __future__ import annotations
 
 import torch
-from _timing import arguments, compare
+from _timing import arguments, as_fit_trains, compare
 from torch.nn.utils import prune
 
 from pruning_lib.masks import Mask, apply_mask, prunable_names
 from pruning_lib.models import build_model
 
 
-def make(kind: str, model_name: str, density: float):
+def make(kind: str, model_name: str, density: float, layout: str = "fit"):
     torch.manual_seed(0)
     m = build_model(model_name)
     names = prunable_names(m)
@@ -28,6 +28,9 @@ def make(kind: str, model_name: str, density: float):
         for n in names:
             mod = m.get_submodule(n.rpartition(".")[0])
             prune.random_unstructured(mod, "weight", amount=1 - density)
+    # after the mask, as in the chapters (fit converts the network it is given; torch.prune's own mask
+    # computation cannot view a channels-last weight)
+    m = as_fit_trains(m, layout)
     return m, torch.optim.Adam(m.parameters(), 1e-3)
 
 
@@ -36,7 +39,8 @@ def main():
     ap.add_argument("--density", type=float, default=0.2)
     args = ap.parse_args()
     print(f"density {args.density}")
-    compare({k: make(k, args.model, args.density) for k in ("dense", "ours", "torch")}, args, warmup=10)
+    compare({k: make(k, args.model, args.density, args.layout) for k in ("dense", "ours", "torch")}, args,
+            warmup=10)
 
 
 if __name__ == "__main__":

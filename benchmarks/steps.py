@@ -1,8 +1,10 @@
 """Every masked and gated training step of the book against the dense step, side by side in one run.
 
 For each model (LeNet-300-100 and LeNet-5-Caffe by default) one process times, interleaved, one Adam step
-(forward, cross-entropy, backward, update; penalties left out) of:
+(forward, cross-entropy, backward, update; penalties left out), every network in the memory format fit
+trains it in on CPU (channels-last for a convolutional one), of:
   dense         - no mask, no gates (the reference);
+  dense_nchw    - the same, contiguous (NCHW): what the layout saves (convolutional networks only);
   mask          - pruning_lib.masks.apply_mask at --density (20 %);
   torch_prune   - torch.nn.utils.prune with the same kind of random mask (the anchor to beat);
   l0_hc         - hard-concrete gates with free log-alphas (chapter 3);
@@ -21,11 +23,13 @@ import gate_step
 import mask_step
 from _timing import compare
 
-KINDS = ("dense", "mask", "torch_prune", "l0_hc", "dep_l0", "bernoulli", "polarization")
+KINDS = ("dense", "dense_nchw", "mask", "torch_prune", "l0_hc", "dep_l0", "bernoulli", "polarization")
 STEPS = {"lenet300_100": 200, "lenet5_caffe": 60}
 
 
 def make(kind: str, model: str, density: float):
+    if kind == "dense_nchw":
+        return gate_step.make("dense", model, layout="contiguous")
     if kind == "mask":
         return mask_step.make("ours", model, density)
     if kind == "torch_prune":
@@ -45,7 +49,8 @@ def main():
     for model in args.models.split(","):
         run_args = argparse.Namespace(**{**vars(args), "model": model,
                                          "steps": args.steps or STEPS.get(model, 50)})
-        compare({k: make(k, model, args.density) for k in KINDS}, run_args, warmup=10)
+        kinds = [k for k in KINDS if k != "dense_nchw" or "lenet300" not in model]  # an MLP has one layout
+        compare({k: make(k, model, args.density) for k in kinds}, run_args, warmup=10)
 
 
 if __name__ == "__main__":

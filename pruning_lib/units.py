@@ -31,8 +31,9 @@ unit's files and this process writes them into the results cache (no shared disk
         --resources GPU=1 --bf16
 
 ``--bf16``, ``--channels-last`` and ``--workers N`` are GPU run settings
-(:class:`pruning_lib.train.RunSettings`): they act on CUDA only, are not part of the hash (like the
-device), and each unit records them with the device in its ``provenance.json``.
+(:class:`pruning_lib.train.RunSettings`): they act on CUDA (CPU trains convolutional networks in
+channels-last format anyway), are not part of the hash (like the device), and each unit records them with
+the device in its ``provenance.json``.
 
 Every chapter lists its units (:data:`REGISTRY`), in the order its notebook runs them:
 
@@ -262,7 +263,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--nproc", type=int, default=None, metavar="N",
                     help="run under `torchrun --standalone --nproc_per_node=N` (one process per GPU)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only; recorded, not hashed)")
-    ap.add_argument("--channels-last", action="store_true", help="channels-last memory format (CUDA only)")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="channels-last memory format on CUDA too (on CPU the default for convolutional networks)")
     ap.add_argument("--workers", type=int, default=None, help="loader processes per GPU (on-disk data)")
     ap.add_argument("--executor", default=None, metavar="WHERE",
                     help="run the units through runs.map_units: a Dask scheduler's address (tcp://host:8786), "
@@ -319,8 +321,8 @@ def cli(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         return subprocess.call(cmd, cwd=args.root)
     from .train import RunSettings
 
-    settings = RunSettings(precision="bf16" if args.bf16 else "fp32", channels_last=args.channels_last,
-                           workers=args.workers)
+    settings = RunSettings(precision="bf16" if args.bf16 else "fp32",
+                           channels_last=True if args.channels_last else None, workers=args.workers)
     if args.executor is not None:
         failed = map_units_cli(todo, cfg.results_dir, settings, args.executor, args.resources, stem, say)
         return 1 if failed else 0

@@ -40,7 +40,7 @@ from . import lottery_tickets as lottery
 from .. import data as data_mod
 from ..methods import hard_concrete as hc
 from ..methods import polarization as polar
-from .dense_baselines import dense_spec, train_dense
+from .dense_baselines import dense_store, train_dense
 from ..methods import gmp, l1_filter, scratch
 from ..models import build_model
 from .. import dense as dense_unit
@@ -698,9 +698,8 @@ def task_store(cfg: Config, task) -> Store:
     """The Store a task's result lives in (dense: chapter 1's unit; IMP and SNIP: this chapter's rows unit)."""
     _, what, level, seed = task
     if what == "dense":
-        return Store(cfg.results_dir, "dense", dense_spec(cfg.model, cfg.dataset, seed, epochs=level,
-                                                          batch_size=cfg.batch_size, lr=cfg.lr,
-                                                          evals_per_epoch=cfg.evals_per_epoch))
+        return dense_store(cfg.model, cfg.dataset, seed, epochs=level, batch_size=cfg.batch_size, lr=cfg.lr,
+                           evals_per_epoch=cfg.evals_per_epoch, results_dir=cfg.results_dir)
     if what == "scratch_b":
         return Store(cfg.results_dir, "comparison/scratch_b", scratch_spec(cfg, level))
     return point_store(cfg, what, level, seed)

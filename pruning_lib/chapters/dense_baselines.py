@@ -52,8 +52,18 @@ class Config(RunConfig):
 def dense_spec(model_name: str, dataset: str, seed: int, *, epochs: float, batch_size: int = 60,
                lr: float = 1.2e-3, evals_per_epoch: int = 2) -> dict:
     """What a dense network's cache folder (``results/dense/<hash>/``) is named by: the dense unit's spec."""
+    return _spec(model_name, dataset, seed, epochs, batch_size, lr, evals_per_epoch).to_dict()
+
+
+def dense_store(model_name: str, dataset: str, seed: int, *, epochs: float, batch_size: int = 60,
+                lr: float = 1.2e-3, evals_per_epoch: int = 2, results_dir: str = "results") -> Store:
+    """The Store :func:`train_dense` caches that network in (:func:`pruning_lib.dense.store`)."""
+    return dense.store(_spec(model_name, dataset, seed, epochs, batch_size, lr, evals_per_epoch), results_dir)
+
+
+def _spec(model_name, dataset, seed, epochs, batch_size, lr, evals_per_epoch) -> DenseSpec:
     return DenseSpec(model_name, dataset, seed, batch_size=batch_size, lr=lr, epochs=epochs,
-                     evals_per_epoch=evals_per_epoch).to_dict()
+                     evals_per_epoch=evals_per_epoch)
 
 
 def work_units(cfg: Config) -> list:
@@ -82,15 +92,13 @@ def train_dense(model_name: str, dataset: str, seed: int, *, epochs: float, batc
                 data_root: str = "data", progress: bool = True, data=None):
     """Train (or load) one dense model with Adam; returns ``(model, history)``: the dense unit
     (:func:`pruning_lib.dense.train`), so another chapter asking for the same network loads it."""
-    spec = DenseSpec(model_name, dataset, seed, batch_size=batch_size, lr=lr, epochs=epochs,
-                     evals_per_epoch=evals_per_epoch)
-    return dense.train(spec, results_dir=results_dir, data_root=data_root, data=data, progress=progress)
+    return dense.train(_spec(model_name, dataset, seed, epochs, batch_size, lr, evals_per_epoch),
+                       results_dir=results_dir, data_root=data_root, data=data, progress=progress)
 
 
 def _store(cfg: Config, model_name: str, seed: int) -> Store:
-    return Store(cfg.results_dir, "dense", dense_spec(model_name, cfg.dataset, seed, epochs=cfg.epochs,
-                                                      batch_size=cfg.batch_size, lr=cfg.lr,
-                                                      evals_per_epoch=cfg.evals_per_epoch))
+    return dense_store(model_name, cfg.dataset, seed, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                       evals_per_epoch=cfg.evals_per_epoch, results_dir=cfg.results_dir)
 
 
 def _train_task(task, results_dir: str) -> str:

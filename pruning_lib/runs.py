@@ -38,6 +38,8 @@ from typing import Any, Callable, ClassVar
 import pandas as pd
 import torch
 
+from .timing import torch_threads
+
 PROFILES = ("smoke", "cpu", "paper")
 
 
@@ -1191,16 +1193,14 @@ def _run_on_worker(fn: Callable[[Any, str], Any], spec: Any, inputs: list[dict[s
         seeded = {(u["kind"], u["key"]): u["entries"] for u in inputs}
         result, error = None, None
         _WORKER_FLAG[0] = True
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
         t0 = time.perf_counter()
         try:
-            result = fn(spec, scratch)
+            with torch_threads(1):
+                result = fn(spec, scratch)
         except Exception as exc:
             error = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
         finally:
             _WORKER_FLAG[0] = False
-            torch.set_num_threads(threads)
         seconds = time.perf_counter() - t0
         units = []
         for folder in unit_folders(root):

@@ -6,14 +6,27 @@ the same disturbances. Chapters that time networks and ``benchmarks/`` use this 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["best_of", "best_forward_seconds"]
+__all__ = ["best_of", "best_forward_seconds", "torch_threads"]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` for the ``with`` block, and the count before it restored after (also when
+    the block raises): a timing or a unit that fixes its thread count leaves the process as it found it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def best_of(fns: Sequence[Callable[[], object]], repeats: int, inner: int = 1, warmup: int = 1, *,

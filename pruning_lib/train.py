@@ -76,7 +76,7 @@ class RunSettings:
       weights, gradients and optimizer state stay fp32, so no loss scaling is needed); CUDA only;
     * ``channels_last``: the model and 4-d inputs in channels-last memory format. None (the default): on CPU
       for a model with 2-d convolutions (oneDNN's layout: a LeNet-5-Caffe or ResNet-20 training step takes
-      about 25 % less time, ``benchmarks/steps.py --channels-last``), off on CUDA; True or False: always
+      about 25 % less time: ``benchmarks/steps.py``, its ``dense_nchw`` row), off on CUDA; True or False: always
       (faster convolutions on tensor cores). The same arithmetic in another order: the numbers differ from
       the other layout's in their last bits, like those of another thread count, and are not hashed;
     * ``workers``, ``pin_memory``, ``persistent_workers``: the training loader of on-disk datasets

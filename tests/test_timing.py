@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from pruning_lib.timing import best_forward_seconds, best_of
+from pruning_lib.timing import best_forward_seconds, best_of, torch_threads
 
 
 def test_best_of_calls_each_function_warmup_plus_repeats_times_inner():
@@ -41,3 +41,13 @@ def test_best_of_alternates_the_order_and_syncs_around_each_timed_round():
     log.clear()
     best_of(fns, repeats=2, warmup=0)
     assert log == ["a", "b", "a", "b"]
+
+
+def test_torch_threads_sets_the_count_for_the_block_and_restores_it():
+    before = torch.get_num_threads()
+    with torch_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), torch_threads(before + 2):
+        raise RuntimeError("a unit that fails")
+    assert torch.get_num_threads() == before

@@ -22,6 +22,7 @@ from ..data import load_dataset_once, num_batches
 from ..methods import bernoulli as bern
 from ..models import build_model
 from ..runs import RunConfig, Store, map_units, param, progress_bar
+from ..timing import torch_threads
 from ..train import EpochTimer, fit
 
 CHAPTER = "04_bernoulli_gates"
@@ -338,17 +339,13 @@ def run_unit(task: tuple, results_dir: str):
     torch threads (the same for gated and dense runs: their epoch times are compared); writes its Store
     under ``results_dir`` and returns what the chapter's train function returns."""
     kind, cfg, rest = task
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.num_threads)
-    try:
+    with torch_threads(cfg.num_threads):
         if kind == "flip":
             return measure_flip_tradeoff(cfg, *rest, None, results_dir=results_dir)
         if kind == "gated":
             model, width, seed, flip = rest
             return train_bernoulli_run(cfg, model, width, seed, None, flip, results_dir=results_dir)
         return train_dense_reference(cfg, *rest, None, results_dir=results_dir)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _map(tasks: list[tuple], results_dir: str, bar=None, progress: bool = False) -> list:
@@ -418,9 +415,7 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict[str, pd.DataFrame
     The units (:func:`work_units`) run through :func:`pruning_lib.runs.map_units` in three phases: the
     trade-offs (they choose the gated runs' flipped examples), the gated runs, the dense references.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.num_threads)
-    try:
+    with torch_threads(cfg.num_threads):
         root = cfg.results_dir
         runs, widths, hist, undec, traj, times, dense, flips = [], [], [], [], [], [], [], []
         flip_out = _map(flip_tasks(cfg), root)
@@ -468,8 +463,6 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict[str, pd.DataFrame
             dense.append({"model": m, "width": w, "seed": s, "test_error": r["summary"]["test_error"],
                           "params": r["summary"]["params"]})
             times.append(r["epochs"].assign(kind="dense", model=m, width=w, seed=s))
-    finally:
-        torch.set_num_threads(threads)
     flip_cols = ["flip_examples", "variance", "step_ms", "step_ms_fit", "work", "efficiency", "model", "width", "chosen"]
     return {"runs": pd.DataFrame(runs), "widths": pd.DataFrame(widths),
             "history": pd.concat(hist, ignore_index=True), "undecided": pd.concat(undec, ignore_index=True),

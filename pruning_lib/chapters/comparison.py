@@ -878,9 +878,7 @@ def measure_latency(cfg: Config, out: dict) -> pd.DataFrame:
     dense_net = _build(cfg, data, seed).eval()
     twin = _build(cfg, data, seed).eval()  # the dense network timed twice: their ratio is the noise
     table = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.timing_threads)
-    try:
+    with timing.torch_threads(cfg.timing_threads):
         for batch in (1, cfg.timing_batch):
             x = torch.randn(batch, *shape)
             inner = max(1, int(64 / batch ** 0.5))
@@ -890,8 +888,6 @@ def measure_latency(cfg: Config, out: dict) -> pd.DataFrame:
                 table.append({**r, "batch": batch, "dense_ms": 1e3 * t[0], "compact_ms": 1e3 * tc,
                               "speedup": t[0] / tc, "ratio": t[0] / tc / r["flops_reduction"],
                               "dense_twice": noise})
-    finally:
-        torch.set_num_threads(threads)
     return pd.DataFrame(table)
 
 

@@ -3,7 +3,7 @@
 A unit run from the command line, alone or under torchrun (2 gloo processes), writes the very cached result
 the notebook's own code path (`dep_l0.run_experiment`) writes and then reads; listing the units gives the
 notebook's hashes, the same every time; a missing dataset is named before any process starts. Smoke-size:
-LeNet-5-Caffe on MNIST-5k, one Dep-L0 unit of 2 training and 3 fine-tune steps.
+LeNet-5-Caffe on the generated MNIST stand-in (chapter 3's smoke dataset), one Dep-L0 unit.
 """
 from __future__ import annotations
 
@@ -72,8 +72,7 @@ def _old_spec_hashes(cfg):
 
 # the smoke profile's six units, as the notebook names them (computed by the frozen copy above; changed
 # by issue 12's conv-only penalty and LeNet-5 base lambda, which change what a unit trains)
-SMOKE_KEYS = ["9867019aec2c9be2", "d78dc46a9379d566", "2ec6816a8608cf1e", "42497051a85c77be",
-              "44d81c58484f93cd", "1470479b6e8f9297"]
+from test_dep_l0 import SMOKE_KEYS  # noqa: E402  (chapter 3's smoke units, pinned once)
 
 
 @pytest.mark.parametrize("profile,budget", [("smoke", 1.0), ("cpu", 1.0), ("paper", 1.0), ("cpu", 2.0),
@@ -94,7 +93,7 @@ def test_listing_from_the_command_line_is_stable(tmp_path):
     cfg = dep_l0.Config.from_profile("smoke", results_dir=str(tmp_path))
     _, again_cfg, listed = units.chapter_units("dep_l0", "smoke", [("results_dir", str(tmp_path))], ROOT)
     assert again_cfg == cfg and [u.key for u in listed] == SMOKE_KEYS
-    assert all("lenet5_caffe on mnist5k" in u.description for u in listed)
+    assert all("lenet5_caffe on synthetic-mnist" in u.description for u in listed)
 
 
 def test_parameters_are_checked_as_the_book_runner_checks_them(tmp_path, capsys, monkeypatch):
@@ -262,7 +261,7 @@ def test_a_stopped_unit_resumes_from_its_checkpoint(tmp_path, monkeypatch):
 
     class Stop(Callback):
         def after_step(self, state):
-            if state.step == 40:  # 28 steps an epoch: in the second epoch
+            if state.step == 6:  # 4 steps an epoch (420 stand-in images, batch 128): in the second
                 raise KeyboardInterrupt
 
     monkeypatch.setattr(dep_l0, "fit", lambda *a, callbacks=(), **k: real_fit(*a, callbacks=[*callbacks, Stop()], **k))

@@ -90,7 +90,9 @@ class Config(RunConfig):
     BUDGETED = ("epochs", "finetune_epochs")
 
     PROFILES = {
-        "smoke": dict(experiments=("lenet5_caffe/mnist5k",), lambda_scales=(1.0, 8.0), epochs=0.3,
+        # seconds: LeNet-5-Caffe on the generated stand-in (600 images), whose evaluations cost a tenth of
+        # MNIST-5k's, which were most of the smoke run's time
+        "smoke": dict(experiments=("lenet5_caffe/synthetic-mnist",), lambda_scales=(1.0, 8.0), epochs=0.3,
                       finetune_epochs=0.1, seeds=(0,), gate_lr=0.1, dense_baseline=False),
         # LeNet-5-Caffe only, Dep-L0 forward only: 18 runs of 15 epochs and one dense run, about 8 minutes on
         # 2 cores (the small VGG and the backward direction stay available as parameters; `paper` runs all

@@ -154,7 +154,8 @@ def test_every_method_records_requested_and_achieved(smoke_run):
     assert len(pts[~pts["method"].str.startswith("scratch_b:")]) == len(cmp.plan(cfg))
     # the chapter's tables and figures are built from the run
     assert len(cmp.requested_vs_achieved(pts)) > 0
-    assert set(cmp.claims_table(cfg, out, results_dir=None)["verdict"]) <= {"not judged", "not measured"}
+    assert set(cmp.claims_table(cfg, {out["experiment"]: out}, results_dir=None)["verdict"]) <= {
+        "not judged", "not measured"}
     lat = cmp.latency(cfg, out)
     assert set(lat["batch"]) == {1, cfg.timing_batch} and (lat["speedup"] > 0).all()
     ov = cmp.overlap(cfg, out)
@@ -263,11 +264,13 @@ def test_paper_profile_on_cifar10_stand_in(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     pd_ = PaperData(tmp_path, monkeypatch)
     pd_.cifar10()
-    cfg = cmp.Config.from_profile("paper", results_dir=pd_.results, seeds=(0,), compressions=(2.0,),
-                                  lambdas=(1.0,), epochs=0.5, pretrain_epochs=0.25, batch_size=4,
-                                  rewind_iteration=0, timing_repeats=1, timing_batch=4)
+    paper = cmp.Config.from_profile("paper", results_dir=pd_.results, seeds=(0,), compressions=(2.0,),
+                                    lambdas=(1.0,), epochs=0.5, pretrain_epochs=0.25, batch_size=4,
+                                    rewind_iteration=0, timing_repeats=1, timing_batch=4)
+    cfg = paper.experiment("resnet20/cifar10")
     assert (cfg.model, cfg.dataset) == ("resnet20", "cifar10")
-    out = cmp.run_experiment(cfg, progress=False)
+    out = cmp.run_experiment(paper, "resnet20/cifar10", progress=False)
+    assert out["cfg"] == cfg
     pts = out["points"]
     ran = set(pts["method"])
     assert {"random", "magnitude", "gmp", "lnpt", "l1_filter", "polarization", "l0_hc", "dep_l0"} <= ran
@@ -276,7 +279,7 @@ def test_paper_profile_on_cifar10_stand_in(tmp_path, monkeypatch):
     assert statuses[cmp.label("imp")].startswith("not run in paper")
     assert statuses[cmp.label("bernoulli")].startswith("not run in paper")  # no flip estimator for ResNets
     assert "bernoulli" not in ran
-    table = cmp.claims_table(cfg, out, results_dir=pd_.results)
+    table = cmp.claims_table(cfg, {"resnet20/cifar10": out}, results_dir=pd_.results)
     assert (table["profile"] == "paper").all() and len(table)
     assert len(cmp.latency(cfg, out)) and len(cmp.overlap(cfg, out))
 
@@ -319,7 +322,7 @@ def test_the_discussion_lists_come_from_the_run(smoke_run):
     """The notebook's glued discussion (Markdown lists and numbers) is built by :func:`cmp.discussion`."""
     cfg, out = smoke_run
     verdicts = cmp.pareto_table(out["points"])
-    table = cmp.claims_table(cfg, out, results_dir=None)
+    table = cmp.claims_table(cfg, {out["experiment"]: out}, results_dir=None)
     lat = pd.DataFrame(columns=["batch", "ratio", "dense_twice"])  # nothing timed: the test stays fast
     text = cmp.discussion(cfg, out, verdicts, lat, table)
     assert list(text) == ["pareto_md", "ratio_md", "scratch_md", "dense_acc", "reach_md", "train_minutes"]

@@ -36,7 +36,7 @@ def test_two_chapters_asking_for_the_same_network_share_one_store(tmp_path, monk
     m1, h1 = dense_baselines.train_dense("lenet300_100", "synthetic-mnist", 0, epochs=0.5, batch_size=60,
                                          lr=1.2e-3, evals_per_epoch=2, results_dir=tmp_path, progress=False,
                                          data=data)
-    cfg = comparison.Config.from_profile("smoke", dataset="synthetic-mnist", model="lenet300_100", batch_size=60,
+    cfg = comparison.Config.from_profile("smoke", experiments=("lenet300_100/synthetic-mnist",), batch_size=60,
                                          lr=1.2e-3, evals_per_epoch=2, results_dir=str(tmp_path))
     st = comparison.task_store(cfg, (cfg, "dense", 0.5, 0))
     assert _units(tmp_path / "dense") == [st.dir]  # one Store: chapter 1 trained it

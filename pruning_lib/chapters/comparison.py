@@ -1,8 +1,10 @@
 """Chapter 7, "Which method, at what cost?": every method on one model, one budget, one axis (issue 14).
 
-Every method comes from the library, trained for the same number of epochs (pre-training included), and
-is placed on one axis, the effective FLOPs of the pruned network (:func:`pruning_lib.metrics.summary`;
-structured networks after compaction):
+The chapter runs one or more experiments (``Config.experiments``, "model/dataset"), each on its own: every
+method prunes that one network on that one dataset (:meth:`Config.experiment` gives an experiment's own
+config, whose ``model`` and ``dataset`` name its units). In each, every method comes from the library,
+trained for the same number of epochs (pre-training included), and is placed on one axis, the effective
+FLOPs of the pruned network (:func:`pruning_lib.metrics.summary`; structured networks after compaction):
 
 * unstructured, with a target (the weight sparsity ``1 - 1/c`` for each compression ``c``): random and
   global magnitude pruning of a pre-trained network, then fine-tuning (:mod:`pruning_lib.methods.criteria`);
@@ -23,6 +25,7 @@ magnitude's (:mod:`pruning_lib.pareto`), and each structured method against its 
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -64,14 +67,42 @@ METHOD_LABELS = {
 NOT_RUN: dict[str, str] = {}
 MODELS = ("lenet300_100", "lenet5_caffe", "resnet20", "resnet56")
 DATASETS = ("fashion_mnist", "mnist5k", "mnist", "synthetic-mnist", "synthetic-cifar", "cifar10")
+# "model/dataset": every pairing of the small models and datasets, and ResNet-50 on ImageNet
+EXPERIMENTS = tuple(f"{m}/{d}" for m in MODELS for d in DATASETS) + ("resnet50/imagenet",)
+MODEL_NAMES = {"lenet300_100": "LeNet-300-100", "lenet5_caffe": "LeNet-5-Caffe", "resnet20": "ResNet-20",
+               "resnet56": "ResNet-56", "resnet50": "ResNet-50"}
+DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST", "mnist5k": "MNIST-5k", "mnist": "MNIST", "cifar10": "CIFAR-10",
+                 "imagenet": "ImageNet", "synthetic-mnist": "a generated MNIST stand-in",
+                 "synthetic-cifar": "a generated CIFAR stand-in"}
+# Upper limits of an experiment's settings (:meth:`Config.experiment`): a larger value is lowered to the
+# limit, a smaller one (a test's, a shorter run's) is kept. ResNet-50 on ImageNet trains the standard
+# 90-epoch ImageNet schedule (times ``budget``; the paper profile's 160 epochs are CIFAR's), its
+# pre-training keeping its share of the budget (80 of 160 -> 45 of 90); and one CPU forward pass of
+# ResNet-50 at 224 x 224 (4 GFLOPs) took 0.15 s on one core here, so its latency table is timed at batch 32,
+# best of 5 rounds (at batch 256, best of 30, its 20-odd networks would take many hours).
+EXPERIMENT_LIMITS: dict[str, dict[str, float]] = {
+    "resnet50/imagenet": dict(epochs=90.0, timing_batch=32, timing_repeats=5),
+}
+
+
+def experiment_label(experiment: str) -> str:
+    """``resnet50/imagenet`` -> ``ResNet-50 on ImageNet``."""
+    model, dataset = experiment.split("/")
+    return f"{MODEL_NAMES.get(model, model)} on {DATASET_NAMES.get(dataset, dataset)}"
 
 
 @dataclass(frozen=True)
 class Config(RunConfig):
-    """Settings of chapter 7 (``None`` in a notebook means "the profile's value")."""
+    """Settings of chapter 7 (``None`` in a notebook means "the profile's value").
 
-    model: str = param("lenet300_100", choices=MODELS, help="the one network every method prunes")
-    dataset: str = param("fashion_mnist", choices=DATASETS, help="the one dataset")
+    ``experiments`` lists the runs of the chapter, each one network on one dataset; every other setting
+    is shared by them (up to :data:`EXPERIMENT_LIMITS`). An experiment's own config
+    (:meth:`experiment`) names its units: ``model``, ``dataset`` and the hashed settings, exactly as a
+    config of that one experiment did before the chapter took several, so their cached units are reused."""
+
+    experiments: tuple[str, ...] = param(("lenet300_100/fashion_mnist",), choices=EXPERIMENTS,
+                                         help="model/dataset pairs, each run on its own: every method prunes "
+                                              "that one network on that one dataset")
     methods: tuple[str, ...] = param(METHODS, choices=METHODS, help="methods to run")
     compressions: tuple[float, ...] = param((2.0, 4.0, 8.0, 16.0, 32.0), low=1.0,
                                             help="targets: x fewer weights (unstructured) or FLOPs (structured)")
@@ -122,24 +153,74 @@ class Config(RunConfig):
     BUDGETED: ClassVar[tuple[str, ...]] = ("epochs", "pretrain_epochs")
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {
         # seconds: the generated stand-in, two levels, one seed; numbers mean nothing
-        "smoke": dict(dataset="synthetic-mnist", compressions=(2.0, 8.0), lambdas=(1.0, 8.0), seeds=(0,),
-                      bernoulli_costs=(0.1, 1.6), lnpt_score_batches=2,
+        "smoke": dict(experiments=("lenet300_100/synthetic-mnist",), compressions=(2.0, 8.0), lambdas=(1.0, 8.0),
+                      seeds=(0,), bernoulli_costs=(0.1, 1.6), lnpt_score_batches=2,
                       epochs=1.0, pretrain_epochs=0.5, batch_size=64, rewind_iteration=2, gmp_steps=4,
                       timing_repeats=2, timing_batch=32, evals_per_epoch=2),
-        "cpu": dict(),
-        # GPU: ResNet-20 on CIFAR-10 (IMP and SNIP need a chapter-2 setup for it: not run there yet)
-        "paper": dict(model="resnet20", dataset="cifar10", epochs=160.0, pretrain_epochs=80.0, lr=1e-3,
-                      rewind_iteration=500, seeds=(0, 1, 2), evals_per_epoch=1),
+        # LeNet-300-100 on Fashion-MNIST, about 9 minutes cold on 2 cores. LeNet-5-Caffe costs about 50 more
+        # minutes here (every method, 5 levels, 3 seeds): add it with
+        # -p experiments "[lenet300_100/fashion_mnist, lenet5_caffe/fashion_mnist]"
+        "cpu": dict(experiments=("lenet300_100/fashion_mnist",)),
+        # GPU: ResNet-20 on CIFAR-10 and ResNet-50 on ImageNet, Adam at the same rate and batch for both (the
+        # chapter's one optimizer, not the ImageNet papers' SGD), ResNet-50 for 90 epochs (45 of pre-training;
+        # EXPERIMENT_LIMITS). IMP and SNIP need a chapter-2 setup (none for either), Bernoulli gates' estimator
+        # plain feed-forward networks: not run. ResNet-50 has 126 units before Scratch-B (2 dense networks and
+        # 40 points per seed: 8,505 epochs of ImageNet) and 60 Scratch-B units of up to 180 epochs each (of
+        # their smaller networks): not measured on a GPU yet
+        "paper": dict(experiments=("resnet20/cifar10", "resnet50/imagenet"), epochs=160.0, pretrain_epochs=80.0,
+                      lr=1e-3, rewind_iteration=500, seeds=(0, 1, 2), evals_per_epoch=1),
     }
 
     def check(self) -> None:
         from ..runs import ConfigError
+        twice = sorted({e for e in self.experiments if self.experiments.count(e) > 1})
+        if twice:
+            raise ConfigError(f"parameter 'experiments': {twice} given more than once")
         if self.pretrain_epochs >= self.epochs:
             raise ConfigError("parameter 'pretrain_epochs': must be less than 'epochs' (the whole budget)")
         if self.gmp_end < self.gmp_start:
             raise ConfigError("parameter 'gmp_end': must not come before 'gmp_start'")
         if not self.seeds or not self.methods:
             raise ConfigError("parameters 'seeds' and 'methods': give at least one")
+
+    def experiment(self, experiment: str | None = None) -> "Config":
+        """The config of one experiment of ``experiments`` (the only one when ``None``): ``experiments`` is
+        that one, and :data:`EXPERIMENT_LIMITS` apply (the epochs cap scales with ``budget``, pre-training
+        keeps its share of the budget). Its ``model`` and ``dataset`` name its units; applying it twice
+        changes nothing."""
+        if experiment is None:
+            if len(self.experiments) != 1:
+                raise ValueError(f"this config holds {len(self.experiments)} experiments "
+                                 f"{list(self.experiments)}: name one")
+            experiment = self.experiments[0]
+        if experiment not in self.experiments:
+            raise ValueError(f"{experiment!r} is not one of this config's experiments {list(self.experiments)}")
+        limits = EXPERIMENT_LIMITS.get(experiment, {})
+        changes: dict[str, Any] = {"experiments": (experiment,)}
+        cap = limits.get("epochs")
+        if cap is not None and self.epochs > cap * self.budget:
+            epochs = cap * self.budget
+            changes.update(epochs=epochs, pretrain_epochs=self.pretrain_epochs * epochs / self.epochs)
+        for name in ("timing_batch", "timing_repeats"):
+            if name in limits and getattr(self, name) > limits[name]:
+                changes[name] = int(limits[name])
+        return self.replace(**changes)
+
+    def _one(self) -> list[str]:
+        if len(self.experiments) != 1:
+            raise ValueError(f"this config holds {len(self.experiments)} experiments {list(self.experiments)}: "
+                             "take one with cfg.experiment(name)")
+        return self.experiments[0].split("/")
+
+    @property
+    def model(self) -> str:
+        """The network of this config's one experiment (see :meth:`experiment`)."""
+        return self._one()[0]
+
+    @property
+    def dataset(self) -> str:
+        """The dataset of this config's one experiment."""
+        return self._one()[1]
 
     @property
     def setup(self) -> str:
@@ -230,8 +311,16 @@ def _row(cfg: Config, data, method: str, level: float, seed: int, net: nn.Module
 
 
 def _dense_ref(cfg: Config, data) -> dict:
-    net = _build(cfg, data, 0)
-    s = metrics.summary(net, tuple(data.input_shape))
+    """The dense network's parameters, FLOPs and prunable weights (what reductions are relative to)."""
+    return dict(_dense_counts(cfg.model, tuple(sorted(data.model_kwargs().items())), tuple(data.input_shape)))
+
+
+@functools.lru_cache(maxsize=8)
+def _dense_counts(model: str, kwargs: tuple, shape: tuple) -> dict:
+    # once per process and architecture: every unit asks, and building ResNet-50 to count it takes 0.5 s
+    torch.manual_seed(0)
+    net = build_model(model, **dict(kwargs))
+    s = metrics.summary(net, shape)
     return {"params": s["params"], "flops": s["flops"], "weights": _weights(net)}
 
 
@@ -602,20 +691,23 @@ def scratch_unit(cfg: Config, data, point: dict, dense_ref: dict) -> dict:
 # the run
 
 def plan(cfg: Config) -> list[tuple[str, float, int]]:
-    """Every (method, level, seed) point the run produces (IMP: its rounds)."""
+    """Every (method, level, seed) point the run produces (IMP: its rounds), experiment after experiment."""
     out = []
-    for m in cfg.methods:
-        if why_not_run(cfg, m):
-            continue
-        levels = (penalty_levels(cfg, m) if m in PENALTY_METHODS else
-                  [1 / (1 - cfg.imp_rate) ** r for r in range(1, imp_rounds(cfg) + 1)] if m == "imp"
-                  else cfg.compressions)
-        out += [(m, float(lv), s) for lv in levels for s in cfg.seeds]
+    for e in cfg.experiments:
+        ecfg = cfg.experiment(e)
+        for m in ecfg.methods:
+            if why_not_run(ecfg, m):
+                continue
+            levels = (penalty_levels(ecfg, m) if m in PENALTY_METHODS else
+                      [1 / (1 - ecfg.imp_rate) ** r for r in range(1, imp_rounds(ecfg) + 1)] if m == "imp"
+                      else ecfg.compressions)
+            out += [(m, float(lv), s) for lv in levels for s in ecfg.seeds]
     return out
 
 
 def why_not_run(cfg: Config, method: str) -> str | None:
-    """Why ``method`` cannot run on this configuration's model (``None`` when it can)."""
+    """Why ``method`` cannot run on this experiment's model (``None`` when it can); ``cfg`` holds one
+    experiment."""
     if method in ("imp", "snip") and cfg.setup not in lottery.SETUPS:
         return f"chapter 2 has no setup {cfg.setup}"
     if method == "bernoulli" and cfg.model.startswith("resnet"):
@@ -629,18 +721,21 @@ def penalty_levels(cfg: Config, method: str) -> tuple[float, ...]:
     return cfg.bernoulli_costs if method == "bernoulli" else cfg.lambdas
 
 
+def _status(cfg: Config, method: str) -> str:
+    if method in NOT_RUN:
+        return f"not run in {cfg.profile}: {NOT_RUN[method]}"
+    if method not in cfg.methods:
+        return "not selected"
+    why = why_not_run(cfg, method)
+    return f"not run in {cfg.profile}: {why}" if why else "run"
+
+
 def method_table(cfg: Config) -> pd.DataFrame:
-    """Every method of the book: how this chapter runs it, or why it does not."""
+    """Every method of the book: how this chapter runs it, or why it does not (``status``; with several
+    experiments one status column per experiment)."""
     rows = []
+    several = len(cfg.experiments) > 1
     for m in (*METHODS, *NOT_RUN):
-        if m in NOT_RUN:
-            status = f"not run in {cfg.profile}: {NOT_RUN[m]}"
-        elif m not in cfg.methods:
-            status = "not selected"
-        elif why_not_run(cfg, m):
-            status = f"not run in {cfg.profile}: {why_not_run(cfg, m)}"
-        else:
-            status = "run"
         placed = ("unit cost κ, placed by what it achieved" if m == "bernoulli" else
                   "penalty λ, placed by what it achieved" if m in PENALTY_METHODS else
                   "target: weight sparsity 1 - 1/c" if m in UNSTRUCTURED else
@@ -649,8 +744,23 @@ def method_table(cfg: Config) -> pd.DataFrame:
         budget = ("pre-train + fine-tune = budget" if m in ("random", "magnitude", "l1_filter") else
                   "teacher pre-train + label-free student = budget" if m == "lnpt" else
                   "r + 1 budgets at round r" if m == "imp" else "budget" if m in METHODS else "—")
-        rows.append({"method": label(m), "kind": "structured" if m in STRUCTURED or m == "bernoulli"
-                     else "unstructured", "placed by": placed, "training": budget, "status": status})
+        row = {"method": label(m), "kind": "structured" if m in STRUCTURED or m == "bernoulli"
+               else "unstructured", "placed by": placed, "training": budget}
+        for e in cfg.experiments:
+            row[f"status, {experiment_label(e)}" if several else "status"] = _status(cfg.experiment(e), m)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def experiment_table(cfg: Config) -> pd.DataFrame:
+    """One row per experiment: its network, dataset and the settings :meth:`Config.experiment` gives it
+    (the training budget, the latency measurement's batch and rounds)."""
+    rows = []
+    for e in cfg.experiments:
+        c = cfg.experiment(e)
+        rows.append({"experiment": experiment_label(e), "model": c.model, "dataset": c.dataset,
+                     "epochs (budget)": c.epochs, "pre-training epochs": c.pretrain_epochs,
+                     "latency batch": c.timing_batch, "latency rounds": c.timing_repeats})
     return pd.DataFrame(rows)
 
 
@@ -741,19 +851,23 @@ def _map(cfg: Config, todo: list, bar) -> list:
                      key=lambda t: f"{t[1]}-{task_store(cfg, t).key}")
 
 
-def run_experiment(cfg: Config, progress: bool = True) -> dict[str, Any]:
-    """Train (or load) every unit; returns ``points`` (one row per method, level and seed, Scratch-B
-    included), ``dense`` (the dense reference of the budget), ``units`` (first seed's point per method and
-    level: its mask or kept channels) and ``histories``.
+def run_experiment(cfg: Config, experiment: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train (or load) every unit of one experiment (``experiment``, or the config's only one); returns
+    ``points`` (one row per method, level and seed, Scratch-B included), ``dense`` (the dense reference of
+    the budget), ``units`` (first seed's point per method and level: its mask or kept channels),
+    ``histories``, ``experiment`` and ``cfg`` (the experiment's config, :meth:`Config.experiment`).
 
     The units run through :func:`runs.map_units` in three phases (dense networks, points, Scratch-B): serially
     by default, in ``workers`` processes, or on the Dask cluster ``$PRUNING_EXECUTOR`` names
     (``make book DASK=...``); the numbers do not depend on where a unit ran (up to the last bits of float
     sums with another thread count)."""
+    several = experiment is not None and len(cfg.experiments) > 1
+    cfg = cfg.experiment(experiment)
     data = _dataset(cfg)
     ref = _dense_ref(cfg, data)
     dense_tasks, point_tasks = tasks(cfg)
-    bar = progress_bar(total=len(dense_tasks) + len(point_tasks), desc="comparison units", progress=progress)
+    desc = f"comparison units, {cfg.experiments[0]}" if several else "comparison units"
+    bar = progress_bar(total=len(dense_tasks) + len(point_tasks), desc=desc, progress=progress)
     dense_rows = _map(cfg, dense_tasks, bar)[:len(cfg.seeds)]
     points = []
     for t, r in zip(point_tasks, _map(cfg, point_tasks, bar)):
@@ -767,14 +881,27 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict[str, Any]:
     masks = {(p["row"]["method"], p["row"]["level"]): p for p in points if p["row"]["seed"] == first}
     return {"points": frame, "dense": pd.DataFrame(dense_rows), "units": masks, "reference": ref,
             "histories": {(p["row"]["method"], p["row"]["level"], p["row"]["seed"]): p["history"] for p in points},
-            "data": data}
+            "data": data, "experiment": cfg.experiments[0], "cfg": cfg}
+
+
+def _run_cfg(cfg: Config, out: dict) -> Config:
+    """The config of the experiment ``out`` (:func:`run_experiment`'s output) ran, from the chapter's."""
+    return cfg.experiment(out["experiment"]) if "experiment" in out else cfg.experiment()
 
 
 def work_units(cfg: Config) -> list:
-    """Every unit of :func:`run_experiment` for the command line (:mod:`pruning_lib.units`), with the hash of
-    the Store the notebook reads: the dense networks, every point (IMP: a seed's chain), and the Scratch-B of
-    every structured point already trained (a Scratch-B unit is named by the architecture its method found,
-    so it is listed once that unit is done)."""
+    """Every unit of :func:`run_experiment` for the command line (:mod:`pruning_lib.units`), experiment after
+    experiment, with the hash of the Store the notebook reads: the dense networks, every point (IMP: a
+    seed's chain), and the Scratch-B of every structured point already trained (a Scratch-B unit is named by
+    the architecture its method found, so it is listed once that unit is done). With several experiments
+    each unit's description starts with its experiment."""
+    out = []
+    for e in cfg.experiments:
+        out += _experiment_units(cfg.experiment(e), f"{e}: " if len(cfg.experiments) > 1 else "")
+    return out
+
+
+def _experiment_units(cfg: Config, prefix: str) -> list:
     from ..units import Unit
 
     dense_tasks, point_tasks = tasks(cfg)
@@ -795,8 +922,8 @@ def work_units(cfg: Config) -> list:
         else:
             desc = f"{label(what)} at {'κ' if what == 'bernoulli' else 'λ' if what in PENALTY_METHODS else '×'}" \
                    f"{level:g}, seed {seed}"
-        out.append(Unit(store.key, store.kind, f"{desc} ({cfg.epochs:g}-epoch budget)", _task_done(cfg, t),
-                        (cfg.dataset,), lambda results_dir, t=t: run_point(t, results_dir)))
+        out.append(Unit(store.key, store.kind, f"{prefix}{desc} ({cfg.epochs:g}-epoch budget)",
+                        _task_done(cfg, t), (cfg.dataset,), lambda results_dir, t=t: run_point(t, results_dir)))
     return out
 
 
@@ -852,7 +979,9 @@ def latency(cfg: Config, out: dict) -> pd.DataFrame:
 
     Measured once and cached like a unit (named by the architectures timed and the timing settings), so a
     rebuild from the cache shows the same timings and two chapters rebuilt side by side do not disturb
-    them; delete ``results/comparison/latency/`` to time again on this machine."""
+    them; delete ``results/comparison/latency/`` to time again on this machine. ``cfg``: the chapter's
+    config or the experiment's (the experiment is ``out``'s)."""
+    cfg = _run_cfg(cfg, out)
     arch = [[m, lv, {k: v.int().tolist() for k, v in p["keep"].items()}]
             for (m, lv), p in out["units"].items() if m in STRUCTURED]
     spec = {**_base_spec(cfg, cfg.seeds[0]), "architectures": arch, "timing_batch": cfg.timing_batch,
@@ -862,6 +991,7 @@ def latency(cfg: Config, out: dict) -> pd.DataFrame:
 
 def measure_latency(cfg: Config, out: dict) -> pd.DataFrame:
     """:func:`latency`'s measurement itself (not cached)."""
+    cfg = _run_cfg(cfg, out)
     data, seed = out["data"], cfg.seeds[0]
     shape = tuple(data.input_shape)
     nets, rows = [], []
@@ -894,6 +1024,7 @@ def measure_latency(cfg: Config, out: dict) -> pd.DataFrame:
 def overlap(cfg: Config, out: dict) -> pd.DataFrame:
     """Intersection over union of the kept weights of every method's mask (first seed) at the point nearest
     to ``overlap_compression`` in FLOPs reduction; structured methods' removed channels as weight masks."""
+    cfg = _run_cfg(cfg, out)
     pts = out["points"]
     first = pts[(pts["seed"] == cfg.seeds[0]) & ~pts["method"].str.startswith("scratch_b:")]
     model = _build(cfg, out["data"], cfg.seeds[0])
@@ -928,9 +1059,31 @@ def scratch_pairs(points: pd.DataFrame) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------------
 # claims
 
-def claims_table(cfg: Config, out: dict, results_dir: str | None = "results") -> pd.DataFrame:
-    """Per method, a claim that its curve dominates global magnitude's; per structured method, a claim that
-    it beats its Scratch-B. Each is judged level by level (paired by seed, t interval), then over levels."""
+def claim_prefix(cfg: Config, experiment: str) -> str:
+    """What starts the statement of every claim about ``experiment`` in the chapter's ledger: its name when
+    the chapter runs several experiments, nothing when it runs one."""
+    return f"{experiment_label(experiment)}: " if len(cfg.experiments) > 1 else ""
+
+
+def experiment_claims(cfg: Config, table: pd.DataFrame, experiment: str) -> pd.DataFrame:
+    """The rows of the chapter's claims table (:func:`claims_table`) about ``experiment``."""
+    prefix = claim_prefix(cfg, experiment)
+    return table[table["claim"].str.startswith(prefix)] if prefix else table
+
+
+def claims_table(cfg: Config, runs: dict[str, dict], results_dir: str | None = "results") -> pd.DataFrame:
+    """The chapter's one ledger over its experiments (``runs``: experiment -> :func:`run_experiment`'s
+    output). Per experiment and method, a claim that its curve dominates global magnitude's; per structured
+    method, a claim that it beats its Scratch-B. Each is judged level by level (paired by seed, t interval),
+    then over levels. With several experiments every statement starts with its experiment
+    (:func:`claim_prefix`)."""
+    rows = []
+    for e in cfg.experiments:
+        rows += _claim_rows(cfg.experiment(e), runs[e], claim_prefix(cfg, e))
+    return claims.ledger(CHAPTER, rows, cfg.profile, results_dir, cfg.budget)
+
+
+def _claim_rows(cfg: Config, out: dict, prefix: str) -> list:
     points = out["points"]
     p = pareto_points(points)
     ref = p[p["method"] == REFERENCE]
@@ -942,8 +1095,8 @@ def claims_table(cfg: Config, out: dict, results_dir: str | None = "results") ->
             continue
         g = p[p["method"] == m]
         claim = claims.Claim(
-            f"{label(m)} lies above global magnitude pruning's accuracy–FLOPs curve at every level it reaches "
-            f"(Pareto-dominant)", data_note,
+            f"{prefix}{label(m)} lies above global magnitude pruning's accuracy–FLOPs curve at every level it "
+            f"reaches (Pareto-dominant)", data_note,
             "per level, per seed: test accuracy minus global magnitude's (same seed) interpolated in log "
             "effective FLOPs at the achieved FLOPs; t interval over seeds per level",
             claims.Fraction(share=1.0, what="levels"))
@@ -964,8 +1117,8 @@ def claims_table(cfg: Config, out: dict, results_dir: str | None = "results") ->
             continue
         g = pairs[pairs["method"] == m]
         claim = claims.Claim(
-            f"Pruning with {label(m)} beats training the architecture it found from scratch with the same "
-            f"compute (Scratch-B)",
+            f"{prefix}Pruning with {label(m)} beats training the architecture it found from scratch with the "
+            f"same compute (Scratch-B)",
             "Liu et al. 2019 (ICLR), Sec. 4, report the opposite for structured methods: Scratch-B matches or "
             "beats the fine-tuned pruned model; " + data_note,
             "per level: test accuracy of the method minus its Scratch-B's, paired by seed (t interval)",
@@ -977,7 +1130,7 @@ def claims_table(cfg: Config, out: dict, results_dir: str | None = "results") ->
                                 [*gl["settled"].tolist(), *gl["scratch_settled"].tolist()], what))
                 for _, gl in g.groupby("level")]
         rows.append((claim, measurement))
-    return claims.ledger(CHAPTER, rows, cfg.profile, results_dir, cfg.budget)
+    return rows
 
 
 def requested_vs_achieved(points: pd.DataFrame) -> pd.DataFrame:
@@ -1081,7 +1234,10 @@ def discussion(cfg: Config, out: dict, verdicts: pd.DataFrame, lat: pd.DataFrame
     each method's class against global magnitude (``verdicts``, :func:`pareto_table`), the speed-up over
     the FLOPs reduction per batch size (``lat``, :func:`latency`), the Scratch-B verdicts of ``table``
     (:func:`claims_table`), the dense accuracy, the FLOPs reductions and accuracies each method reached
-    with its runs not settled, and the units' summed training minutes."""
+    with its runs not settled, and the units' summed training minutes. ``cfg``: the chapter's config or the
+    experiment's (the experiment is ``out``'s); ``table``: the claims about this experiment
+    (:func:`experiment_claims`)."""
+    cfg = _run_cfg(cfg, out)
     points = out["points"]
     pareto_md = "\n".join(
         f"- **{label(r['method'])}**: {r['class']} ({r['above']} levels above, {r['tied']} tied, "
@@ -1107,3 +1263,45 @@ def discussion(cfg: Config, out: dict, verdicts: pd.DataFrame, lat: pd.DataFrame
             for m, g in reach.groupby(level=0, sort=False)),
         "train_minutes": float((points["unit_seconds"].sum() if "unit_seconds" in points else 0) / 60),
     }
+
+
+def discussion_glue(cfg: Config, runs: dict[str, dict], verdicts: dict[str, pd.DataFrame],
+                    lats: dict[str, pd.DataFrame], table: pd.DataFrame) -> dict[str, str | float]:
+    """The page's glue values over every experiment (``runs``, ``verdicts``, ``lats``: per experiment;
+    ``table``: the chapter's claims): each Markdown list of :func:`discussion`, under its experiment's name
+    when there are several (the list alone when there is one); ``dense_md``, the dense network's test
+    accuracy (per experiment when several); ``train_minutes``, summed over the experiments."""
+    parts = {e: discussion(cfg, runs[e], verdicts[e], lats[e], experiment_claims(cfg, table, e))
+             for e in cfg.experiments}
+    several = len(cfg.experiments) > 1
+    out: dict[str, str | float] = {}
+    for name in ("pareto_md", "ratio_md", "scratch_md", "reach_md"):
+        out[name] = "\n\n".join(f"**{experiment_label(e)}**\n\n{d[name]}" for e, d in parts.items()) \
+            if several else parts[cfg.experiments[0]][name]
+    out["dense_md"] = " and ".join(f"{d['dense_acc']:.1f} %" + (f" ({experiment_label(e)})" if several else "")
+                                   for e, d in parts.items())
+    out["train_minutes"] = float(sum(d["train_minutes"] for d in parts.values()))
+    return out
+
+
+def each_experiment(cfg: Config, runs: dict[str, dict]):
+    """``(experiment, run)`` for every experiment of the chapter, in order; with several, the experiment's
+    name is shown before each (in a notebook), so a cell's tables and figures read under their experiment."""
+    several = len(cfg.experiments) > 1
+    for e in cfg.experiments:
+        if several:
+            from IPython.display import Markdown, display
+
+            display(Markdown(f"**{experiment_label(e)}** (`{e}`)"))
+        yield e, runs[e]
+
+
+def download_link(cfg: Config, experiment: str, frame: pd.DataFrame, stem: str, what: str) -> str:
+    """The page's link that downloads ``frame`` as ``<stem>.csv``; with several experiments the file name
+    and the text name the experiment (``<stem>_<model>_<dataset>.csv``), so each download is its own file."""
+    from .. import report
+
+    if len(cfg.experiments) > 1:
+        tag = experiment.replace("/", "_").replace("-", "_")
+        return report.csv_link(frame, f"{stem}_{tag}.csv", f"Download {what}, {experiment_label(experiment)} (CSV)")
+    return report.csv_link(frame, f"{stem}.csv", f"Download {what} (CSV)")

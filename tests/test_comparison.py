@@ -1,8 +1,11 @@
 """Chapter 7 (the comparison): GMP's schedule, the Pareto classifier, requested against achieved sparsity
-for every method, Scratch-B, and the structured methods' weight masks."""
+for every method, Scratch-B, the structured methods' weight masks, and the chapter's experiments (one
+model on one dataset each; the paper profile's ResNet-20 on CIFAR-10 and ResNet-50 on ImageNet)."""
 from __future__ import annotations
 
+import functools
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,6 +19,8 @@ from pruning_lib.gates import compact
 from pruning_lib.methods import gmp, l1_filter, scratch
 from pruning_lib.models import build_model
 from pruning_lib.train import fit
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- GMP ---------------------------------------------------------------------------------------------
@@ -252,6 +257,114 @@ def test_config_profiles_and_checks():
     assert cmp.Config.from_profile("smoke").dataset.startswith("synthetic")
 
 
+# --- experiments: one model on one dataset each ------------------------------------------------------
+
+def test_the_experiments_parameter_is_validated():
+    from pruning_lib import book
+    from pruning_lib.runs import ConfigError
+
+    for bad, what in ((("resnet50/mnist",), "is not one of"), (("lenet300_100",), "is not one of"),
+                      (("lenet300_100/fashion_mnist", "lenet300_100/fashion_mnist"), "more than once")):
+        with pytest.raises(ConfigError, match=f"parameter 'experiments': .*{what}"):
+            cmp.Config.from_profile("cpu", experiments=bad)
+    # one way to say it: model and dataset are no longer parameters
+    for name in ("model", "dataset"):
+        with pytest.raises(ConfigError, match="unknown parameter"):
+            cmp.Config.from_profile("cpu", **{name: "lenet5_caffe"})
+    with pytest.raises(book.BookError, match="07_comparison: parameter 'experiments'"):
+        book.validate_parameters(ROOT / "notebooks" / "07_comparison.ipynb", "cpu",
+                                 {"experiments": ["lenet300_100/imagenet"]})
+    two = cmp.Config.from_profile("cpu", experiments=("lenet300_100/fashion_mnist", "lenet5_caffe/fashion_mnist"))
+    with pytest.raises(ValueError, match="take one"):
+        two.model
+    with pytest.raises(ValueError, match="name one"):
+        two.experiment()
+    with pytest.raises(ValueError, match="not one of this config's experiments"):
+        two.experiment("resnet20/cifar10")
+    one = two.experiment("lenet5_caffe/fashion_mnist")
+    assert (one.model, one.dataset, one.setup) == ("lenet5_caffe", "fashion_mnist", "lenet5_caffe/fashion_mnist")
+    # an experiment of the cpu profile is the cpu config itself: the same units, the same hashes
+    cpu = cmp.Config.from_profile("cpu")
+    assert cpu.experiments == ("lenet300_100/fashion_mnist",) and cpu.experiment() == cpu
+    assert cpu.experiment().experiment() == cpu.experiment()
+
+
+def test_the_paper_profile_runs_resnet20_on_cifar10_and_resnet50_on_imagenet():
+    paper = cmp.Config.from_profile("paper")
+    assert paper.experiments == ("resnet20/cifar10", "resnet50/imagenet")
+    r20, r50 = (paper.experiment(e) for e in paper.experiments)
+    assert (r20.epochs, r20.pretrain_epochs, r20.timing_batch, r20.timing_repeats) == (160.0, 80.0, 256, 30)
+    # ImageNet: the 90-epoch schedule, pre-training keeping its half; latency at batch 32, best of 5
+    assert (r50.epochs, r50.pretrain_epochs, r50.timing_batch, r50.timing_repeats) == (90.0, 45.0, 32, 5)
+    assert r50.experiment() == r50
+    assert cmp.Config.from_profile("paper", budget=2.0).experiment("resnet50/imagenet").epochs == 180.0
+    assert list(cmp.experiment_table(paper)["epochs (budget)"]) == [160.0, 90.0]
+    # shorter settings than the limits are kept (a test's, a quick run's)
+    short = cmp.Config.from_profile("paper", epochs=0.5, pretrain_epochs=0.25, timing_batch=4)
+    assert short.experiment("resnet50/imagenet").epochs == 0.5
+    table = cmp.method_table(paper)
+    for e in ("ResNet-20 on CIFAR-10", "ResNet-50 on ImageNet"):
+        status = dict(zip(table["method"], table[f"status, {e}"]))
+        for m in ("imp", "snip", "bernoulli"):
+            assert status[cmp.label(m)].startswith("not run in paper: "), (e, m)
+        assert {cmp.label(m) for m in cmp.METHODS if status[cmp.label(m)] == "run"} == {
+            cmp.label(m) for m in ("random", "magnitude", "gmp", "lnpt", "l1_filter", "polarization", "l0_hc",
+                                   "dep_l0")}
+
+
+def test_two_experiments_give_points_and_claims_of_their_own(smoke_run):
+    """Two experiments in the smoke setting, the first the smoke run's own (its units are loaded, not
+    trained again: the same hashes), the second LeNet-5-Caffe: points per experiment, one ledger whose rows
+    name their experiment, the same rows as a run of the one experiment otherwise."""
+    cfg1, out1 = smoke_run
+    e1, e2 = "lenet300_100/synthetic-mnist", "lenet5_caffe/synthetic-mnist"
+    methods = ("magnitude", "gmp", "l1_filter")
+    cfg = cfg1.replace(experiments=(e1, e2), methods=methods)
+    keys1 = {u.key for u in cmp.work_units(cfg1)}
+    listed = cmp.work_units(cfg)
+    named = [u.description.split(": ")[0] for u in listed]  # experiment after experiment
+    assert named == [e1] * named.count(e1) + [e2] * named.count(e2) and named.count(e2)
+    first = [u for u in listed if u.description.startswith(f"{e1}: ")]
+    assert first and all(u.done and u.key in keys1 for u in first)  # the smoke run's units, by hash
+    assert not any(u.done for u in listed if u.description.startswith(f"{e2}: "))
+    runs = {e: cmp.run_experiment(cfg, e, progress=False) for e in cfg.experiments}
+    for e, out in runs.items():
+        assert out["experiment"] == e and out["cfg"].experiments == (e,)
+        assert set(out["points"]["method"]) == {*methods, "scratch_b:l1_filter"}
+        assert len(out["points"][~out["points"]["method"].str.startswith("scratch_b:")]) == \
+            len(cmp.plan(cfg.experiment(e)))
+    assert len(cmp.plan(cfg)) == sum(len(cmp.plan(cfg.experiment(e))) for e in cfg.experiments)
+    mine = out1["points"][out1["points"]["method"].isin(list(methods) + ["scratch_b:l1_filter"])]
+    pd.testing.assert_frame_equal(runs[e1]["points"], mine[runs[e1]["points"].columns].reset_index(drop=True))
+    assert all(u.done for u in cmp.work_units(cfg))
+    # one ledger, every row naming its experiment
+    table = cmp.claims_table(cfg, runs, results_dir=None)
+    labels = [cmp.experiment_label(e) for e in cfg.experiments]
+    assert labels == ["LeNet-300-100 on a generated MNIST stand-in", "LeNet-5-Caffe on a generated MNIST stand-in"]
+    assert all(any(c.startswith(f"{lb}: ") for lb in labels) for c in table["claim"])
+    alone = cmp.claims_table(cfg1.replace(methods=methods), {e1: runs[e1]}, results_dir=None)
+    ours = cmp.experiment_claims(cfg, table, e1)
+    assert list(ours["claim"]) == [f"{labels[0]}: {c}" for c in alone["claim"]]
+    pd.testing.assert_frame_equal(ours.drop(columns="claim").reset_index(drop=True), alone.drop(columns="claim"))
+    assert len(cmp.experiment_claims(cfg, table, e2)) == len(alone)
+    # the page: a status column, a discussion list and a download file per experiment
+    assert [c for c in cmp.method_table(cfg).columns if c.startswith("status")] == [f"status, {lb}" for lb in labels]
+    verdicts = {e: cmp.pareto_table(out["points"]) for e, out in runs.items()}
+    lats = {e: pd.DataFrame(columns=["batch", "ratio", "dense_twice"]) for e in runs}  # nothing timed
+    text = cmp.discussion_glue(cfg, runs, verdicts, lats, table)
+    assert all(text[k].count(f"**{lb}**") == 1 for k in ("pareto_md", "reach_md", "scratch_md") for lb in labels)
+    assert text["dense_md"].count(" %") == 2
+    single = cmp.discussion_glue(cfg1, {e1: out1}, {e1: cmp.pareto_table(out1["points"])},
+                                 {e1: lats[e1]}, cmp.claims_table(cfg1, {e1: out1}, results_dir=None))
+    assert single["dense_md"] == f"{100 * out1['dense']['accuracy'].mean():.1f} %"
+    assert "**" not in single["reach_md"]
+    names = [cmp.download_link(cfg, e, runs[e]["points"], "comparison_points", "every point") for e in runs]
+    assert 'download="comparison_points_lenet300_100_synthetic_mnist.csv"' in names[0]
+    assert 'download="comparison_points_lenet5_caffe_synthetic_mnist.csv"' in names[1]
+    assert 'download="comparison_points.csv"' in cmp.download_link(cfg1, e1, out1["points"], "comparison_points",
+                                                                   "every point")
+
+
 # --- the paper profile, end to end on generated stand-ins (tests/test_paper_profiles.py's way) ---------
 
 def test_paper_profile_on_cifar10_stand_in(tmp_path, monkeypatch):
@@ -282,6 +395,94 @@ def test_paper_profile_on_cifar10_stand_in(tmp_path, monkeypatch):
     table = cmp.claims_table(cfg, {"resnet20/cifar10": out}, results_dir=pd_.results)
     assert (table["profile"] == "paper").all() and len(table)
     assert len(cmp.latency(cfg, out)) and len(cmp.overlap(cfg, out))
+
+
+def test_paper_profile_resnet50_on_imagenet_stand_in(tmp_path, monkeypatch):
+    """The paper profile's ResNet-50 / ImageNet experiment on a generated ImageNet stand-in (2 classes, 256 x
+    256 JPEGs, read from data/imagenet/ by the chapter's own loader at 224 x 224), through the notebook's
+    path: the experiment's config (:meth:`Config.experiment`), its units, compaction, Scratch-B and the
+    claims ledger. One method, L0-HC, at one λ, one seed, one step of one image; its gates start closed
+    (``init_log_alpha`` -3), so that one step compacts: every channel group of ResNet-50 keeps one zeroed
+    channel. The numbers mean nothing.
+
+    Not run end to end here: the other methods of the experiment (random, magnitude, GMP, LNPT, L1-filter,
+    polarization, Dep-L0 and their Scratch-B; test_resnet50_imagenet_plans_every_paper_method lists them),
+    the latency and overlap tables, and anything at the real schedule: one ResNet-50 training step at
+    224 x 224 takes about a second per image on this CPU, and every other method costs as much again (a
+    dense pre-training, a second training, or, for L1-filter, 30 compactions of ResNet-50 to find its keep
+    fraction), which the unit tests cannot afford. The same code paths run on ResNet-20 in
+    test_paper_profile_on_cifar10_stand_in."""
+    from pruning_lib import data as data_mod
+    from test_data_layouts import write_image_folder
+    from test_paper_profiles import PaperData
+
+    torch.set_num_threads(1)
+    pd_ = PaperData(tmp_path, monkeypatch)
+    wnids = ["n01440764", "n01443537"]
+    write_image_folder(pd_.root / "imagenet" / "train", wnids, per_class=2, size=256)
+    write_image_folder(pd_.root / "imagenet" / "val", wnids, per_class=1, size=256)
+    # the loader holds out 10,000 training images for validation: one here (3 left to train on)
+    monkeypatch.setitem(data_mod.DATASETS, "imagenet",
+                        functools.partial(data_mod.DATASETS["imagenet"], val_size=1))
+    paper = cmp.Config.from_profile("paper", results_dir=pd_.results, methods=("l0_hc",), seeds=(0,),
+                                    lambdas=(1.0,), init_log_alpha=-3.0, epochs=0.3, pretrain_epochs=0.1,
+                                    batch_size=1)
+    assert "resnet50/imagenet" in paper.experiments
+    out = cmp.run_experiment(paper, "resnet50/imagenet", progress=False)
+    cfg = out["cfg"]
+    assert (cfg.model, cfg.dataset, cfg.epochs) == ("resnet50", "imagenet", 0.3)
+    data = out["data"]
+    assert tuple(data.input_shape) == (3, 224, 224) and (len(data.train), len(data.val)) == (3, 1)
+    pts = out["points"].set_index("method")
+    assert set(pts.index) == {"l0_hc", "scratch_b:l0_hc"}
+    point = pts.loc["l0_hc"]
+    assert (point["level"], point["seed"], point["steps"]) == (1.0, 0, 1)
+    assert 0 <= point["accuracy"] <= 1 and 0 <= point["val_accuracy"] <= 1
+    # its compaction: every channel group of ResNet-50 (conv1 and conv2 of its 16 bottlenecks) emptied to one
+    # zeroed channel
+    keep = out["units"][("l0_hc", 1.0)]["keep"]
+    assert sorted(keep) == sorted(f"layer{i}.{j}.conv{k}" for i, n in zip((1, 2, 3, 4), (3, 4, 6, 3))
+                                  for j in range(n) for k in (1, 2))
+    assert not any(bool(k.any()) for k in keep.values())
+    assert point["flops_reduction"] > 2 and point["achieved_sparsity"] > 0.5
+    assert point["effective_flops"] == pytest.approx(out["reference"]["flops"] / point["flops_reduction"])
+    # Scratch-B trained the architecture rebuilt from ``keep`` (its FLOPs are the compacted network's), for
+    # the method's step times its FLOPs reduction, capped at 2
+    scratch_row = pts.loc["scratch_b:l0_hc"]
+    assert scratch_row["effective_flops"] == point["effective_flops"] and scratch_row["steps"] == 2
+    # the ledger: one table for the chapter, written for the paper profile
+    table = cmp.claims_table(cfg, {"resnet50/imagenet": out}, results_dir=pd_.results)
+    assert (table["profile"] == "paper").all() and len(table) == 2
+    assert (tmp_path / "results" / "claims" / "paper" / "07_comparison.csv").exists()
+    assert any("L0-HC" in c and "Scratch-B" in c for c in table["claim"])
+
+
+def test_resnet50_imagenet_plans_every_paper_method(tmp_path):
+    """The paper profile's ResNet-50 / ImageNet units, as ``python -m pruning_lib.book units 07 --profile
+    paper --list`` lists them (nothing runs): every method that can run on ResNet-50, each at every level and
+    seed, at the ImageNet schedule; IMP, SNIP and Bernoulli gates are not planned, and the methods table
+    says why."""
+    from pruning_lib import units
+
+    _, cfg, listed = units.chapter_units("07", "paper", [("results_dir", str(tmp_path))], ROOT)
+    assert cfg.experiments == ("resnet20/cifar10", "resnet50/imagenet")
+    r50 = [u for u in listed if u.description.startswith("resnet50/imagenet: ")]
+    r20 = [u for u in listed if u.description.startswith("resnet20/cifar10: ")]
+    assert len(r20) + len(r50) == len(listed) and len(r50) == 126 and not any(u.done for u in listed)
+    assert all(u.datasets == ("imagenet",) and "(90-epoch budget)" in u.description for u in r50)
+    assert [u.key for u in r50] == [u.key for u in cmp.work_units(cfg.experiment("resnet50/imagenet"))]
+    dense = [u.description for u in r50 if u.kind == "dense"]
+    assert len(dense) == 6 and sum(", 90 epochs, " in d for d in dense) == 3 and sum(", 45 epochs, " in d
+                                                                                     for d in dense) == 3
+    planned = ("random", "magnitude", "gmp", "lnpt", "l1_filter", "polarization", "l0_hc", "dep_l0")
+    for m in planned:
+        assert sum(u.description.startswith(f"resnet50/imagenet: {cmp.label(m)} at ") for u in r50) == 15, m
+    assert {u.kind for u in r50} == {"dense", "comparison/prune_finetune", "comparison/gmp", "comparison/lnpt",
+                                     "comparison/polarization", "comparison/hard_concrete"}
+    status = dict(zip(cmp.method_table(cfg)["method"], cmp.method_table(cfg)["status, ResNet-50 on ImageNet"]))
+    assert status[cmp.label("imp")] == status[cmp.label("snip")] == \
+        "not run in paper: chapter 2 has no setup resnet50/imagenet"
+    assert "no residual blocks" in status[cmp.label("bernoulli")]
 
 
 def test_pareto_unsettled_levels_are_tied_like_the_ledger():

@@ -1,14 +1,19 @@
-"""One plotting style for every figure of the book (seaborn, colour-blind palette)."""
-from __future__ import annotations
+"""One plotting style for every figure of the book (seaborn, colour-blind palette).
 
-import matplotlib.pyplot as plt
-import seaborn as sns
+matplotlib's pyplot and seaborn are imported by the functions that draw, not with this module: every
+chapter module imports it, and so does every process that only trains a chapter's units (pool and Dask
+workers, ``python -m pruning_lib.book units``, torchrun ranks), where the two cost 1.3 s of start-up
+(seaborn pulls in scipy.stats).
+"""
+from __future__ import annotations
 
 PALETTE = "colorblind"
 
 
 def use_style() -> None:
     """Apply the book's style; call once at the top of a chapter."""
+    import seaborn as sns
+
     sns.set_theme(context="notebook", style="whitegrid", palette=PALETTE,
                   rc={"figure.figsize": (7.0, 4.2), "figure.dpi": 100, "savefig.dpi": 150,
                       "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 9,
@@ -22,6 +27,8 @@ def figure(ncols: int = 1, nrows: int = 1, width: float = 7.0, height: float = 4
     it (``fig`` as a cell's last line, ``display(fig)`` or ``glue``), never again when the inline
     backend flushes open figures at the end of the cell; it still renders and saves as usual.
     """
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), constrained_layout=True, **kw)
     plt.close(fig)
     return fig, axes

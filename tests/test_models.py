@@ -266,7 +266,8 @@ def test_scale_channels_shapes():
 def test_the_chapters_import_without_torchvision():
     """torchvision (and the torch._dynamo it imports) costs ~1.6 s per process: every notebook kernel and pool
     process imports the chapters, and only ResNet-50 needs it (pruning_lib.resnet50, imported on first use:
-    built through the registry in the paper-profile tests)."""
+    built through the registry in the paper-profile tests). Nor do they import pyplot, seaborn or
+    scipy.stats (1.3 s more): a process that only trains units never draws (pruning_lib.plotting)."""
     import subprocess
     import sys
 
@@ -274,6 +275,7 @@ def test_the_chapters_import_without_torchvision():
             "from pruning_lib.chapters import (bernoulli_gates, comparison, dense_baselines, dep_l0, lnpt,\n"
             "    lottery_tickets, polarization)\n"
             "from pruning_lib import book, claims, report, units\n"
-            "assert 'torchvision' not in sys.modules, 'torchvision imported'\n")
+            "for name in ('torchvision', 'matplotlib.pyplot', 'seaborn', 'scipy.stats'):\n"
+            "    assert name not in sys.modules, name + ' imported'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -99,23 +99,21 @@ def browser():
             b.close()
 
 
-def _keep_local(site: str, outside: list, r) -> None:
-    """A route handler: requests for the served book (or not over the network) go on; any other is
-    recorded in ``outside`` and aborted."""
-    url = r.request.url
-    if url.startswith(site) or not url.startswith(("http:", "https:", "ws:", "wss:")):
-        r.continue_()
-    else:
-        outside.append(url)
-        r.abort()
-
-
 @pytest.fixture(scope="session")
 def context(browser, site):
     """A 1280 px browser context in which every request for another host is recorded and aborted."""
     ctx = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT})
     ctx.outside = []  # type: ignore[attr-defined]
-    ctx.route("**/*", functools.partial(_keep_local, site, ctx.outside))  # type: ignore[attr-defined]
+
+    def route(r):
+        url = r.request.url
+        if url.startswith(site) or not url.startswith(("http:", "https:", "ws:", "wss:")):
+            r.continue_()
+        else:
+            ctx.outside.append(url)  # type: ignore[attr-defined]
+            r.abort()
+
+    ctx.route("**/*", route)
     yield ctx
     ctx.close()
 
@@ -139,33 +137,25 @@ LINKS = """() => [...document.querySelectorAll('a[href]')].map(a => a.href)"""
 
 @pytest.fixture(scope="session")
 def visits(context, site):
-    """Load every page once; what each showed and did, by its path relative to the book.
-
-    The pages load side by side (each navigation is started, then each page is waited for in turn): most
-    of a page's time is the browser's and the half second of network silence that ``networkidle`` waits
-    for, which overlap. Each page records its own requests for other hosts (a page's route is tried
-    before the context's)."""
-    loading = []
+    """Load every page once; what each showed and did, by its path relative to the book."""
+    seen = {}
     for path in book_pages(BOOK):
         rel = path.relative_to(BOOK).as_posix()
         page = context.new_page()
-        record = {"console": [], "errors": [], "failed": [], "bad_status": [], "outside": []}
+        record = {"console": [], "errors": [], "failed": [], "bad_status": []}
         page.on("console", lambda m, r=record: m.type == "error" and r["console"].append(m.text))
         page.on("pageerror", lambda e, r=record: r["errors"].append(str(e)))
         page.on("requestfailed", lambda q, r=record: r["failed"].append(f"{q.url} ({q.failure})"))
         page.on("response", lambda s, r=record: s.status >= 400 and r["bad_status"].append(
             f"{s.url} ({s.status})"))
-        page.route("**/*", functools.partial(_keep_local, site, record["outside"]))
-        page.goto(site + rel, wait_until="commit", timeout=TIMEOUT_MS)
-        loading.append((rel, page, record))
-    seen = {}
-    for rel, page, record in loading:
-        page.wait_for_load_state("networkidle", timeout=TIMEOUT_MS)
+        before = len(context.outside)
+        page.goto(site + rel, wait_until="networkidle", timeout=TIMEOUT_MS)
         record["images"] = page.evaluate(WAIT_FOR_PAGE)
         record["text"] = page.evaluate("() => document.body.innerText")
         record["links"] = page.evaluate(LINKS)
         record["math"] = page.evaluate("() => document.querySelectorAll('.math').length")
         record["typeset"] = page.evaluate("() => document.querySelectorAll('mjx-container').length")
+        record["outside"] = context.outside[before:]
         page.close()
         seen[rel] = record
     assert seen, f"no pages in {BOOK}"

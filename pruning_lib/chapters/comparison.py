@@ -157,8 +157,8 @@ class Config(RunConfig):
                       seeds=(0,), bernoulli_costs=(0.1, 1.6), lnpt_score_batches=2,
                       epochs=1.0, pretrain_epochs=0.5, batch_size=64, rewind_iteration=2, gmp_steps=4,
                       timing_repeats=2, timing_batch=32, evals_per_epoch=2),
-        # LeNet-300-100 on Fashion-MNIST, about 9 minutes cold on 2 cores. LeNet-5-Caffe costs about 50 more
-        # minutes here (every method, 5 levels, 3 seeds): add it with
+        # LeNet-300-100 on Fashion-MNIST, about 9 minutes cold on 2 cores. LeNet-5-Caffe took 59 min more
+        # (every method but IMP and SNIP, 5 levels, 3 seeds, 2026-12-02): add it with
         # -p experiments "[lenet300_100/fashion_mnist, lenet5_caffe/fashion_mnist]"
         "cpu": dict(experiments=("lenet300_100/fashion_mnist",)),
         # GPU: ResNet-20 on CIFAR-10 and ResNet-50 on ImageNet, Adam at the same rate and batch for both (the

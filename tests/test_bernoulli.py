@@ -58,6 +58,24 @@ def test_gate_draws_bernoulli_and_eval_uses_theta():
     assert torch.allclose(gate(x)[0], torch.tensor([0.0, 1.0, 0.3]))
 
 
+@pytest.mark.parametrize("n,c", [(60, 300), (7, 13), (1, 5)])
+def test_gate_draws_are_torch_bernoullis_to_the_bit(n, c):
+    """The gate draws ``rand < theta`` (faster); on CPU that is ``torch.bernoulli`` to the bit, and it leaves
+    the global generator where ``torch.bernoulli`` does, so every cached run stays reproducible."""
+    gate = B.BernoulliGate(c)
+    with torch.no_grad():
+        gate.theta.copy_(torch.rand(c, generator=torch.Generator().manual_seed(c)))
+        gate.theta[::3] = 1.0
+        gate.theta[1::4] = 0.0
+    torch.manual_seed(n)
+    ours = gate.sample(n)
+    after_ours = torch.get_rng_state()
+    torch.manual_seed(n)
+    theirs = torch.bernoulli(gate.theta.detach().expand(n, -1))
+    assert torch.equal(ours, theirs) and ours.dtype == theirs.dtype
+    assert torch.equal(after_ours, torch.get_rng_state())
+
+
 def test_cost_matches_hand_computation():
     # A 1-input, 2-hidden-unit, 2-class network, everything set by hand.
     m = build_model("lenet300_100", in_channels=1, image_size=1, hidden=(2,), num_classes=2)

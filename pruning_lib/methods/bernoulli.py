@@ -85,8 +85,12 @@ class BernoulliGate(nn.Module):
         self.saved_xi: torch.Tensor | None = None
 
     def sample(self, n: int) -> torch.Tensor:
+        """``xi ~ Bernoulli(theta)``, shape ``[n, C]``. On CPU this is ``torch.bernoulli(theta.expand(n, -1))``
+        to the bit, generator state included (both draw one float32 uniform per element, in the same order,
+        and compare it with theta), at about 2.5 times its speed (issue 15)."""
         theta = self.theta.detach().clamp(0.0, 1.0)
-        return torch.bernoulli(theta.expand(n, -1))
+        u = torch.rand((n, theta.numel()), device=theta.device, dtype=theta.dtype)
+        return (u < theta).to(theta.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -291,6 +295,11 @@ def _ops(model: nn.Module) -> list[nn.Module]:
     return [*model.features, model.pool, nn.Flatten(1), *model.head, model.classifier]
 
 
+def batch_norms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers of ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+
+
 def _is_affine_layer(m: nn.Module) -> bool:
     return isinstance(m, (nn.Linear, nn.Conv2d))
 
@@ -313,13 +322,14 @@ class FlipEstimator:
         self._hooks: list = []
 
     # -- recording ---------------------------------------------------------------------------------
-    def begin(self, model: nn.Module, gates: Mapping[str, BernoulliGate] | None = None) -> None:
+    def begin(self, model: nn.Module, gates: Mapping[str, BernoulliGate] | None = None,
+              norms: Sequence[nn.Module] | None = None) -> None:
+        """Start recording. ``norms`` (optional): the model's BatchNorm layers, when the caller keeps them."""
         self.end()
         for g in (gates if gates is not None else bernoulli_gates(model)).values():
             g.record = True
-        for m in model.modules():
-            if isinstance(m, _BatchNorm):
-                self._hooks.append(m.register_forward_pre_hook(self._bn_hook))
+        for m in (norms if norms is not None else batch_norms(model)):
+            self._hooks.append(m.register_forward_pre_hook(self._bn_hook))
 
     def _bn_hook(self, module, args):
         if module.training:
@@ -646,6 +656,7 @@ class BernoulliPruning(Method):
         model = self.model
         self._gates = bernoulli_gates(model)
         self._ops_cache = None
+        self._norms = batch_norms(model)
         self._rows = {name: unit_rows(model, name) for name in self._gates}
         gated = {id(p) for rows in self._rows.values() for p, _ in rows}
         self._rest = [p for p in _family().weight_parameters(model) if id(p) not in gated]
@@ -692,7 +703,7 @@ class BernoulliPruning(Method):
 
     def loss_fn(self, model, x, y):
         self.timer.start()
-        self.estimator.begin(self.model, self._gates)
+        self.estimator.begin(self.model, self._gates, self._norms)
         self._y = y
         losses = F.cross_entropy(model(x), y, reduction="none")
         self._loss = losses.detach()  # the loss with every gate as drawn: the estimator's baseline

@@ -375,6 +375,7 @@ def test_paper_profile_on_cifar10_stand_in(tmp_path, monkeypatch):
     from test_paper_profiles import PaperData
 
     torch.set_num_threads(1)
+    monkeypatch.setattr(cmp, "LATENCY_CALLS", 1)  # one timed forward per network and batch: numbers mean nothing
     pd_ = PaperData(tmp_path, monkeypatch)
     pd_.cifar10()
     paper = cmp.Config.from_profile("paper", results_dir=pd_.results, seeds=(0,), compressions=(2.0,),

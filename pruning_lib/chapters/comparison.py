@@ -971,6 +971,9 @@ def pareto_table(points: pd.DataFrame) -> pd.DataFrame:
     return pareto.verdicts(others, ref)
 
 
+LATENCY_CALLS = 64  # forward passes per timed round at batch 1 (at batch b: 64 / sqrt(b), at least one)
+
+
 def latency(cfg: Config, out: dict) -> pd.DataFrame:
     """The first seed's compacted structured networks against the dense one, timed in one run on CPU in eval
     mode: batch 1 and ``timing_batch``; speed-up, FLOPs reduction and their ratio (1.0 is the limit).
@@ -1011,7 +1014,7 @@ def measure_latency(cfg: Config, out: dict) -> pd.DataFrame:
     with timing.torch_threads(cfg.timing_threads):
         for batch in (1, cfg.timing_batch):
             x = torch.randn(batch, *shape)
-            inner = max(1, int(64 / batch ** 0.5))
+            inner = max(1, int(LATENCY_CALLS / batch ** 0.5))
             t = timing.best_forward_seconds([dense_net, twin, *nets], x, cfg.timing_repeats, inner, warmup=3)
             noise = max(t[0], t[1]) / min(t[0], t[1])
             for r, tc in zip(rows, t[2:]):

@@ -21,6 +21,7 @@ from _timing import arguments, as_fit_trains, compare
 
 from pruning_lib.gates import families
 from pruning_lib.models import build_model
+from pruning_lib.train import adam
 
 KINDS = ("dense", "l0_hc", "dep_l0", "bernoulli", "polarization")
 
@@ -34,7 +35,7 @@ def make(kind: str, model_name: str, layout: str = "fit"):
     torch.manual_seed(0)
     m = as_fit_trains(attach_gates(kind, build_model(model_name)), layout)
     m.train()
-    return m, torch.optim.Adam(m.parameters(), 1e-3)
+    return m, adam(m.parameters(), 1e-3)
 
 
 def main():

@@ -15,6 +15,7 @@ from torch.nn.utils import prune
 
 from pruning_lib.masks import Mask, apply_mask, prunable_names
 from pruning_lib.models import build_model
+from pruning_lib.train import adam
 
 
 def make(kind: str, model_name: str, density: float, layout: str = "fit"):
@@ -31,7 +32,7 @@ def make(kind: str, model_name: str, density: float, layout: str = "fit"):
     # after the mask, as in the chapters (fit converts the network it is given; torch.prune's own mask
     # computation cannot view a channels-last weight)
     m = as_fit_trains(m, layout)
-    return m, torch.optim.Adam(m.parameters(), 1e-3)
+    return m, adam(m.parameters(), 1e-3)
 
 
 def main():

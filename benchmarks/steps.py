@@ -1,8 +1,8 @@
 """Every masked and gated training step of the book against the dense step, side by side in one run.
 
-For each model (LeNet-300-100 and LeNet-5-Caffe by default) one process times, interleaved, one Adam step
-(forward, cross-entropy, backward, update; penalties left out), every network in the memory format fit
-trains it in on CPU (channels-last for a convolutional one), of:
+For each model (LeNet-300-100 and LeNet-5-Caffe by default) one process times, interleaved, one step of
+the book's Adam (pruning_lib.train.adam: forward, cross-entropy, backward, update; penalties left out),
+every network in the memory format fit trains it in on CPU (channels-last for a convolutional one), of:
   dense         - no mask, no gates (the reference);
   dense_nchw    - the same, contiguous (NCHW): what the layout saves (convolutional networks only);
   mask          - pruning_lib.masks.apply_mask at --density (20 %);

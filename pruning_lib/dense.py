@@ -32,7 +32,7 @@ import torch
 from .data import load_dataset
 from .models import build_model, glorot_init, weights
 from .runs import CacheError, Store
-from .train import Callback, EarlyStop, default_device, fit, lr_scheduler
+from .train import Callback, EarlyStop, adam, default_device, fit, lr_scheduler
 
 KIND = "dense"
 FILES = ("model.pt", "history.csv")
@@ -210,7 +210,7 @@ def train(spec: DenseSpec, *, results_dir: str = "results", data_root: str = "da
         eval_every = max(1, steps // spec.evals_per_epoch)
     schedule = {}
     if spec.lr_schedule != "constant":
-        opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
+        opt = adam(model.parameters(), lr=spec.lr)
         schedule = dict(optimizer=opt, scheduler=lr_scheduler(opt, spec.epochs, spec.lr_schedule))
     callbacks = [EarlyStop(spec.patience)] if spec.patience is not None else []
     if spec.snapshots:

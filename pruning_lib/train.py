@@ -328,6 +328,14 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, epochs: float, kind: str = "c
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * min(e / total, 1))))
 
 
+def adam(params, lr: float = 1e-3, **kwargs) -> torch.optim.Adam:
+    """The book's Adam: ``torch.optim.Adam`` with its multi-tensor (``foreach``) update, the default on CUDA.
+    On CPU it computes the same bits as the single-tensor loop torch uses there by default (tested over
+    200 steps of every gate family), in fewer Python calls per step: each parameter of a gated network's
+    gates otherwise adds about 25 operator calls to every step (issue 15)."""
+    return torch.optim.Adam(params, lr=lr, foreach=True, **kwargs)
+
+
 def fit(model: nn.Module, data: DataSplits, *,
         optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
         lr: float = 1e-3, epochs: float | None = None, iterations: int | None = None,
@@ -379,7 +387,7 @@ def fit(model: nn.Module, data: DataSplits, *,
         loss_fn = method.loss_fn if loss_fn is cross_entropy else loss_fn
         penalties = {**method.penalties(), **penalties}
         callbacks = [method, *callbacks]
-    optimizers = _as_list(optimizer) or [torch.optim.Adam(model.parameters(), lr=lr)]
+    optimizers = _as_list(optimizer) or [adam(model.parameters(), lr=lr)]
     schedulers = _as_list(scheduler)
     gen = torch.Generator().manual_seed(seed)
     train_batches, loader_info = None, {"workers": "in memory" if data.in_memory else "default"}

@@ -47,10 +47,11 @@ def test_gradient_zero_at_masked_entries():
         assert torch.any(g[keep] != 0)
 
 
-@pytest.mark.parametrize("opt", ["adam", "adamw", "sgd_momentum"])
+@pytest.mark.parametrize("opt", ["adam", "adam_foreach", "adamw", "sgd_momentum"])
 def test_masked_entries_stay_zero_after_steps_with_stale_optimizer_state(opt):
     m = net()
     make = {"adam": lambda p: torch.optim.Adam(p, 1e-2),
+            "adam_foreach": lambda p: torch.optim.Adam(p, 1e-2, foreach=True),
             "adamw": lambda p: torch.optim.AdamW(p, 1e-2, weight_decay=0.1),
             "sgd_momentum": lambda p: torch.optim.SGD(p, 1e-2, momentum=0.9)}[opt]
     o = make(m.parameters())
@@ -166,6 +167,7 @@ def test_remaining_fraction_closed_form_lenet300_100():
 # --- the cheaper masked step (issue 15): same bits as multiplying after every step --------------------
 
 OPTIMIZERS = {"adam": lambda p: torch.optim.Adam(p, 1e-2),
+              "adam_foreach": lambda p: torch.optim.Adam(p, 1e-2, foreach=True),  # pruning_lib.train.adam
               "adamw": lambda p: torch.optim.AdamW(p, 1e-2, weight_decay=0.1),
               "sgd_momentum": lambda p: torch.optim.SGD(p, 1e-2, momentum=0.9, weight_decay=1e-3)}
 

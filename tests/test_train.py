@@ -143,3 +143,35 @@ def test_a_method_plugs_into_fit_as_its_parts_do():
     # the defaults: fit's Adam on every parameter, no penalty, cross-entropy
     base = Method()
     assert base.optimizers(1e-3) is None and base.penalties() == {}
+
+
+@pytest.mark.parametrize("model,kind", [("lenet300_100", "dense"), ("lenet300_100", "l0_hc"),
+                                        ("lenet300_100", "dep_l0"), ("lenet300_100", "polarization"),
+                                        ("lenet5_caffe", "l0_hc")])
+def test_the_books_adam_computes_torchs_default_bits(model, kind):
+    """pruning_lib.train.adam (foreach) against torch.optim.Adam's CPU default (the single-tensor loop): the
+    same weights to the bit after 30 steps of a gated network, gates and channels-last layout included."""
+    from pruning_lib.gates import families
+    from pruning_lib.models import build_model
+    from pruning_lib.train import adam
+
+    torch.set_num_threads(1)
+    weights = []
+    for make in (lambda p: torch.optim.Adam(p, lr=1e-2), lambda p: adam(p, lr=1e-2)):
+        torch.manual_seed(0)
+        m = build_model(model)
+        if kind != "dense":
+            families.attach(kind, m)
+        if model == "lenet5_caffe":
+            m.to(memory_format=torch.channels_last)
+        opt = make(m.parameters())
+        g = torch.Generator().manual_seed(1)
+        for i in range(30):
+            x, y = torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)
+            torch.manual_seed(100 + i)  # the gates' noise
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+        weights.append([p.detach().clone() for p in m.parameters()])
+    assert adam([torch.zeros(1, requires_grad=True)]).defaults["foreach"] is True
+    assert all(torch.equal(a, b) for a, b in zip(*weights))

@@ -36,7 +36,7 @@ from ..methods.hard_concrete import (PENALTIES, ClampLogAlpha, CostModel, GateMo
                                      gate_probabilities, keep_and_scale, set_fixed, sparsity_penalty)
 from ..models import build_model
 from ..runs import RunConfig, Store, map_units, param, parse_executor, progress_bar
-from ..train import evaluate, fit, last_run
+from ..train import adam, evaluate, fit, last_run
 
 CHAPTER = "03_dep_l0"
 METHODS = ("l0_hc", "dep_l0_forward", "dep_l0_backward")
@@ -191,7 +191,7 @@ def train_unit(model_name: str, dataset: str, method: str, lam: float, seed: int
     optimizers = [w_opt]
     penalties, callbacks, monitor = {}, [], None
     if gates:
-        optimizers.append(torch.optim.Adam(gates, lr=cfg.gate_lr))
+        optimizers.append(adam(gates, lr=cfg.gate_lr))
         penalties["penalty"] = sparsity_penalty(cost, cfg.penalty, lam, n_train)
         monitor = ResumableGateMonitor(cost, every=max(2, steps_per_epoch // 20))  # about 20 points an epoch
         callbacks = [ClampLogAlpha(), monitor]

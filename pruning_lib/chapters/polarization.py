@@ -33,7 +33,7 @@ from ..metrics import count_connections, count_flops
 from ..models import build_model
 from ..runs import RunConfig, Store, map_units, param, progress_bar
 from ..timing import best_forward_seconds, best_of
-from ..train import evaluate, fit
+from ..train import adam, evaluate, fit
 
 CHAPTER = "05_polarization"
 METHODS = ("polarization", "magnitude", "random")
@@ -160,7 +160,7 @@ def training_step_seconds(gated: nn.Module, data, *, penalties: dict, batch_size
     device = next(g.parameters()).device
     x, y = next(iter(batches(data.train, batch_size, shuffle=True, generator=gen, device=device)))
     steps = {"gated": (g, gated_optimizer(g, lr, gate_lr), penalties),
-             "dense": (d, torch.optim.Adam(d.parameters(), lr=lr), {})}
+             "dense": (d, adam(d.parameters(), lr=lr), {})}
     gated_s, dense_s = best_of([lambda: train_step(*steps["gated"], x, y), lambda: train_step(*steps["dense"], x, y)],
                                repeats, warmup=1, alternate=True)  # alternate who goes first
     return {"step_seconds_gated": gated_s, "step_seconds_dense": dense_s}

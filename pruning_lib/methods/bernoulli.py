@@ -51,7 +51,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..gates import GateSlot, compact, families, get_gates, scale_channels, set_gates
-from ..train import EpochTimer, Method
+from ..train import EpochTimer, Method, adam
 from ..timing import best_of
 
 __all__ = [
@@ -674,7 +674,7 @@ class BernoulliPruning(Method):
         fam = _family()
         weights, thetas = fam.weight_parameters(self.model), fam.gate_parameters(self.model)
         self._theta_opt = torch.optim.SGD(thetas, lr=self.theta_lr, momentum=self.theta_momentum)
-        self._opts[:] = [torch.optim.Adam(weights, lr=lr), self._theta_opt]
+        self._opts[:] = [adam(weights, lr=lr), self._theta_opt]
         return self._opts
 
     def theta_lr_at(self, step: int) -> float:

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..gates import compact, get_gates, scale_channels, set_gates
-from ..train import Callback, Method
+from ..train import Callback, Method, adam
 
 __all__ = [
     "BETA", "GAMMA", "ZETA", "LOG_ALPHA_RANGE", "LAYER_SCOPES",
@@ -439,8 +439,8 @@ class HardConcretePruning(Method):
     def optimizers(self, lr: float) -> list[torch.optim.Optimizer]:
         gates = gate_parameters(self.model)
         ids = {id(p) for p in gates}
-        return [torch.optim.Adam([p for p in self.model.parameters() if id(p) not in ids], lr=lr),
-                torch.optim.Adam(gates, lr=self.gate_lr)]
+        return [adam([p for p in self.model.parameters() if id(p) not in ids], lr=lr),
+                adam(gates, lr=self.gate_lr)]
 
     def penalties(self) -> dict[str, Callable[[nn.Module], torch.Tensor]]:
         return {self.name: self.penalty}

@@ -52,7 +52,7 @@ from torch import nn
 from .. import data as data_mod
 from ..data import DataSplits, TensorSplit
 from ..masks import prunable_names
-from ..train import Callback, cross_entropy, fit
+from ..train import Callback, adam, cross_entropy, fit
 from . import criteria
 
 
@@ -407,7 +407,7 @@ def train_label_free(student: nn.Module, teacher: TeacherOutputs, data: DataSpli
     loss = LabelFreeLoss(teacher, projection=projection, gap_weight=gap_weight, kd_weight=kd_weight,
                          temperature=temperature, gap_scale=gap_scale)
     params = list(student.parameters()) + (list(projection.parameters()) if projection is not None else [])
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = adam(params, lr=lr)
     return fit(student, unlabeled, optimizer=optimizer, loss_fn=loss, **fit_kwargs)
 
 

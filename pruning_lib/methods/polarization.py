@@ -40,7 +40,7 @@ from torch import nn
 
 from ..gates import GateSlot, compact, remove_blocks, scale_channels, set_block_gates, set_gates
 from ..metrics import layer_flops
-from ..train import Callback, cross_entropy, fit, lr_scheduler
+from ..train import Callback, adam, cross_entropy, fit, lr_scheduler
 
 __all__ = [
     "GatingModule", "straight_through", "add_gating", "gating_modules", "set_mode", "density_loss",
@@ -390,7 +390,7 @@ def gated_optimizer(model: nn.Module, lr: float, gate_lr: float | None = None) -
     ``lr``)."""
     gms = gating_modules(model)
     gate_params = {id(p) for gm in gms.values() for p in gm.parameters()}
-    return torch.optim.Adam([
+    return adam([
         {"params": [p for p in model.parameters() if id(p) not in gate_params], "lr": lr},
         {"params": [p for gm in gms.values() for p in gm.parameters()], "lr": gate_lr or lr}])
 

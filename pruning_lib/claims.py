@@ -132,13 +132,30 @@ def welch_interval(a, b, level: float = LEVEL) -> Interval:
     return Interval(d, d - half, d + half, n, "welch")
 
 
+def average_ranks(a: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``a`` (no NaN) with ties at their mean rank: ``scipy.stats.rankdata(a)`` (method
+    "average"), value for value. Every rank is a whole number or a half, exact in float64, so any correct computation
+    gives the same bits; this one is about 3 times faster on the hundred-odd points of a bootstrap draw,
+    where the ranking was most of :func:`bootstrap_correlation`'s time."""
+    a = np.asarray(a)
+    order = np.argsort(a, kind="stable")
+    s = a[order]
+    new_value = np.empty(len(a), dtype=bool)
+    new_value[:1] = True
+    np.not_equal(s[1:], s[:-1], out=new_value[1:])
+    tie_group = np.cumsum(new_value) - 1  # which run of equal values each sorted entry is in
+    starts = np.append(np.flatnonzero(new_value), len(a))
+    mean_rank = 0.5 * (starts[:-1] + starts[1:] + 1)  # the mean of the 1-based positions start+1 .. end
+    ranks = np.empty(len(a), dtype=float)
+    ranks[order] = mean_rank[tie_group]
+    return ranks
+
+
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     """Spearman's ρ: Pearson's correlation of the ranks (ties get their mean rank)."""
     if len(x) < 3 or np.all(x == x[0]) or np.all(y == y[0]):
         return math.nan
-    from scipy.stats import rankdata  # only where correlations are computed (see t_quantile)
-
-    return float(np.corrcoef(rankdata(x), rankdata(y))[0, 1])
+    return float(np.corrcoef(average_ranks(x), average_ranks(y))[0, 1])
 
 
 def bootstrap_correlation(points: pd.DataFrame, x: str = "x", y: str = "y", run: str = "run",

@@ -189,10 +189,7 @@ class Config(RunConfig):
         keeps its share of the budget). Its ``model`` and ``dataset`` name its units; applying it twice
         changes nothing."""
         if experiment is None:
-            if len(self.experiments) != 1:
-                raise ValueError(f"this config holds {len(self.experiments)} experiments "
-                                 f"{list(self.experiments)}: name one")
-            experiment = self.experiments[0]
+            experiment = self._only()
         if experiment not in self.experiments:
             raise ValueError(f"{experiment!r} is not one of this config's experiments {list(self.experiments)}")
         limits = EXPERIMENT_LIMITS.get(experiment, {})
@@ -206,21 +203,22 @@ class Config(RunConfig):
                 changes[name] = int(limits[name])
         return self.replace(**changes)
 
-    def _one(self) -> list[str]:
+    def _only(self) -> str:
+        """The config's one experiment; a ValueError naming them when it holds several."""
         if len(self.experiments) != 1:
             raise ValueError(f"this config holds {len(self.experiments)} experiments {list(self.experiments)}: "
-                             "take one with cfg.experiment(name)")
-        return self.experiments[0].split("/")
+                             "name one, or take one with cfg.experiment(name)")
+        return self.experiments[0]
 
     @property
     def model(self) -> str:
         """The network of this config's one experiment (see :meth:`experiment`)."""
-        return self._one()[0]
+        return self._only().split("/")[0]
 
     @property
     def dataset(self) -> str:
         """The dataset of this config's one experiment."""
-        return self._one()[1]
+        return self._only().split("/")[1]
 
     @property
     def setup(self) -> str:

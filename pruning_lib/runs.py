@@ -21,6 +21,7 @@ the calling process writes it to the Store. ``$PRUNING_EXECUTOR`` chooses the ex
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -1293,6 +1294,26 @@ def _pool_worker_init() -> None:
     signal.signal(signal.SIGINT, on_interrupt)
 
 
+@contextlib.contextmanager
+def _spawned_children_ignore_sigint():
+    """While a pool may spawn its processes: SIGINT ignored in this process, so the children start with it
+    ignored (an ignored signal stays ignored across exec, and Python then installs no KeyboardInterrupt
+    handler) until :func:`_pool_worker_init` installs theirs. Without it a kernel's shutdown that reaches a
+    process still importing torch printed a KeyboardInterrupt traceback. The window is the submit call
+    (milliseconds); outside the main thread, where signals cannot be set, nothing changes."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # not settable here, or a handler installed outside Python that could not be put back
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class _Pool:
     """A local process pool (spawned: safe from a notebook kernel), one unit per process at a time. The
     pool is kept for the next call in this process (a chapter's sweep in phases starts its processes
@@ -1321,8 +1342,11 @@ class _Pool:
         except Exception:  # a lambda or closure: send it with cloudpickle (installed with Dask)
             import cloudpickle
 
-            return self.pool.submit(_call_bytes, cloudpickle.dumps((fn, spec, inputs)))
-        return self.pool.submit(_run_on_worker, fn, spec, inputs)
+            payload = (_call_bytes, cloudpickle.dumps((fn, spec, inputs)))
+        else:
+            payload = (_run_on_worker, fn, spec, inputs)
+        with _spawned_children_ignore_sigint():  # submit spawns the pool's processes as it needs them
+            return self.pool.submit(*payload)
 
     def wait(self, futures):
         from concurrent.futures import FIRST_COMPLETED, wait

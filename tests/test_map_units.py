@@ -297,3 +297,29 @@ def test_an_idle_pool_process_leaves_quietly_when_interrupted(tmp_path):
     assert [p.exitcode for p in procs] == [0] * len(procs)
     assert map_units(where, [1, 2], results_dir=tmp_path, executor="process:2", progress=False) == [True, True]
     runs.close_executors()
+
+
+def test_a_pool_process_still_starting_is_not_stopped_by_an_interrupt(tmp_path):
+    # the interrupt reaches the pool's processes while they still import torch (before their SIGINT
+    # handler exists): they started with SIGINT ignored, so none prints a KeyboardInterrupt traceback or
+    # dies; they run their units and then, idle, leave quietly at the next interrupt
+    import signal
+    import time
+
+    runs.close_executors()
+    pool = runs._Pool(runs.Executor("process", 2), 2)
+    futures = [pool.submit(where, x, [], f"k{x}", {}) for x in (1, 2)]
+    procs = list(pool.pool._processes.values())
+    assert len(procs) == 2 and signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    for p in procs:
+        os.kill(p.pid, signal.SIGINT)
+    outs = [f.result(timeout=120) for f in futures]
+    assert [o["error"] for o in outs] == [None, None] and [o["result"] for o in outs] == [True, True]
+    assert all(p.exitcode is None for p in procs)  # alive, idle
+    for p in procs:
+        os.kill(p.pid, signal.SIGINT)
+    deadline = time.time() + 30
+    while any(p.exitcode is None for p in procs) and time.time() < deadline:
+        time.sleep(0.1)
+    assert [p.exitcode for p in procs] == [0, 0]
+    runs.close_executors()

@@ -46,6 +46,23 @@ def where(x, results_dir):
     return runs.in_worker()
 
 
+def pid(x, results_dir):
+    return os.getpid()
+
+
+def _until_every_pool_process_ran_a_unit(tmp_path, n: int = 2) -> None:
+    """Run small units on the kept ``process:n`` pool until each of its n processes has run one, so that
+    every one has started (its interrupt handler installed) and is idle: a pool spawns a process at a
+    time, and a fast first process can run all of a call's units while the second still imports torch."""
+    import time
+
+    seen, deadline = set(), time.time() + 120
+    while len(seen) < n and time.time() < deadline:
+        seen |= set(map_units(pid, list(range(4 * n)), results_dir=tmp_path, executor=f"process:{n}",
+                              progress=False))
+    assert len(seen) == n
+
+
 def files(root: Path) -> dict[str, bytes]:
     """Every unit file under ``root`` (manifest included), by path relative to it."""
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
@@ -287,6 +304,7 @@ def test_an_idle_pool_process_leaves_quietly_when_interrupted(tmp_path):
     import time
 
     assert map_units(where, [1, 2], results_dir=tmp_path, executor="process:2", progress=False) == [True, True]
+    _until_every_pool_process_ran_a_unit(tmp_path)
     procs = list(runs._POOLS[2]._processes.values())
     assert procs
     for p in procs:
@@ -315,7 +333,10 @@ def test_a_pool_process_still_starting_is_not_stopped_by_an_interrupt(tmp_path):
         os.kill(p.pid, signal.SIGINT)
     outs = [f.result(timeout=120) for f in futures]
     assert [o["error"] for o in outs] == [None, None] and [o["result"] for o in outs] == [True, True]
-    assert all(p.exitcode is None for p in procs)  # alive, idle
+    assert all(p.exitcode is None for p in procs)  # alive
+    assert runs._POOLS[2] is pool.pool  # the pool map_units keeps: the helper runs on these two processes
+    _until_every_pool_process_ran_a_unit(tmp_path)
+    assert list(runs._POOLS[2]._processes.values()) == procs
     for p in procs:
         os.kill(p.pid, signal.SIGINT)
     deadline = time.time() + 30

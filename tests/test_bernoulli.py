@@ -418,5 +418,32 @@ def test_the_pages_prose_comes_from_the_run(tmp_path):
     assert text.startswith("This page was produced by the **smoke** profile on **mnist5k**.")
     assert text.count("\n- lenet300_100 from ") == len(closing)
     assert text.count("\n- speed, lenet300_100 from ") == len(speed)
+    floor = speed["floor: dense final-width / initial step"]
+    assert (floor > 0).all() and (speed["dense final-width step ms"] > 0).all()
+    assert text.count("a network of the final widths without gates takes") == len(speed)
     assert all(f"*{c}*: **{v}**" in text for c, v in zip(table["claim"], table["verdict"]))
     assert text.endswith(bc.CAVEATS)
+
+
+def test_the_floor_step_trains_a_gateless_network_as_the_dense_reference_does():
+    """DenseStep (the floor timed beside the gated steps) takes fit's dense step: Adam on cross-entropy plus
+    the weight prior per training example, to the bit."""
+    import copy
+
+    from pruning_lib.chapters import bernoulli_gates as bc
+    from pruning_lib.train import adam
+
+    torch.manual_seed(0)
+    model = build_model("lenet300_100", width=0.2)
+    ref = copy.deepcopy(model)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    step = bc.DenseStep(model, 1e-3, weight_precision=2.0, n_train=50)
+    opt = adam(ref.parameters(), 1e-3)
+    for _ in range(3):
+        loss = step.step(x, y)
+        opt.zero_grad(set_to_none=True)
+        expect = F.cross_entropy(ref(x), y) + 0.5 * 2.0 * sum((p ** 2).sum() for p in ref.parameters()) / 50
+        expect.backward()
+        opt.step()
+        assert loss == float(expect.detach())
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))

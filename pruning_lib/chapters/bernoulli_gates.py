@@ -16,14 +16,16 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from .. import claims, metrics, reference
 from ..data import load_dataset_once, num_batches
+from ..gates import families
 from ..methods import bernoulli as bern
 from ..models import build_model
 from ..runs import RunConfig, Store, map_units, param, progress_bar
 from ..timing import torch_threads
-from ..train import EpochTimer, fit
+from ..train import EpochTimer, adam, fit
 
 CHAPTER = "04_bernoulli_gates"
 CONV_MODELS = ("lenet5_caffe", "vgg16_bn")
@@ -136,6 +138,9 @@ def _dense_spec(cfg: Config, model: str) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 FLIP_FILES = ("tradeoff.csv",)
+# The steps a gated unit times side by side after training (in its spec: a unit timed before the dense step
+# at the final widths was added is not reused).
+TIMED_STEPS = ("initial", "final", "dense_final")
 GATED_FILES = ("summary.json", "history.csv", "epochs.csv", "trajectory.pt")
 DENSE_FILES = ("summary.json", "epochs.csv")
 
@@ -150,7 +155,8 @@ def flip_store(cfg: Config, model_name: str, results_dir: str | None = None) -> 
 def gated_store(cfg: Config, model_name: str, width: float, seed: int, flip: int,
                 results_dir: str | None = None) -> Store:
     """Where :func:`train_bernoulli_run` caches one gated run (``flip``: flipped examples per step)."""
-    spec = {**_method_spec(cfg, model_name), "width": width, "seed": seed, "flip_examples": flip}
+    spec = {**_method_spec(cfg, model_name), "width": width, "seed": seed, "flip_examples": flip,
+            "timed_steps": list(TIMED_STEPS)}
     return Store(cfg.results_dir if results_dir is None else results_dir, "bernoulli", spec)
 
 
@@ -268,8 +274,11 @@ def train_bernoulli_run(cfg: Config, model_name: str, width: float, seed: int, d
     # Never more timed steps than the run trained (a one-step test run stays one step).
     block = max(1, min(cfg.check_every, total_steps))
     rounds = max(1, min(cfg.step_repeats, total_steps // block))
-    ms = bern.compare_steps({"initial": bp0, "final": bp}, batches, rounds=rounds, block=block)
-    summary.update(step_initial_ms=ms["initial"], step_final_ms=ms["final"])
+    dense_final = DenseStep(families.get("bernoulli").compact(model), cfg.lr, cfg.weight_precision,
+                            len(data.train))
+    ms = bern.compare_steps({"initial": bp0, "final": bp, "dense_final": dense_final}, batches, rounds=rounds,
+                            block=block)
+    summary.update(step_initial_ms=ms["initial"], step_final_ms=ms["final"], step_dense_final_ms=ms["dense_final"])
     epochs = pd.DataFrame({"epoch": np.arange(1, len(bp.timer.epoch_seconds) + 1),
                            "seconds": bp.timer.epoch_seconds})
     trajectory = {"steps": [s for s, _ in bp.trajectory],
@@ -279,6 +288,24 @@ def train_bernoulli_run(cfg: Config, model_name: str, width: float, seed: int, d
     store.save_frame("history", history)
     store.json("summary", lambda: summary)
     return {"summary": summary, "history": history, "epochs": epochs, "trajectory": trajectory}
+
+
+class DenseStep:
+    """A training step of a network without gates, as :func:`train_dense_reference` trains: Adam and the
+    weight prior per training example. Timed beside the gated steps, a dense network of the final widths
+    gives the floor of the final gated step: what a step of that size costs with no gate, estimator or
+    θ update at all."""
+
+    def __init__(self, model, lr: float, weight_precision: float, n_train: int):
+        self.model, self.optimizer = model.train(), adam(model.parameters(), lr)
+        self.weight_precision, self.n = weight_precision, n_train
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(x), y) + bern.weight_prior(self.model, self.weight_precision) / self.n
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
 
 
 def train_dense_reference(cfg: Config, model_name: str, width: float, seed: int, data,
@@ -441,7 +468,9 @@ def run_experiment(cfg: Config, progress: bool = True) -> dict[str, pd.DataFrame
                          "epoch_ratio": float(ep[-1] / ep[0]),
                          "kept_flops": sm["final_flops"] / sm["initial_flops"],
                          "step_initial_ms": sm["step_initial_ms"], "step_final_ms": sm["step_final_ms"],
-                         "step_ratio": sm["step_final_ms"] / sm["step_initial_ms"]})
+                         "step_ratio": sm["step_final_ms"] / sm["step_initial_ms"],
+                         "step_dense_final_ms": sm["step_dense_final_ms"],
+                         "floor_ratio": sm["step_dense_final_ms"] / sm["step_initial_ms"]})
             for layer, n0 in sm["initial"].items():
                 widths.append({**key, "layer": layer, "initial": n0, "final": sm["final"][layer]})
             hist.append(r["history"].assign(**key))
@@ -850,8 +879,10 @@ def closing_numbers(cfg: Config, results: dict) -> pd.DataFrame:
 def speed_table(cfg: Config, results: dict) -> pd.DataFrame:
     """Per model and initial width (mean over seeds): the last gated epoch against the first (estimator
     included, same run) beside the kept-FLOPs fraction and issue 15's goal (last/first ≤ kept FLOPs +
-    0.1); the compacted network's step against the initial network's (best of interleaved repeats);
-    the dense network's epoch as a note."""
+    0.1); the compacted network's step against the initial network's (best of interleaved repeats), and
+    beside it the floor: the step of a network of the final widths without gates, timed in the same repeats
+    (no gate, estimator or θ update can make the final step cheaper than that); the dense network's epoch
+    as a note."""
     runs, t = results["runs"], results["epoch_times"]
     rows = []
     for (model, width), g in runs.groupby(["model", "width"], sort=False):
@@ -865,6 +896,8 @@ def speed_table(cfg: Config, results: dict) -> pd.DataFrame:
                      "seeds meeting the goal": f"{int((g['epoch_ratio'] <= goal).sum())} of {len(g)}",
                      "initial step ms": g["step_initial_ms"].mean(), "final step ms": g["step_final_ms"].mean(),
                      "final / initial step": g["step_ratio"].mean(),
+                     "dense final-width step ms": g["step_dense_final_ms"].mean(),
+                     "floor: dense final-width / initial step": g["floor_ratio"].mean(),
                      "dense epoch s (note)": float(dense.median()) if len(dense) else float("nan")})
     return pd.DataFrame(rows)
 
@@ -965,7 +998,9 @@ def discussion(cfg: Config, closing: pd.DataFrame, table: pd.DataFrame, speed: p
         lines.append(f"- speed, {r['model']} from {r['initial']}: last epoch {r['last / first']:.2f} × the first "
                      f"(kept FLOPs {r['kept FLOPs']:.2f}, goal ≤ {r['goal: kept FLOPs + 0.1']:.2f}: "
                      f"{r['seeds meeting the goal']} seeds meet it); final step {r['final / initial step']:.2f} × "
-                     f"the initial step; {r['flipped examples']} flipped examples a step.")
+                     f"the initial step, where a network of the final widths without gates takes "
+                     f"{r['floor: dense final-width / initial step']:.2f} × (the floor: what no gate, estimator "
+                     f"or θ update costs); {r['flipped examples']} flipped examples a step.")
     lines.append("")
     lines.append(CAVEATS)
     return "\n".join(lines)

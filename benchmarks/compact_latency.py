@@ -17,12 +17,14 @@ Settings (``--settings``):
   resnet20      ResNet-20, width 0.25, 1x28x28 (chapter 5, ``cpu`` profile: 4 / 8 / 16 channels)
   resnet20_w1   ResNet-20, width 1, 3x32x32 (CIFAR-10 width, for comparison: 16 / 32 / 64 channels)
 
-Options for finding where time goes: ``--threads``, ``--channels-last`` (NHWC memory layout for the conv nets),
-``--multiple N`` (kept counts rounded up to multiples of N: do channel counts that fill the kernels' blocks
-time closer to their FLOPs?).
+Every network is timed in its faster memory format (``--layout best``, the default, as the chapters time them:
+contiguous NCHW and channels-last NHWC both timed, ``pruning_lib.timing.best_layout_forward_seconds``; the
+formats chosen are printed) or in one format for all (``--layout contiguous`` / ``--layout channels_last``).
+Options for finding where time goes: ``--threads``, ``--layout``, ``--multiple N`` (kept counts rounded up to
+multiples of N: do channel counts that fill the kernels' blocks time closer to their FLOPs?).
 Usage:
   python benchmarks/compact_latency.py [--settings lenet5,resnet20,resnet20_w1] [--keep 0.5,0.25]
-                                       [--batches 1,256] [--threads 2] [--repeats 5]
+                                       [--batches 1,256] [--threads 2] [--repeats 5] [--layout best]
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from torch import nn
 from pruning_lib.gates import compact
 from pruning_lib.metrics import layer_flops
 from pruning_lib.models import build_model
-from pruning_lib.timing import best_forward_seconds
+from pruning_lib.timing import LAYOUTS, best_forward_seconds, best_layout_forward_seconds
 
 SETTINGS = {
     "lenet5": dict(model="lenet5_caffe", width=1.0, shape=(1, 28, 28)),
@@ -73,17 +75,18 @@ def main():
     ap.add_argument("--batches", default="1,256")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--layout", choices=("best", *LAYOUTS), default="best",
+                    help="memory format of every network: each its faster one (best), or one for all")
     ap.add_argument("--multiple", type=int, default=1,
                     help="round each kept count up to a multiple of this (8, 16: the CPU kernels' channel blocks)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     keeps = [float(k) for k in args.keep.split(",")]
-    print(f"CPU, {args.threads} threads, eval mode, no_grad, best of {args.repeats} interleaved rounds"
-          + (", channels_last" if args.channels_last else "")
+    print(f"CPU, {args.threads} threads, eval mode, no_grad, best of {args.repeats} interleaved rounds, "
+          + ("each network in its faster memory format" if args.layout == "best" else f"all {args.layout}")
           + (f", kept counts rounded up to multiples of {args.multiple}" if args.multiple > 1 else ""))
     print(f"{'setting':12s} {'keep':>5s} {'channels kept':>16s} {'batch':>5s} {'dense ms':>9s} {'compact ms':>10s} "
-          f"{'speed-up':>8s} {'FLOPs red.':>10s} {'efficiency':>10s}")
+          f"{'speed-up':>8s} {'FLOPs red.':>10s} {'efficiency':>10s}  layouts (dense / compact)")
     for name in args.settings.split(","):
         s = SETTINGS[name]
         torch.manual_seed(0)
@@ -95,15 +98,18 @@ def main():
         for batch in (int(b) for b in args.batches.split(",")):
             x = torch.randn(batch, *s["shape"])
             models = [dense, *nets]
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-                models = [m.to(memory_format=torch.channels_last) for m in models]
             inner = max(1, int(64 / batch ** 0.5))  # batch 1: 64 forwards per round, batch 256: 4
-            t = best_forward_seconds(models, x, args.repeats, inner, warmup=3)
-            for k, net, red, tc in zip(keeps, nets, reductions, t[1:]):
+            if args.layout == "best":
+                t, fmt = best_layout_forward_seconds(models, x, args.repeats, inner, warmup=3)
+            else:
+                f = LAYOUTS[args.layout]
+                x = x.contiguous(memory_format=f)
+                t = best_forward_seconds([m.to(memory_format=f) for m in models], x, args.repeats, inner, warmup=3)
+                fmt = [args.layout] * len(models)
+            for k, net, red, tc, fc in zip(keeps, nets, reductions, t[1:], fmt[1:]):
                 speed = t[0] / tc
                 print(f"{name:12s} {k:5.2f} {channels(net):>16s} {batch:5d} {1e3 * t[0]:9.3f} {1e3 * tc:10.3f} "
-                      f"{speed:8.2f} {red:10.2f} {speed / red:10.2f}")
+                      f"{speed:8.2f} {red:10.2f} {speed / red:10.2f}  {fmt[0]} / {fc}")
 
 
 if __name__ == "__main__":

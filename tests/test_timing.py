@@ -51,3 +51,41 @@ def test_torch_threads_sets_the_count_for_the_block_and_restores_it():
     with pytest.raises(RuntimeError), torch_threads(before + 2):
         raise RuntimeError("a unit that fails")
     assert torch.get_num_threads() == before
+
+
+def test_each_network_is_timed_in_every_memory_format_it_can_run_in_and_keeps_its_faster_one(monkeypatch):
+    from torch import nn
+
+    from pruning_lib import timing
+
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 2))
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(128, 2))
+    before = [p.detach().clone() for p in conv.parameters()]
+    seen = []  # (model, memory format of the input) of every timed call
+
+    def fake_best_of(fns, repeats, inner=1, warmup=1, **kw):
+        for fn in fns:
+            fn()
+        # "faster": the first conv copy in channels-last, the second contiguous
+        return [2.0, 1.0, 3.0, 1.0, 2.0][:len(fns)]
+
+    real_forward = nn.Sequential.forward
+
+    def spy(self, x):
+        seen.append((self, x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()))
+        return real_forward(self, x)
+
+    monkeypatch.setattr(timing, "best_of", fake_best_of)
+    monkeypatch.setattr(nn.Sequential, "forward", spy)
+    x = torch.randn(2, 2, 8, 8)
+    # conv: contiguous (variant 0), channels-last (1); mlp on a 4-d input: it has no 2-d convolution, so
+    # contiguous only (2); then a second conv copy: contiguous (3), channels-last (4)
+    times, layouts = timing.best_layout_forward_seconds([conv, mlp, conv], x, repeats=1)
+    assert len(seen) == 5 and [nhwc for _, nhwc in seen] == [False, True, False, False, True]
+    assert all(m is not conv and m is not mlp for m, _ in seen)  # copies are timed, not the models
+    assert layouts == ["channels_last", "contiguous", "contiguous"] and times == [1.0, 3.0, 1.0]
+    assert all(torch.equal(p, q) and p.is_contiguous() for p, q in zip(conv.parameters(), before))
+    # a 2-d input is never channels-last
+    assert timing._layouts_for(conv, torch.randn(2, 64)) == ["contiguous"]
+    assert timing._layouts_for(conv, x) == ["contiguous", "channels_last"]

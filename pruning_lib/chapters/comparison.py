@@ -986,7 +986,7 @@ def latency(cfg: Config, out: dict) -> pd.DataFrame:
     arch = [[m, lv, {k: v.int().tolist() for k, v in p["keep"].items()}]
             for (m, lv), p in out["units"].items() if m in STRUCTURED]
     spec = {**_base_spec(cfg, cfg.seeds[0]), "architectures": arch, "timing_batch": cfg.timing_batch,
-            "timing_repeats": cfg.timing_repeats, "threads": cfg.timing_threads}
+            "timing_repeats": cfg.timing_repeats, "threads": cfg.timing_threads, "layouts": list(timing.LAYOUTS)}
     return Store(cfg.results_dir, "comparison/latency", spec).frame("latency", lambda: measure_latency(cfg, out))
 
 
@@ -1005,7 +1005,7 @@ def measure_latency(cfg: Config, out: dict) -> pd.DataFrame:
             l1_filter.flops(small, shape), 1)})
     if not nets:
         return pd.DataFrame(columns=["method", "level", "batch", "dense_ms", "compact_ms", "speedup",
-                                     "flops_reduction", "ratio"])
+                                     "flops_reduction", "ratio", "dense_twice", "dense_layout", "compact_layout"])
     dense_net = _build(cfg, data, seed).eval()
     twin = _build(cfg, data, seed).eval()  # the dense network timed twice: their ratio is the noise
     table = []
@@ -1013,12 +1013,14 @@ def measure_latency(cfg: Config, out: dict) -> pd.DataFrame:
         for batch in (1, cfg.timing_batch):
             x = torch.randn(batch, *shape)
             inner = max(1, int(LATENCY_CALLS / batch ** 0.5))
-            t = timing.best_forward_seconds([dense_net, twin, *nets], x, cfg.timing_repeats, inner, warmup=3)
+            # each network in its faster memory format (timing.best_layout_forward_seconds)
+            t, fmt = timing.best_layout_forward_seconds([dense_net, twin, *nets], x, cfg.timing_repeats, inner,
+                                                        warmup=3)
             noise = max(t[0], t[1]) / min(t[0], t[1])
-            for r, tc in zip(rows, t[2:]):
+            for r, tc, f in zip(rows, t[2:], fmt[2:]):
                 table.append({**r, "batch": batch, "dense_ms": 1e3 * t[0], "compact_ms": 1e3 * tc,
                               "speedup": t[0] / tc, "ratio": t[0] / tc / r["flops_reduction"],
-                              "dense_twice": noise})
+                              "dense_twice": noise, "dense_layout": fmt[0], "compact_layout": f})
     return pd.DataFrame(table)
 
 

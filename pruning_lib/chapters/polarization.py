@@ -32,7 +32,7 @@ from ..methods.polarization import (apply_static, compact_static, gate_statistic
 from ..metrics import count_connections, count_flops
 from ..models import build_model
 from ..runs import RunConfig, Store, map_units, param, progress_bar
-from ..timing import best_forward_seconds, best_of
+from ..timing import best_layout_forward_seconds, best_of
 from ..train import adam, evaluate, fit
 
 CHAPTER = "05_polarization"
@@ -134,6 +134,17 @@ def _train_spec(cfg: Config, model: str, dataset: str, seed: int) -> dict:
             "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "lr_schedule": cfg.lr_schedule}
 
 
+# How a gated unit times its networks at inference (in its Store's spec, not in the baselines' that embed
+# _gate_spec: a unit timed before each network got its faster memory format is not reused).
+INFERENCE_TIMING = "each network in its faster memory format"
+
+
+def _gated_store(cfg: Config, root: str, model: str, dataset: str, seed: int, target: float,
+                 polarizer_weight: float) -> Store:
+    spec = {**_gate_spec(cfg, model, dataset, seed, target, polarizer_weight), "inference_timing": INFERENCE_TIMING}
+    return Store(root, "polarization/gated", spec)
+
+
 def _gate_spec(cfg: Config, model: str, dataset: str, seed: int, target: float, polarizer_weight: float) -> dict:
     return {**_train_spec(cfg, model, dataset, seed), "target": target, "polarizer_weight": polarizer_weight,
             "density_weight": cfg.density_weight, "polarizer_form": cfg.polarizer_form,
@@ -216,8 +227,7 @@ def _dense_unit(cfg: Config, model: str, dataset: str, seed: int) -> dict:
 
 
 def _gate_unit(cfg: Config, model: str, dataset: str, seed: int, target: float, pw: float) -> dict:
-    spec = _gate_spec(cfg, model, dataset, seed, target, pw)
-    store = Store(cfg_root(cfg), "polarization/gated", spec)
+    store = _gated_store(cfg, cfg_root(cfg), model, dataset, seed, target, pw)
 
     def compute():
         data = load_dataset_once(dataset, root=cfg.data_root)
@@ -248,8 +258,11 @@ def _gate_unit(cfg: Config, model: str, dataset: str, seed: int, target: float, 
             diff = float((small(x) - net.eval()(x)).abs().max())
         compact_acc = evaluate(small, data.test)["accuracy"]
         dense = strip_gates(net)
-        t_dense, t_small = best_forward_seconds([dense, small], x, cfg.timing_repeats)
-        t_dense1, t_small1 = best_forward_seconds([dense, small], x[:1], cfg.timing_repeats, inner=10)
+        # each network in its faster memory format (training left the dense one channels-last, compaction
+        # made the small one's new tensors contiguous): see timing.best_layout_forward_seconds
+        (t_dense, t_small), layouts = best_layout_forward_seconds([dense, small], x, cfg.timing_repeats)
+        (t_dense1, t_small1), layouts1 = best_layout_forward_seconds([dense, small], x[:1], cfg.timing_repeats,
+                                                                     inner=10)
         gates = test_stats.rename(columns={"mean": "mean_test", "agreement": "agreement_test"})
         gates["mean_train"] = train_stats["mean"].to_numpy()
         store.save_frame("gates", gates)
@@ -270,6 +283,8 @@ def _gate_unit(cfg: Config, model: str, dataset: str, seed: int, target: float, 
             "consensus_test": float(test_stats["agreement"].mean()),
             "inference_seconds_dense": t_dense, "inference_seconds_compact": t_small,
             "inference_seconds_dense_b1": t_dense1, "inference_seconds_compact_b1": t_small1,
+            "inference_layout_dense": layouts[0], "inference_layout_compact": layouts[1],
+            "inference_layout_dense_b1": layouts1[0], "inference_layout_compact_b1": layouts1[1],
             **steps, "train_time_ratio": steps["step_seconds_gated"] / steps["step_seconds_dense"],
         }
 
@@ -296,7 +311,7 @@ def _baseline_unit(cfg: Config, method: str, model: str, dataset: str, seed: int
 
     def compute():
         data = load_dataset_once(dataset, root=cfg.data_root)
-        keep_gates = Store(cfg_root(cfg), "polarization/gated", gate_spec).torch("keep")
+        keep_gates = _gated_store(cfg, cfg_root(cfg), model, dataset, seed, target, cfg.polarizer_weight).torch("keep")
         net = _build(cfg, model, data, seed)
         net.load_state_dict(_dense_store(cfg, model, dataset, seed).torch("model"))
         gen = torch.Generator().manual_seed(10_000 + seed)
@@ -368,7 +383,7 @@ def _store(task, root: str) -> Store:
     if kind == "dense":
         return _dense_store(cfg, *rest, root=root)
     if kind == "gated":
-        return Store(root, "polarization/gated", _gate_spec(cfg, *rest))
+        return _gated_store(cfg, root, *rest)
     method, model, dataset, seed, target = rest
     gate_spec = _gate_spec(cfg, model, dataset, seed, target, cfg.polarizer_weight)
     return Store(root, "polarization/baseline",
@@ -492,7 +507,7 @@ def run_experiment(cfg: Config, results_dir: str | None = None, progress: bool =
         method = "polarization" if pw > 0 else "no polarizer"
         rows.append({"model": m, "dataset": d, "seed": s, "target": t, "method": method,
                      "polarizer_weight": pw, "dense_accuracy": dn["test_accuracy"], **r})
-        st = Store(results_dir, "polarization/gated", _gate_spec(cfg, m, d, s, t, pw))
+        st = _gated_store(cfg, results_dir, m, d, s, t, pw)
         g = st.frame("gates")
         gate_frames.append(g.assign(model=m, dataset=d, seed=s, target=t, method=method))
         histories.append(st.frame("history").assign(model=m, dataset=d, seed=s, target=t, method=method))
@@ -679,11 +694,13 @@ def plot_compute(runs: pd.DataFrame):
 def latency_table(runs: pd.DataFrame, batch: int = 256) -> pd.DataFrame:
     """Compacted networks against the dense one at inference, per model and target (means over seeds):
     FLOPs reduction (dense / compact FLOPs), measured speed-up (dense / compact time, best of k, the two
-    timed alternately; CPU, eval, ``no_grad``) at batch 1 and ``batch``, and the efficiency speed-up /
-    FLOPs reduction (1.0 is the limit: time proportional to FLOPs)."""
+    timed alternately; CPU, eval, ``no_grad``; each network in its faster memory format) at batch 1 and
+    ``batch``, the efficiency speed-up / FLOPs reduction (1.0 is the limit: time proportional to FLOPs), and
+    the formats the times come from (``dense / compact``; NCHW contiguous, NHWC channels-last; with the
+    number of seeds where the seeds differ)."""
     pol_runs = runs[runs["method"] == "polarization"].copy()
     pol_runs["flops_reduction"] = pol_runs["dense_flops"] / pol_runs["flops"]
-    cols = ["flops_reduction"]
+    cols, layouts = ["flops_reduction"], []
     for b, suffix in ((1, "_b1"), (batch, "")):
         dense_col, compact_col = f"inference_seconds_dense{suffix}", f"inference_seconds_compact{suffix}"
         if dense_col not in pol_runs:
@@ -691,9 +708,26 @@ def latency_table(runs: pd.DataFrame, batch: int = 256) -> pd.DataFrame:
         pol_runs[f"speedup_batch{b}"] = pol_runs[dense_col] / pol_runs[compact_col]
         pol_runs[f"efficiency_batch{b}"] = pol_runs[f"speedup_batch{b}"] / pol_runs["flops_reduction"]
         cols += [f"speedup_batch{b}", f"efficiency_batch{b}"]
-    t = pol_runs.groupby(["model", "target"], sort=False)[cols].mean().reset_index()
+        if f"inference_layout_dense{suffix}" in pol_runs:
+            pol_runs[f"layouts_batch{b}"] = (pol_runs[f"inference_layout_dense{suffix}"].map(_FORMAT) + " / "
+                                             + pol_runs[f"inference_layout_compact{suffix}"].map(_FORMAT))
+            layouts.append(f"layouts_batch{b}")
+    groups = pol_runs.groupby(["model", "target"], sort=False)
+    t = groups[cols].mean()
+    for c in layouts:
+        t[c] = groups[c].agg(_tally)
+    t = t[[c for c in pol_runs.columns if c in t.columns]].reset_index()
     t["model"] = t["model"].map(lambda m: _LABEL.get(m, m))
     return t
+
+
+_FORMAT = {"contiguous": "NCHW", "channels_last": "NHWC"}
+
+
+def _tally(values: pd.Series) -> str:
+    """One value, or each value with its count where they differ (most common first)."""
+    counts = values.value_counts()
+    return counts.index[0] if len(counts) == 1 else ", ".join(f"{v} ×{n}" for v, n in counts.items())
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -277,7 +277,7 @@ def train_bernoulli_run(cfg: Config, model_name: str, width: float, seed: int, d
     dense_final = DenseStep(families.get("bernoulli").compact(model), cfg.lr, cfg.weight_precision,
                             len(data.train))
     ms = bern.compare_steps({"initial": bp0, "final": bp, "dense_final": dense_final}, batches, rounds=rounds,
-                            block=block)
+                            block=block, warmup=min(2, total_steps))
     summary.update(step_initial_ms=ms["initial"], step_final_ms=ms["final"], step_dense_final_ms=ms["dense_final"])
     epochs = pd.DataFrame({"epoch": np.arange(1, len(bp.timer.epoch_seconds) + 1),
                            "seconds": bp.timer.epoch_seconds})

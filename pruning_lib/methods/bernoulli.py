@@ -807,12 +807,12 @@ class BernoulliPruning(Method):
 # --------------------------------------------------------------------------------------------------
 
 def _best_step_ms(bps: Mapping[str, "BernoulliPruning"], batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                  rounds: int, block: int) -> dict[str, float]:
+                  rounds: int, block: int, warmup: int = 2) -> dict[str, float]:
     """Best over ``rounds`` of the mean time of ``block`` consecutive training steps, in ms, for every
-    :class:`BernoulliPruning` of ``bps``; the rounds interleave them, so a change of machine load hits
-    all alike."""
+    :class:`BernoulliPruning` of ``bps`` (or anything with its ``step(x, y)``), after ``warmup`` untimed
+    steps each; the rounds interleave them, so a change of machine load hits all alike."""
     for bp in bps.values():  # warm-up: allocator, first-call overheads
-        for x, y in batches[:2]:
+        for x, y in batches[:warmup]:
             bp.step(x, y)
 
     def blocks(bp):  # round r steps on batches r * block, ..., r * block + block - 1 (cycling)
@@ -829,11 +829,12 @@ def _best_step_ms(bps: Mapping[str, "BernoulliPruning"], batches: Sequence[tuple
     return {name: t / block * 1e3 for name, t in zip(bps, times)}
 
 
-def compare_steps(bps: Mapping[str, "BernoulliPruning"], batches, rounds: int = 5, block: int = 1
-                  ) -> dict[str, float]:
+def compare_steps(bps: Mapping[str, "BernoulliPruning"], batches, rounds: int = 5, block: int = 1,
+                  warmup: int = 2) -> dict[str, float]:
     """Milliseconds per training step of each network (best of ``rounds`` interleaved repeats of
-    ``block`` steps; use ``block = check_every`` so the steps that estimate decided units count)."""
-    return _best_step_ms(bps, list(batches), rounds, block)
+    ``block`` steps, after ``warmup`` untimed steps each, at most one per batch; use
+    ``block = check_every`` so the steps that estimate decided units count)."""
+    return _best_step_ms(bps, list(batches), rounds, block, warmup)
 
 
 def flip_tradeoff(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],

@@ -304,10 +304,15 @@ def _l1_channel_scores(net: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _baseline_unit(cfg: Config, method: str, model: str, dataset: str, seed: int, target: float) -> dict:
+def _baseline_store(cfg: Config, root: str, method: str, model: str, dataset: str, seed: int,
+                    target: float) -> Store:
     gate_spec = _gate_spec(cfg, model, dataset, seed, target, cfg.polarizer_weight)
-    spec = {"method": method, "gated": gate_spec, "finetune_epochs": cfg.finetune_epochs}
-    store = Store(cfg_root(cfg), "polarization/baseline", spec)
+    return Store(root, "polarization/baseline",
+                 {"method": method, "gated": gate_spec, "finetune_epochs": cfg.finetune_epochs})
+
+
+def _baseline_unit(cfg: Config, method: str, model: str, dataset: str, seed: int, target: float) -> dict:
+    store = _baseline_store(cfg, cfg_root(cfg), method, model, dataset, seed, target)
 
     def compute():
         data = load_dataset_once(dataset, root=cfg.data_root)
@@ -384,10 +389,7 @@ def _store(task, root: str) -> Store:
         return _dense_store(cfg, *rest, root=root)
     if kind == "gated":
         return _gated_store(cfg, root, *rest)
-    method, model, dataset, seed, target = rest
-    gate_spec = _gate_spec(cfg, model, dataset, seed, target, cfg.polarizer_weight)
-    return Store(root, "polarization/baseline",
-                 {"method": method, "gated": gate_spec, "finetune_epochs": cfg.finetune_epochs})
+    return _baseline_store(cfg, root, *rest)
 
 
 def _done(task, root: str) -> bool:

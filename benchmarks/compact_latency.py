@@ -36,7 +36,7 @@ from torch import nn
 from pruning_lib.gates import compact
 from pruning_lib.metrics import layer_flops
 from pruning_lib.models import build_model
-from pruning_lib.timing import LAYOUTS, best_forward_seconds, best_layout_forward_seconds
+from pruning_lib.timing import LAYOUTS, best_layout_forward_seconds
 
 SETTINGS = {
     "lenet5": dict(model="lenet5_caffe", width=1.0, shape=(1, 28, 28)),
@@ -99,13 +99,8 @@ def main():
             x = torch.randn(batch, *s["shape"])
             models = [dense, *nets]
             inner = max(1, int(64 / batch ** 0.5))  # batch 1: 64 forwards per round, batch 256: 4
-            if args.layout == "best":
-                t, fmt = best_layout_forward_seconds(models, x, args.repeats, inner, warmup=3)
-            else:
-                f = LAYOUTS[args.layout]
-                x = x.contiguous(memory_format=f)
-                t = best_forward_seconds([m.to(memory_format=f) for m in models], x, args.repeats, inner, warmup=3)
-                fmt = [args.layout] * len(models)
+            t, fmt = best_layout_forward_seconds(models, x, args.repeats, inner, warmup=3,
+                                                 layouts=tuple(LAYOUTS) if args.layout == "best" else (args.layout,))
             for k, net, red, tc, fc in zip(keeps, nets, reductions, t[1:], fmt[1:]):
                 speed = t[0] / tc
                 print(f"{name:12s} {k:5.2f} {channels(net):>16s} {batch:5d} {1e3 * t[0]:9.3f} {1e3 * tc:10.3f} "

@@ -70,20 +70,23 @@ def best_forward_seconds(models: Sequence[nn.Module], x: torch.Tensor, repeats: 
     return best_of([lambda m=m: m(x) for m in models], repeats, inner, warmup)
 
 
-def _layouts_for(model: nn.Module, x: torch.Tensor) -> list[str]:
-    """Contiguous always; channels-last too for a network with 2-d convolutions fed a 4-d input."""
+def _layouts_for(model: nn.Module, x: torch.Tensor, layouts: Sequence[str] = tuple(LAYOUTS)) -> list[str]:
+    """Those of ``layouts`` the model can run in: contiguous always, channels-last for a network with 2-d
+    convolutions fed a 4-d input (one without runs contiguous whatever ``layouts`` asks: its format is moot)."""
     convolutional = x.dim() == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules())
-    return list(LAYOUTS) if convolutional else ["contiguous"]
+    return [name for name in layouts if convolutional or name == "contiguous"] or ["contiguous"]
 
 
 @torch.no_grad()
 def best_layout_forward_seconds(models: Sequence[nn.Module], x: torch.Tensor, repeats: int, inner: int = 1,
-                                warmup: int = 1) -> tuple[list[float], list[str]]:
+                                warmup: int = 1, layouts: Sequence[str] = tuple(LAYOUTS)
+                                ) -> tuple[list[float], list[str]]:
     """Each model's best forward time over the memory formats it can run in, and that format.
 
     A copy of every model is timed in contiguous (NCHW) format and, when it has 2-d convolutions and ``x`` is
     4-d, another in channels-last with ``x`` in channels-last too; all (model, format) pairs are timed
     interleaved in one :func:`best_of`, in eval mode without autograd. The models themselves are not changed.
+    ``layouts`` (names of :data:`LAYOUTS`) restricts the formats tried, e.g. to one for every model.
 
     Why: which format is faster depends on the network. On CPU a dense LeNet-5-Caffe runs about twice as fast
     in channels-last, while a compacted network with a few channels a layer (not filling the kernels' channel
@@ -92,7 +95,7 @@ def best_layout_forward_seconds(models: Sequence[nn.Module], x: torch.Tensor, re
     new tensors contiguous) compares layouts, not networks. A deployment would run each in its faster one."""
     variants, owner = [], []
     for i, m in enumerate(models):
-        for name in _layouts_for(m, x):
+        for name in _layouts_for(m, x, layouts):
             fmt = LAYOUTS[name]
             variants.append((copy.deepcopy(m).eval().to(memory_format=fmt), x.contiguous(memory_format=fmt), name))
             owner.append(i)

@@ -89,3 +89,6 @@ def test_each_network_is_timed_in_every_memory_format_it_can_run_in_and_keeps_it
     # a 2-d input is never channels-last
     assert timing._layouts_for(conv, torch.randn(2, 64)) == ["contiguous"]
     assert timing._layouts_for(conv, x) == ["contiguous", "channels_last"]
+    # one format asked for: a convolutional network gets it, another runs contiguous (its format is moot)
+    assert timing._layouts_for(conv, x, ("channels_last",)) == ["channels_last"]
+    assert timing._layouts_for(mlp, x, ("channels_last",)) == ["contiguous"]
